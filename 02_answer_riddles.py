@@ -1,0 +1,90 @@
+"""Stage 02: the generator answers each riddle, step by step and simply.
+
+The generator sees the riddle inside an instruction (PROMPT); the record keeps the bare
+riddle as the user turn and appends the answer as the assistant turn. Empty answers and
+answers cut off by MAX_NEW_TOKENS are rejected with their reason.
+
+Reads:  data/01_riddles.jsonl   {"id", "messages": [user riddle]}
+Writes: data/02_answers.jsonl   {"id", "messages": [user riddle, assistant answer]}
+        data/02_rejected.jsonl  {"id", "reason", "text"}
+
+    python 02_answer_riddles.py
+    python 02_answer_riddles.py --generator=smollm2 --max-new-tokens=160   # CPU demo
+
+Resume: finished batches are appended to both files; a rerun skips ids found in either.
+A request that failed (openai backend) is written nowhere, so a rerun retries it.
+--overwrite starts over. Runtime: ~1.7k riddles of Mistral-7B at batch 64 is ~10 min on one H100.
+"""
+
+import time
+from collections import Counter
+
+from common import (Appender, check_unique_ids, clean_answer, configure, generate_all, load_backend, path,
+                    read_conversations, require_stage)
+
+# -----------------------------------------------------------------------------
+GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the offline alias smollm2
+BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible server)
+BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1
+API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
+PROMPT = "Answer this riddle. Think step by step and explain simply. If information is missing, ask one short question at the end.\n\nRiddle: {riddle}"  # {riddle}
+BATCH_SIZE = 32  # riddles per generate call (concurrent requests for openai)
+MAX_NEW_TOKENS = 512  # tokens per answer; answers cut off here are rejected
+TEMPERATURE = 0.7  # 0 = greedy
+TOP_P = 0.95  # nucleus sampling, 1.0 = off
+SEED = 0  # sampling: same seed, same answers
+IN_FILE = "data/01_riddles.jsonl"
+OUT_FILE = "data/02_answers.jsonl"
+REJECTED_FILE = "data/02_rejected.jsonl"
+OVERWRITE = False  # start over instead of resuming
+# -----------------------------------------------------------------------------
+configure(globals())
+t0 = time.time()
+
+# %% Riddles -> prompts; the instruction wraps only what the generator sees
+require_stage(path(IN_FILE), "01_generate_riddles.py")
+records = read_conversations(path(IN_FILE), roles_end="user")
+check_unique_ids(records, path(IN_FILE))
+by_id = {r["id"]: r for r in records}
+jobs = [{"id": r["id"], "prompt": r["messages"][:-1] + [
+    {"role": "user", "content": PROMPT.format(riddle=r["messages"][-1]["content"])}]} for r in records]
+print(f"{len(records):,} riddles from {IN_FILE}")
+
+# %% Answer the missing ones, appending each finished batch
+out = Appender(path(OUT_FILE), overwrite=OVERWRITE)
+rejected = Appender(path(REJECTED_FILE), overwrite=OVERWRITE)
+done = out.done | rejected.done
+skipped = sum(r["id"] in done for r in records)
+counts = Counter()
+
+
+def save(batch, texts):
+    good, bad = [], []
+    for job, text in zip(batch, texts):
+        if text is None:
+            counts["failed"] += 1
+            continue
+        answer, reason = clean_answer(text)
+        if reason:
+            counts[reason] += 1
+            bad.append({"id": job["id"], "reason": reason, "text": text})
+        else:
+            good.append({"id": job["id"], "messages": by_id[job["id"]]["messages"] + [
+                {"role": "assistant", "content": answer}]})
+    out.write(good)
+    rejected.write(bad)
+    counts["kept"] += len(good)
+
+
+if skipped < len(records):
+    print(f"{skipped:,} already answered or rejected; answering {len(records) - skipped:,} with {GENERATOR}")
+    backend = load_backend(BACKEND, GENERATOR, BASE_URL, API_KEY)
+    generate_all(backend, jobs, done, save, BATCH_SIZE, SEED, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, desc="02 answers")
+out.close()
+rejected.close()
+reasons = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k not in ("kept", "failed")) or "none"
+print(f"02: kept {counts['kept']:,} answers, rejected {sum(counts.values()) - counts['kept'] - counts['failed']:,} "
+      f"({reasons}), skipped {skipped:,} as existing, failed {counts['failed']:,}; "
+      f"{len(out.done):,} in {OUT_FILE}; {time.time() - t0:.0f}s")
+if counts["failed"]:
+    raise SystemExit(f"{counts['failed']:,} requests failed; rerun to retry them")

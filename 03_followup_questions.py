@@ -1,0 +1,94 @@
+"""Stage 03: the generator writes the user's next message, a curious child's short question.
+
+The generator is shown the exchange so far and asked for the child's next message. Its
+reply is cleaned (role prefixes like "Kid:", "A curious child might ask ...", markdown,
+quotes; only the text up to the first question mark is kept) and rejected, with the
+reason, when it is not a short question to the assistant.
+
+Reads:  data/02_answers.jsonl    {"id", "messages": [user riddle, assistant answer]}
+Writes: data/03_followups.jsonl  {"id", "messages": [..., user follow-up question]}
+        data/03_rejected.jsonl   {"id", "reason", "text"}
+
+    python 03_followup_questions.py
+    python 03_followup_questions.py --generator=smollm2 --batch-size=64   # CPU demo
+
+Resume: finished batches are appended to both files; a rerun skips ids found in either.
+--overwrite starts over. Runtime: a few minutes for ~1.7k conversations on one H100.
+"""
+
+import time
+from collections import Counter
+
+from common import (Appender, check_unique_ids, clean_followup, configure, generate_all, load_backend, path,
+                    read_conversations, require_stage)
+
+# -----------------------------------------------------------------------------
+GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the offline alias smollm2
+BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible server)
+BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1
+API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
+PROMPT = "Here is a conversation between a curious 10-year-old and an assistant.\n\n{conversation}\n\nWrite the child's next message: one very short question to the assistant about its answer, as a curious 10-year-old would ask it. Write only the question."  # {conversation}
+BATCH_SIZE = 32  # conversations per generate call (concurrent requests for openai)
+MAX_NEW_TOKENS = 64  # tokens per follow-up: a very short question
+TEMPERATURE = 0.9  # 0 = greedy
+TOP_P = 0.95  # nucleus sampling, 1.0 = off
+SEED = 0  # sampling: same seed, same questions
+MAX_WORDS = 25  # longer questions are rejected
+IN_FILE = "data/02_answers.jsonl"
+OUT_FILE = "data/03_followups.jsonl"
+REJECTED_FILE = "data/03_rejected.jsonl"
+OVERWRITE = False  # start over instead of resuming
+# -----------------------------------------------------------------------------
+configure(globals())
+t0 = time.time()
+
+# %% Conversations -> one prompt each showing the exchange as a transcript
+require_stage(path(IN_FILE), "02_answer_riddles.py")
+records = read_conversations(path(IN_FILE), roles_end="assistant")
+check_unique_ids(records, path(IN_FILE))
+by_id = {r["id"]: r for r in records}
+speaker = {"user": "Child", "assistant": "Assistant", "system": "System"}
+jobs = []
+for r in records:
+    transcript = "\n\n".join(f"{speaker[m['role']]}: {m['content']}" for m in r["messages"])
+    jobs.append({"id": r["id"], "prompt": [{"role": "user", "content": PROMPT.format(conversation=transcript)}]})
+print(f"{len(records):,} conversations from {IN_FILE}")
+
+# %% Ask for the missing follow-ups, appending each finished batch
+out = Appender(path(OUT_FILE), overwrite=OVERWRITE)
+rejected = Appender(path(REJECTED_FILE), overwrite=OVERWRITE)
+done = out.done | rejected.done
+skipped = sum(r["id"] in done for r in records)
+counts = Counter()
+
+
+def save(batch, texts):
+    good, bad = [], []
+    for job, text in zip(batch, texts):
+        if text is None:
+            counts["failed"] += 1
+            continue
+        question, reason = clean_followup(text, MAX_WORDS)
+        if reason:
+            counts[reason] += 1
+            bad.append({"id": job["id"], "reason": reason, "text": text})
+        else:
+            good.append({"id": job["id"], "messages": by_id[job["id"]]["messages"] + [
+                {"role": "user", "content": question}]})
+    out.write(good)
+    rejected.write(bad)
+    counts["kept"] += len(good)
+
+
+if skipped < len(records):
+    print(f"{skipped:,} already asked or rejected; asking {len(records) - skipped:,} with {GENERATOR}")
+    backend = load_backend(BACKEND, GENERATOR, BASE_URL, API_KEY)
+    generate_all(backend, jobs, done, save, BATCH_SIZE, SEED, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, desc="03 follow-ups")
+out.close()
+rejected.close()
+reasons = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k not in ("kept", "failed")) or "none"
+print(f"03: kept {counts['kept']:,} follow-ups, rejected {sum(counts.values()) - counts['kept'] - counts['failed']:,} "
+      f"({reasons}), skipped {skipped:,} as existing, failed {counts['failed']:,}; "
+      f"{len(out.done):,} in {OUT_FILE}; {time.time() - t0:.0f}s")
+if counts["failed"]:
+    raise SystemExit(f"{counts['failed']:,} requests failed; rerun to retry them")

@@ -1,0 +1,88 @@
+"""Stage 04: the generator answers the follow-up question: two-turn conversations, done.
+
+The prompt is the conversation itself, [riddle, answer, follow-up], rendered with the
+generator's own chat template. Empty answers and answers cut off by MAX_NEW_TOKENS are
+rejected with their reason.
+
+Reads:  data/03_followups.jsonl      {"id", "messages": [user, assistant, user]}
+Writes: data/04_conversations.jsonl  {"id", "messages": [user, assistant, user, assistant]}
+        data/04_rejected.jsonl       {"id", "reason", "text"}
+
+    python 04_followup_answers.py
+    python 04_followup_answers.py --generator=smollm2 --max-new-tokens=128   # CPU demo
+
+Load the result with datasets.load_dataset("json", data_files="data/04_conversations.jsonl").
+Resume: finished batches are appended to both files; a rerun skips ids found in either.
+--overwrite starts over. Runtime: ~10 min for ~1.7k conversations of Mistral-7B on one H100.
+"""
+
+import time
+from collections import Counter
+
+from common import (Appender, check_unique_ids, clean_answer, configure, generate_all, load_backend, path,
+                    read_conversations, require_stage)
+
+# -----------------------------------------------------------------------------
+GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the offline alias smollm2
+BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible server)
+BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1
+API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
+BATCH_SIZE = 32  # conversations per generate call (concurrent requests for openai)
+MAX_NEW_TOKENS = 512  # tokens per answer; answers cut off here are rejected
+TEMPERATURE = 0.7  # 0 = greedy
+TOP_P = 0.95  # nucleus sampling, 1.0 = off
+SEED = 0  # sampling: same seed, same answers
+IN_FILE = "data/03_followups.jsonl"
+OUT_FILE = "data/04_conversations.jsonl"
+REJECTED_FILE = "data/04_rejected.jsonl"
+OVERWRITE = False  # start over instead of resuming
+# -----------------------------------------------------------------------------
+configure(globals())
+t0 = time.time()
+
+# %% The conversation so far is the prompt, as the generator's chat template renders it
+require_stage(path(IN_FILE), "03_followup_questions.py")
+records = read_conversations(path(IN_FILE), roles_end="user")
+check_unique_ids(records, path(IN_FILE))
+by_id = {r["id"]: r for r in records}
+jobs = [{"id": r["id"], "prompt": r["messages"]} for r in records]
+print(f"{len(records):,} conversations from {IN_FILE}")
+
+# %% Answer the missing ones, appending each finished batch
+out = Appender(path(OUT_FILE), overwrite=OVERWRITE)
+rejected = Appender(path(REJECTED_FILE), overwrite=OVERWRITE)
+done = out.done | rejected.done
+skipped = sum(r["id"] in done for r in records)
+counts = Counter()
+
+
+def save(batch, texts):
+    good, bad = [], []
+    for job, text in zip(batch, texts):
+        if text is None:
+            counts["failed"] += 1
+            continue
+        answer, reason = clean_answer(text)
+        if reason:
+            counts[reason] += 1
+            bad.append({"id": job["id"], "reason": reason, "text": text})
+        else:
+            good.append({"id": job["id"], "messages": by_id[job["id"]]["messages"] + [
+                {"role": "assistant", "content": answer}]})
+    out.write(good)
+    rejected.write(bad)
+    counts["kept"] += len(good)
+
+
+if skipped < len(records):
+    print(f"{skipped:,} already answered or rejected; answering {len(records) - skipped:,} with {GENERATOR}")
+    backend = load_backend(BACKEND, GENERATOR, BASE_URL, API_KEY)
+    generate_all(backend, jobs, done, save, BATCH_SIZE, SEED, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, desc="04 answers")
+out.close()
+rejected.close()
+reasons = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k not in ("kept", "failed")) or "none"
+print(f"04: kept {counts['kept']:,} conversations, rejected {sum(counts.values()) - counts['kept'] - counts['failed']:,} "
+      f"({reasons}), skipped {skipped:,} as existing, failed {counts['failed']:,}; "
+      f"{len(out.done):,} in {OUT_FILE}; {time.time() - t0:.0f}s")
+if counts["failed"]:
+    raise SystemExit(f"{counts['failed']:,} requests failed; rerun to retry them")

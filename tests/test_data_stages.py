@@ -1,0 +1,509 @@
+"""Stages 01-04: cleaning, dedup, ids, knobs, seed files, batching, resume, bad input.
+
+Stages run in this process (runpy) with absolute paths in a temp folder, on the tiny
+random llama or on a scripted backend whose replies are fixed text (for the chain).
+One stage runs as a subprocess killed with SIGKILL in the middle of a write.
+"""
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import common
+from common import InputError, clean_followup, clean_riddle, filter_riddles, load_seed_riddles, riddle_id
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def run_stage(monkeypatch, script, *args):
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(str(ROOT / script), run_name="__main__")
+
+
+def lines(file):
+    return [json.loads(x) for x in Path(file).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def chatty_llama(tmp_path_factory):
+    """tiny_llama's shape with larger random weights: the default init only repeats the last
+    prompt token (a newline, stripped to ""), which would let generation checks pass on empty text."""
+    import torch
+    from conftest import make_model_folder
+    from transformers import AutoModelForCausalLM
+
+    folder = make_model_folder(tmp_path_factory.mktemp("chatty_llama"), "llama", seed=1)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# Cleaning
+
+@pytest.mark.parametrize("line, text, reason", [
+    ("1. I weigh 1.5 kg but have no body. What am I?", "I weigh 1.5 kg but have no body. What am I?", None),
+    ("1) What has keys but cannot open locks?", "What has keys but cannot open locks?", None),
+    ("(2) What runs all day but never walks?", "What runs all day but never walks?", None),
+    ("12. What has a neck but no head?", "What has a neck but no head?", None),
+    ("- What can you catch but not throw?", "What can you catch but not throw?", None),
+    ("* What has hands but cannot clap?", "What has hands but cannot clap?", None),
+    ("\u2022 What has one eye but cannot see?", "What has one eye but cannot see?", None),
+    ("Riddle 3: What gets wetter the more it dries?", "What gets wetter the more it dries?", None),
+    ("**What goes up but never comes down?**", "What goes up but never comes down?", None),
+    ('"What has a head and a tail but no body?"', "What has a head and a tail but no body?", None),
+    ("\u201cWhat has teeth but cannot bite?\u201d", "What has teeth but cannot bite?", None),
+    ('1. **Riddle 1:** "What has roots that nobody sees?"', "What has roots that nobody sees?", None),
+    ("1.5 kilograms of feathers or of bricks: which is heavier?",
+     "1.5 kilograms of feathers or of bricks: which is heavier?", None),
+    ("10 men dig a hole in ten days. How long for five men?",
+     "10 men dig a hole in ten days. How long for five men?", None),
+    ("What has one eye but cannot see? (Answer: a needle)", "What has one eye but cannot see?", None),
+    ("I can\u2019t   be seen,\tbut I\u2019m always there. What am I?", "I can't be seen, but I'm always there. What am I?",
+     None),
+    ("   ", "", "empty"),
+    ("Here are 10 new riddles:", "Here are 10 new riddles:", "header"),
+    ("**Riddle 4:**", "", "header"),
+    ("### More riddles", "### More riddles", "header"),
+    ("Sure! I hope you enjoy these new riddles.", "Sure! I hope you enjoy these new riddles.", "meta"),
+    ("Answer: a towel, because it dries you.", "Answer: a towel, because it dries you.", "answer"),
+    ("3. What am I?", "What am I?", "too_short"),
+    ("What " + "very " * 70 + "long thing am I?", "What " + "very " * 70 + "long thing am I?", "too_long"),
+    ("I speak without a mouth and hear without ears. What am", "I speak without a mouth and hear without ears. What am",
+     "unfinished"),
+])
+def test_clean_riddle(line, text, reason):
+    assert clean_riddle(line, min_words=5, max_chars=300) == (text, reason)
+
+
+@pytest.mark.parametrize("reply, question, reason", [
+    ("Kid: Why does a towel get wetter?", "Why does a towel get wetter?", None),
+    ('User: "How do maps show rivers?"', "How do maps show rivers?", None),
+    ("**Child:** Does the echo ever get tired?", "Does the echo ever get tired?", None),
+    ('A curious child might ask: "Can a piano have gold keys?"', "Can a piano have gold keys?", None),
+    ("A curious 10-year-old would ask something like: Why is the candle short?", "Why is the candle short?", None),
+    ("Follow-up question: What is an echo made of?", "What is an echo made of?", None),
+    ("The child's next message: Can a map get wet?", "Can a map get wet?", None),
+    ("Sure! Here's the question:\nWhy do maps never get wet?", "Why do maps never get wet?", None),
+    ("Wow! But why does it get wetter?", "Wow! But why does it get wetter?", None),
+    ("Why is the sky blue? Because light scatters.", "Why is the sky blue?", None),
+    ("The answer is a towel because it soaks up water.", "The answer is a towel because it soaks up water.",
+     "not_a_question"),
+    ("Assistant: The answer is a map. Any more?", "Assistant: The answer is a map. Any more?", "assistant_turn"),
+    ("  \n ", "", "empty"),
+    ("Kid: Why?", "Why?", "too_short"),
+    ("A towel gets wet as it dries you, and that is why it is the answer to this old riddle everyone loves. "
+     "Want another?", "A towel gets wet as it dries you, and that is why it is the answer to this old riddle "
+     "everyone loves. Want another?", "answer_not_question"),
+    ("Why " + "very " * 30 + "long?", "Why " + "very " * 30 + "long?", "too_long"),
+])
+def test_clean_followup(reply, question, reason):
+    assert clean_followup(reply, max_words=25) == (question, reason)
+
+
+def test_clean_answer():
+    assert common.clean_answer("  It is a towel.\n") == ("It is a towel.", None)
+    assert common.clean_answer(" \n") == ("", "empty")
+    assert common.clean_answer("First, think about what dries") == ("First, think about what dries", "unfinished")
+
+
+# -----------------------------------------------------------------------------
+# Dedup and ids
+
+SEEDS = ["What has plenty of keys but cannot open a single lock?",
+         "I am tall when I am young and short when I am old. What am I?"]
+
+
+def test_filter_riddles_exact_near_and_seeds():
+    raw = [
+        {"id": "p0", "text": "What has plenty of keys but cannot open a single lock?\n"
+                             "2. what has plenty of KEYS, but cannot open a single lock!\n"
+                             "I am tall when I am young and short when I am old. What could I be?\n\n"
+                             "What runs all night but never walks anywhere at all?\n"
+                             "Which animal keeps the best time in the whole forest?"},
+        {"id": "p1", "text": "What runs all day but never walks anywhere at all?\n"
+                             "- What runs all night but never walks anywhere at all?\n"
+                             "Here you go:\n"
+                             "Which animal keeps the best time in the whole forest?"},
+    ]
+    kept, rejected = filter_riddles(raw, SEEDS, min_words=5, max_chars=300, threshold=0.5)
+    # The first of two near-duplicates stays, though it sorts after the other.
+    assert [r["messages"][0]["content"] for r in kept] == [
+        "What runs all night but never walks anywhere at all?", "Which animal keeps the best time in the whole forest?"]
+    assert kept[0] == {"id": riddle_id("What runs all night but never walks anywhere at all?"),
+                       "messages": [{"role": "user", "content": "What runs all night but never walks anywhere at all?"}]}
+    assert [(r["prompt_id"], r["reason"]) for r in rejected] == [
+        ("p0", "seed_copy"), ("p0", "seed_copy"), ("p0", "near_seed"),
+        ("p1", "near_duplicate"), ("p1", "duplicate"), ("p1", "header"), ("p1", "duplicate")]
+    assert rejected[1]["line"] == "2. what has plenty of KEYS, but cannot open a single lock!"
+    # The threshold is a knob: the day/night pair (Jaccard 7/11) survives a stricter one.
+    kept, _ = filter_riddles(raw, SEEDS, threshold=0.65)  # the near-seed pair is at 10/15
+    assert len(kept) == 3
+
+
+def test_deduper_jaccard():
+    d = common.Deduper(threshold=0.5)
+    d.add("one two three four five", "seed")
+    assert d.check("One, two three four FIVE!") == "seed_copy"
+    assert d.check("one two three four six") == "near_seed"  # 3 of 5 bigrams shared: 3/5
+    assert d.check("one two nine ten eleven") is None  # 1/7
+    assert common.shingles("a b c") == {"a b", "b c"}
+    assert common.shingles("word") == {"word"}
+
+
+def test_riddle_id_is_stable():
+    rid = riddle_id("What has keys but cannot open locks?")
+    assert rid == "r-9626b517b72a"  # sha1 of the dedup key: never changes between runs or machines
+    assert riddle_id("  what has KEYS but cannot open locks ? ") == rid
+    assert riddle_id("What has keys but cannot open doors?") != rid
+
+
+# -----------------------------------------------------------------------------
+# Knobs
+
+def test_configure_types_unknown_bool_and_help(tmp_path, capsys):
+    script = tmp_path / "stage.py"
+    script.write_text('N = 3  # rows\nLR = 0.1  # learning rate\nNAME = "x"  # a name\nFLAG = False  # on/off\n')
+    knobs = {"__file__": str(script), "__doc__": "A stage.", "N": 3, "LR": 0.1, "NAME": "x", "FLAG": False,
+             "ITEMS": ["a"], "lower": 1}
+    common.configure(knobs, ["--n=5", "--lr", "0.5", "--name=y", "--flag", "--items=a,b"])
+    assert (knobs["N"], knobs["LR"], knobs["NAME"], knobs["FLAG"], knobs["ITEMS"]) == (5, 0.5, "y", True, ["a", "b"])
+    assert "override: N = 5" in capsys.readouterr().out
+    common.configure(knobs, ["--flag=false"])
+    assert knobs["FLAG"] is False
+    capsys.readouterr()
+    for argv, message in [(["--nope=1"], "unknown knob --nope"), (["--lower=2"], "unknown knob --lower"),
+                          (["--n=abc"], "--n wants an int, got 'abc'"), (["--flag=maybe"], "--flag wants true or false"),
+                          (["--lr=fast"], "--lr wants a float"), (["n=3"], "unexpected argument 'n=3'"),
+                          (["--name"], "--name needs a value")]:
+        with pytest.raises(InputError, match=message):
+            common.configure(dict(knobs), argv)
+    with pytest.raises(SystemExit) as exit_:
+        common.configure(dict(knobs), ["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("A stage.")
+    assert any(line.split() == ["--lr", "0.1", "learning", "rate"] for line in out.splitlines())
+
+
+def test_script_help_and_exit_code_2(tmp_path):
+    """Real scripts: --help lists the knobs; bad input is one stderr line and exit code 2."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([PY, str(ROOT / "02_answer_riddles.py"), "--help"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0
+    assert "--max-new-tokens" in r.stdout and "answers cut off here are rejected" in r.stdout
+    bad = tmp_path / "01.jsonl"
+    bad.write_text('{"id": "a", "messages": [{"role": "user", "content": "x"}]}\n{"id": "b", "mess\n')
+    out = tmp_path / "02.jsonl"
+    out.write_text("keep me\n")
+    r = subprocess.run([PY, str(ROOT / "02_answer_riddles.py"), f"--in-file={bad}", f"--out-file={out}",
+                        f"--rejected-file={tmp_path / 'rej.jsonl'}", "--overwrite"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(f"error: {bad}:2: invalid JSON (")
+    assert out.read_text() == "keep me\n" and not (tmp_path / "rej.jsonl").exists()
+    r = subprocess.run([PY, str(ROOT / "01_generate_riddles.py"), "--num-prompts=ten"], capture_output=True,
+                       text=True, env=env)
+    assert (r.returncode, r.stderr.strip()) == (2, "error: --num-prompts wants an int, got 'ten'")
+    r = subprocess.run([PY, str(ROOT / "01_generate_riddles.py"), "--seed-file=nobody/no-such-riddles"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: cannot load seed dataset 'nobody/no-such-riddles' from the hub (")
+    assert r.stderr.strip().endswith("offline, pass a local .jsonl/.json/.csv/.txt file")
+
+
+# -----------------------------------------------------------------------------
+# Seed files
+
+def test_seed_formats(tmp_path):
+    expected = ["What has keys but cannot open locks?", "What gets wetter the more it dries?"]
+    (tmp_path / "a.jsonl").write_text('{"instruction": "What has keys but cannot open locks?", "answer": "A piano"}\n\n'
+                                      '{"riddle": "What gets wetter  the more it dries?"}\n')
+    (tmp_path / "b.json").write_text(json.dumps({"train": [{"question": expected[0]}, {"text": expected[1]}]}))
+    (tmp_path / "c.csv").write_text("riddle,answer\n\"What has keys but cannot open locks?\",piano\n"
+                                    "What gets wetter the more it dries?,towel\n")
+    (tmp_path / "d.txt").write_text("What has keys but cannot open locks?\n\n\u201cWhat gets wetter the more it dries?\u201d\n")
+    for name in ("a.jsonl", "b.json", "c.csv"):
+        assert load_seed_riddles(tmp_path / name) == expected, name
+    assert load_seed_riddles(tmp_path / "d.txt") == [expected[0], '"What gets wetter the more it dries?"']
+    assert len(load_seed_riddles(ROOT / "data" / "seed_riddles.jsonl")) >= 150
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.jsonl", None, "missing.jsonl: file not found"),
+    ("empty.jsonl", "", "empty.jsonl: no records \\(empty file\\)"),
+    ("blank.txt", "\n \n", "blank.txt: no records \\(empty file\\)"),
+    ("bad.jsonl", '{"instruction": "What has keys?"}\n\n{"instruction": oops}\n', "bad.jsonl:3: invalid JSON"),
+    ("field.jsonl", '{"instruction": "What has keys?"}\n\n{"answer": "A piano"}\n',
+     "field.jsonl:3: record has no riddle field \\(instruction, riddle, question, text\\)"),
+    ("list.jsonl", '["What has keys?"]\n', "list.jsonl:1: expected a JSON object"),
+    ("bad.json", '[\n{"instruction": "What has keys?"},\n{oops}\n]', "bad.json:3: invalid JSON"),
+    ("field.json", '[{"instruction": "What?"}, {"answer": "A piano"}]', "field.json: record 2: record has no riddle"),
+    ("nocol.csv", "answer,output\npiano,keys\n", "nocol.csv:1: no riddle column"),
+    ("row.csv", "riddle,answer\nWhat has keys?,piano\n,towel\n", "row.csv:3: record has no riddle field"),
+    ("seeds.parquet", "x", "seeds.parquet: seed file must be .jsonl, .json, .csv or .txt"),
+])
+def test_seed_errors(tmp_path, name, content, message):
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    with pytest.raises(InputError, match=message):
+        load_seed_riddles(tmp_path / name)
+
+
+# -----------------------------------------------------------------------------
+# Batched generation on a tiny random model
+
+def test_batched_equals_per_prompt(chatty_llama):
+    backend = common.HFBackend(chatty_llama, device="cpu")
+    prompts = [[{"role": "user", "content": c}] for c in
+               ["What has keys?", "I weigh 1.5 kg and I speak without a mouth. What am I? Tell me now, please.",
+                "Footsteps!", "Can you tell me a riddle about time, water, fire and the wind and the moon?"]]
+    seeds = [11, 22, 33, 44]
+    for temperature in (0.0, 1.0):
+        batched = backend.generate(prompts, seeds, 12, temperature, 0.9)
+        single = [backend.generate([p], [s], 12, temperature, 0.9)[0] for p, s in zip(prompts, seeds)]
+        assert batched == single
+        assert all(batched) and len(set(batched)) > 1  # real, different texts: the check can fail
+    # Sampling depends on the row's seed, not on its neighbours or position in the batch.
+    swapped = backend.generate(prompts[::-1], seeds[::-1], 12, 1.0, 0.9)
+    assert swapped[::-1] == backend.generate(prompts, seeds, 12, 1.0, 0.9)
+    assert backend.generate(prompts[:1], [12], 12, 1.0, 0.9) != backend.generate(prompts[:1], [11], 12, 1.0, 0.9)
+
+
+# -----------------------------------------------------------------------------
+# The chain 01 -> 04 on a scripted backend
+
+class Scripted:
+    """Fixed replies by stage, varied by the row seed (as a sampling generator would be)."""
+
+    def prompt_length(self, messages):
+        return sum(len(m["content"]) for m in messages)
+
+    def generate(self, prompts, seeds, max_new_tokens, temperature, top_p):
+        return [self.reply(p, s) for p, s in zip(prompts, seeds)]
+
+    def reply(self, prompt, seed):
+        text = prompt[-1]["content"]
+        if len(prompt) == 3:
+            return "Because it is made of wax, and wax melts."
+        if text.startswith("Answer this riddle"):
+            return "" if seed % 4 == 0 else "Step 1: it gets shorter. So it is a candle."
+        if "curious 10-year-old" in text:
+            return ["Kid: Why does wax melt?", 'A curious child might ask: "Is a candle alive?"',
+                    "The answer is a candle."][seed % 3]
+        n = seed % 997
+        return (f"Sure! Here are some new riddles:\n1. What has {n} legs but never walks anywhere at all?\n"
+                f"2. **Riddle 2:** What has {n} coins in a bank but cannot buy bread?\n"
+                f"- I am tall when I am young and short when I am old. What am I?\n3. What am I, asked the")
+
+
+def write_seeds(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    riddles = SEEDS + [f"What has {w} but never uses them at all, not even once?" for w in
+                       ("wheels", "wings", "windows", "pages", "teeth", "hands", "eyes", "ears", "feet", "keys")]
+    seeds.write_text("".join(json.dumps({"instruction": r, "answer": "x"}) + "\n" for r in riddles))
+    return seeds
+
+
+def test_chain_01_to_04(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    monkeypatch.setattr(common, "load_backend", lambda *a, **k: Scripted())
+    d = tmp_path
+    f = {n: d / f"{n}.jsonl" for n in ("raw", "01", "01r", "02", "02r", "03", "03r", "04", "04r")}
+    run_stage(monkeypatch, "01_generate_riddles.py", f"--seed-file={write_seeds(d)}", "--num-prompts=8", "--k=3",
+              "--batch-size=3", f"--raw-file={f['raw']}", f"--out-file={f['01']}", f"--rejected-file={f['01r']}")
+    out = capsys.readouterr().out
+    raw, kept, rejected = lines(f["raw"]), lines(f["01"]), lines(f["01r"])
+    assert [r["id"] for r in raw] != sorted(r["id"] for r in raw)  # batches go longest prompt first
+    assert len(raw) == 8 and all(len(r["seed_ids"]) == 3 for r in raw)
+    # Per prompt: header, 2 riddles, a seed copy, a cut-off line; the 2 riddles of later prompts
+    # differ from the first prompt's only by a number, so they are near-duplicates.
+    assert len(kept) == 2 and len(rejected) == 8 * 5 - 2
+    reasons = sorted({r["reason"] for r in rejected})
+    assert reasons == ["header", "near_duplicate", "seed_copy", "unfinished"]
+    assert "01: kept 2 riddles (38 lines rejected)" in out and "8 generated, 0 skipped as existing" in out
+    # A different seed would pair the stored replies with other prompts: refused.
+    with pytest.raises(InputError, match="prompt p0000[0-7] was made from other seeds"):
+        run_stage(monkeypatch, "01_generate_riddles.py", f"--seed-file={d / 'seeds.jsonl'}", "--num-prompts=8",
+                  "--k=3", "--seed=1", f"--raw-file={f['raw']}", f"--out-file={f['01']}", f"--rejected-file={f['01r']}")
+
+    # 01 makes only 2 riddles here; feed 02 a larger set so that every reason shows up.
+    riddles = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Riddle number {i}?"}]} for i in range(12)]
+    f["01"].write_text("".join(json.dumps(r) + "\n" for r in riddles))
+    run_stage(monkeypatch, "02_answer_riddles.py", f"--in-file={f['01']}", f"--out-file={f['02']}",
+              f"--rejected-file={f['02r']}", "--batch-size=5")
+    answers, rejected = lines(f["02"]), lines(f["02r"])
+    assert len(answers) + len(rejected) == 12 and answers and rejected
+    assert {r["reason"] for r in rejected} == {"empty"} and all(r["text"] == "" for r in rejected)
+    assert answers[0]["messages"][0] == riddles[int(answers[0]["id"][1:])]["messages"][0]  # the bare riddle
+    assert answers[0]["messages"][1] == {"role": "assistant", "content": "Step 1: it gets shorter. So it is a candle."}
+
+    run_stage(monkeypatch, "03_followup_questions.py", f"--in-file={f['02']}", f"--out-file={f['03']}",
+              f"--rejected-file={f['03r']}")
+    followups, rejected = lines(f["03"]), lines(f["03r"])
+    assert len(followups) + len(rejected) == len(answers)
+    assert {m["messages"][2]["content"] for m in followups} <= {"Why does wax melt?", "Is a candle alive?"}
+    assert all(r["reason"] == "not_a_question" and r["text"] == "The answer is a candle." for r in rejected)
+
+    run_stage(monkeypatch, "04_followup_answers.py", f"--in-file={f['03']}", f"--out-file={f['04']}",
+              f"--rejected-file={f['04r']}")
+    final = lines(f["04"])
+    assert sorted(r["id"] for r in final) == sorted(r["id"] for r in followups) and not lines(f["04r"])
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant", "user", "assistant"] for r in final)
+    ds = datasets.load_dataset("json", data_files=str(f["04"]), split="train")
+    assert ds.num_rows == len(final) and ds[0]["messages"] == final[0]["messages"]
+    # Every stage resumes to a no-op: nothing generated, nothing written twice.
+    before = {k: v.read_bytes() for k, v in f.items()}
+    capsys.readouterr()
+    run_stage(monkeypatch, "04_followup_answers.py", f"--in-file={f['03']}", f"--out-file={f['04']}",
+              f"--rejected-file={f['04r']}")
+    assert f"skipped {len(final)} as existing" in capsys.readouterr().out
+    run_stage(monkeypatch, "02_answer_riddles.py", f"--in-file={f['01']}", f"--out-file={f['02']}",
+              f"--rejected-file={f['02r']}")
+    assert "kept 0 answers, rejected 0 (none), skipped 12 as existing" in capsys.readouterr().out
+    assert {k: v.read_bytes() for k, v in f.items()} == before
+
+
+# -----------------------------------------------------------------------------
+# Resume: crashes at any moment end with the records of an uninterrupted run
+
+def stage01_args(d, model):
+    return [f"--generator={model}", f"--seed-file={ROOT / 'data' / 'seed_riddles.jsonl'}", "--num-prompts=7", "--k=2",
+            "--batch-size=2", "--max-new-tokens=10", "--min-words=1", f"--raw-file={d / 'raw.jsonl'}",
+            f"--out-file={d / 'kept.jsonl'}", f"--rejected-file={d / 'rej.jsonl'}"]
+
+
+def test_resume_01_after_crash_and_torn_line(tmp_path, chatty_llama, monkeypatch, capsys):
+    ref, crash = tmp_path / "ref", tmp_path / "crash"
+    run_stage(monkeypatch, "01_generate_riddles.py", *stage01_args(ref, chatty_llama))
+    assert len(lines(ref / "raw.jsonl")) == 7
+
+    calls = {"n": 0}
+    generate = common.HFBackend.generate
+
+    class Crash(Exception):
+        pass
+
+    def crashing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Crash  # as if stopped in the middle of the third batch
+        return generate(self, *a, **k)
+
+    monkeypatch.setattr(common.HFBackend, "generate", crashing)
+    with pytest.raises(Crash):
+        run_stage(monkeypatch, "01_generate_riddles.py", *stage01_args(crash, chatty_llama))
+    assert len(lines(crash / "raw.jsonl")) == 4 and not (crash / "kept.jsonl").exists()
+    with open(crash / "raw.jsonl", "a") as f:
+        f.write('{"id": "p00003", "seed_ids": ["r-')  # a write torn by the crash
+    capsys.readouterr()
+    run_stage(monkeypatch, "01_generate_riddles.py", *stage01_args(crash, chatty_llama))
+    out = capsys.readouterr().out
+    assert "repaired raw.jsonl: dropped a torn last line" in out and "3 generated, 4 skipped as existing" in out
+    for name in ("raw.jsonl", "kept.jsonl", "rej.jsonl"):
+        assert (crash / name).read_bytes() == (ref / name).read_bytes(), name
+    run_stage(monkeypatch, "01_generate_riddles.py", *stage01_args(crash, chatty_llama), "--overwrite", "--num-prompts=2")
+    assert len(lines(crash / "raw.jsonl")) == 2
+
+
+KILLER = """
+import os, runpy, signal, sys
+sys.path.insert(0, sys.argv[1])
+import common
+write, calls = common.Appender.write, [0]
+def write_then_die(self, records):
+    calls[0] += 1
+    if calls[0] >= 5 and records:  # from the 3rd batch on: half a line reaches the disk, then SIGKILL
+        text = "".join(common.json.dumps(r) + "\\n" for r in records)
+        self._f.write(text[:len(text) // 2]); self._f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(self, records)
+common.Appender.write = write_then_die
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_resume_02_after_sigkill(tmp_path, chatty_llama, monkeypatch, capsys):
+    riddles = tmp_path / "01.jsonl"
+    seeds = load_seed_riddles(ROOT / "data" / "seed_riddles.jsonl")[:9]
+    riddles.write_text("".join(json.dumps({"id": riddle_id(s), "messages": [{"role": "user", "content": s}]}) + "\n"
+                               for s in seeds))
+
+    def args(d):
+        return [f"--generator={chatty_llama}", f"--in-file={riddles}", f"--out-file={d / '02.jsonl'}",
+                f"--rejected-file={d / 'rej.jsonl'}", "--batch-size=2", "--max-new-tokens=8"]
+
+    ref, crash = tmp_path / "ref", tmp_path / "crash"
+    run_stage(monkeypatch, "02_answer_riddles.py", *args(ref))
+    assert len(lines(ref / "02.jsonl")) + len(lines(ref / "rej.jsonl")) == 9
+    assert lines(ref / "02.jsonl") and lines(ref / "rej.jsonl")  # both files take part in the resume
+    r = subprocess.run([PY, "-c", KILLER, str(ROOT), str(ROOT / "02_answer_riddles.py"), *args(crash)],
+                       capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    torn = [n for n in ("02.jsonl", "rej.jsonl") if not (crash / n).read_text().endswith("\n")]
+    assert len(torn) == 1  # the torn line is really there
+    capsys.readouterr()
+    run_stage(monkeypatch, "02_answer_riddles.py", *args(crash))
+    out = capsys.readouterr().out
+    assert f"repaired {torn[0]}: dropped a torn last line" in out
+    for name in ("02.jsonl", "rej.jsonl"):
+        assert (crash / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line naming file and line, outputs untouched; stages need their input
+
+GOOD = '{"id": "a", "messages": [{"role": "user", "content": "What has keys?"}]}\n'
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "01.jsonl is missing: run 01_generate_riddles.py first"),
+    ("", "01.jsonl: no records \\(empty file\\)"),
+    (GOOD + "\n" + '{"id": "b", "messages": [}\n', "01.jsonl:3: invalid JSON"),
+    (GOOD + '{"id": "b", "text": "What?"}\n', "01.jsonl:2: record has no field 'messages'"),
+    (GOOD + '{"id": "b", "messages": []}\n', "01.jsonl:2: 'messages' must be a non-empty list"),
+    (GOOD + '{"id": "b", "messages": [{"role": "user"}]}\n', "01.jsonl:2: message 0 needs a role"),
+    (GOOD + '{"id": "b", "messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}]}\n',
+     "01.jsonl:2: last message should be from the user"),
+    (GOOD + GOOD, "01.jsonl: id 'a' appears twice"),
+])
+def test_bad_input_leaves_outputs_untouched(tmp_path, monkeypatch, content, message):
+    source = tmp_path / "01.jsonl"
+    if content is not None:
+        source.write_text(content)
+    (tmp_path / "02.jsonl").write_text("old output\n")
+    with pytest.raises(InputError, match=message):
+        run_stage(monkeypatch, "02_answer_riddles.py", f"--in-file={source}", f"--out-file={tmp_path / '02.jsonl'}",
+                  f"--rejected-file={tmp_path / 'rej.jsonl'}", "--overwrite")
+    assert (tmp_path / "02.jsonl").read_text() == "old output\n" and not (tmp_path / "rej.jsonl").exists()
+
+
+@pytest.mark.parametrize("script, previous", [("02_answer_riddles.py", "01_generate_riddles.py"),
+                                              ("03_followup_questions.py", "02_answer_riddles.py"),
+                                              ("04_followup_answers.py", "03_followup_questions.py")])
+def test_stage_refuses_without_previous_output(tmp_path, monkeypatch, script, previous):
+    with pytest.raises(InputError, match=f"in.jsonl is missing: run {previous} first"):
+        run_stage(monkeypatch, script, f"--in-file={tmp_path / 'in.jsonl'}", f"--out-file={tmp_path / 'out.jsonl'}")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_torn_line_in_the_middle_is_refused(tmp_path):
+    out = tmp_path / "02.jsonl"
+    out.write_text(GOOD + '{"id": "b", "mess\n' + GOOD.replace('"a"', '"c"'))
+    with pytest.raises(InputError, match="corrupt record in the middle of the file"):
+        common.Appender(out)
+    assert out.read_text().count("\n") == 3
