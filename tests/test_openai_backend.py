@@ -1,0 +1,137 @@
+"""The openai backend against real OpenAI-compatible servers on loopback (127.0.0.1 only).
+
+`transformers serve` (needs fastapi, uvicorn, openai) serves a tiny random model from a
+local folder, offline: its greedy replies must equal the local hf backend's, and stage 02
+through it must write the same files as stage 02 on the hf backend. A stub server checks
+the request body, retry with backoff, and failures. Servers are stopped at the end.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import common
+from test_data_stages import chatty_llama, lines, run_stage  # noqa: F401 (a fixture)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(chatty_llama, tmp_path_factory):
+    """`transformers serve` on the tiny model; yields its base URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", chatty_llama,
+                                   "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"transformers serve did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+PROMPTS = [[{"role": "user", "content": c}] for c in
+           ["What has keys but cannot open locks?", "I am tall when I am young and short when I am old. What am I?",
+            "Footsteps!"]]
+
+
+def test_server_replies_equal_local_greedy(served, chatty_llama):
+    remote = common.load_backend("openai", chatty_llama, served).generate(PROMPTS, [1, 2, 3], 10, 0.0, 1.0)
+    local = common.load_backend("hf", chatty_llama).generate(PROMPTS, [1, 2, 3], 10, 0.0, 1.0)
+    assert remote == local
+    assert all(remote) and len(set(remote)) == 3
+
+
+def test_stage_02_through_server_equals_hf(served, chatty_llama, tmp_path, monkeypatch):
+    riddles = tmp_path / "01.jsonl"
+    riddles.write_text("".join(json.dumps({"id": f"r{i}", "messages": p}) + "\n" for i, p in enumerate(PROMPTS)))
+
+    def args(d, *more):
+        return [f"--generator={chatty_llama}", f"--in-file={riddles}", f"--out-file={d / '02.jsonl'}",
+                f"--rejected-file={d / 'rej.jsonl'}", "--temperature=0", "--max-new-tokens=10", *more]
+
+    run_stage(monkeypatch, "02_answer_riddles.py", *args(tmp_path / "hf"))
+    run_stage(monkeypatch, "02_answer_riddles.py", *args(tmp_path / "api", "--backend=openai", f"--base-url={served}"))
+    for name in ("02.jsonl", "rej.jsonl"):
+        hf = (tmp_path / "hf" / name).read_bytes() if (tmp_path / "hf" / name).exists() else b""
+        assert (tmp_path / "api" / name).read_bytes() == hf, name
+    assert len(lines(tmp_path / "api" / "02.jsonl")) + len(lines(tmp_path / "api" / "rej.jsonl")) == 3
+
+
+class Stub(BaseHTTPRequestHandler):
+    """Chat completions that fail on purpose: "flaky" once with 503, "broken" always with 400."""
+
+    seen = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        Stub.seen.append((body, self.headers.get("Authorization")))
+        text = body["messages"][-1]["content"]
+        tries = sum(b["messages"][-1]["content"] == text for b, _ in Stub.seen)
+        if text == "broken" or (text == "flaky" and tries == 1):
+            self.send_response(400 if text == "broken" else 503)
+            self.end_headers()
+            self.wfile.write(b"no")
+            return
+        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": f" re: {text} "}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_retry_backoff_and_failures(capsys):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = common.OpenAIBackend("some-model", f"http://127.0.0.1:{server.server_port}/v1/", api_key="k",
+                                       retries=3)
+        prompts = [[{"role": "user", "content": t}] for t in ("flaky", "fine", "broken")]
+        start = time.time()
+        assert backend.generate(prompts, [5, 6, 2**40 + 7], 16, 0.7, 0.9) == ["re: flaky", "re: fine", None]
+        assert 1 <= time.time() - start < 10  # one backoff of 1 s for the 503
+        assert "request failed: http://127.0.0.1" in capsys.readouterr().err
+        body, auth = Stub.seen[0]
+        assert auth == "Bearer k"
+        assert {k: body[k] for k in ("model", "max_tokens", "temperature", "top_p")} == {
+            "model": "some-model", "max_tokens": 16, "temperature": 0.7, "top_p": 0.9}
+        assert sorted(b["seed"] for b, _ in Stub.seen) == [5, 5, 6, 7]  # 2**40 + 7 sent modulo 2**31
+        with pytest.raises(common.InputError, match="every request of a batch failed"):
+            backend.generate(prompts[2:], [1], 16, 0.7, 0.9)
+        with pytest.raises(common.InputError, match="the openai backend needs --base-url"):
+            common.load_backend("openai", "m", "")
+    finally:
+        server.shutdown()
+        server.server_close()
