@@ -1,0 +1,338 @@
+"""Stage 05: QLoRA fine-tune of the student on the conversations, in ChatML, loss on the assistant's turns.
+
+The student (microsoft/phi-2) is loaded in 4-bit NF4 and trained through LoRA adapters on its attention
+projections; the ChatML tokens it lacks get trainable embedding rows (PEFT trainable tokens). Conversations
+are packed into padding-free rows of TOKENS_PER_BATCH tokens (position_ids restart per conversation); the
+loss of an optimizer step is the mean over its supervised tokens: each assistant turn and its <|im_end|>.
+
+Reads:  data/04_conversations.jsonl  {"id", "messages": [{"role": "user"|"assistant", "content"}, ...]}
+        (--data=FILE: any file of that shape, or of the riddles_evolved shape: messages as plain strings)
+Writes: out/05_adapter/              final adapter + tokenizer with the ChatML chat template
+          train.jsonl, eval.jsonl    the 90/10 split, records as read
+          log.jsonl                  {"step", "epoch", "loss"} per step, {"step", "epoch", "eval_loss"} per eval
+          loss.png, run.json         loss curves; student, knobs, counts, timings
+          checkpoints/step-NNNNNN/   adapter + optimizer and scheduler state (the last few)
+
+    python 05_finetune_phi2.py                                     # the recipe, on a GPU
+    python 05_finetune_phi2.py --student=smollm2 --max-steps=12    # a few steps of the bundled model on CPU
+    accelerate launch --num_processes=4 05_finetune_phi2.py        # DDP: one 4-bit replica per GPU
+
+Resume: rerun the same command after a kill; it continues from the last checkpoint (one per epoch, every
+SAVE_EVERY_STEPS and at the last step) with the optimizer state, and dropout masks seeded per step, so
+the result equals an uninterrupted run. A finished run is not retrained; --overwrite starts afresh;
+raising --epochs or --max-steps continues a finished one. Changing the data or the recipe knobs is refused.
+Runtime: the CPU demo (SmolLM2-135M, 12 steps of 2k tokens) ~1.5 min on 2 cores; phi-2 on one H100: see README.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+import warnings
+
+from common import (InputError, add_lora, configure, load_student, loss_sum, micro_batches, path, read_conversations,
+                    seed_of, supervised_tokens, tokenize_chat, write_jsonl_atomic)
+
+# -----------------------------------------------------------------------------
+STUDENT = "microsoft/phi-2"          # hub id, local folder, or the bundled alias smollm2
+DATA = "data/04_conversations.jsonl" # conversations to learn
+OUT = "out/05_adapter"               # adapter, split, logs, checkpoints
+MAX_LENGTH = 1024                    # tokens per conversation; longer ones are cut
+TRAIN_ON_HEADER = False              # also supervise the "<|im_start|>assistant\n" header
+EVAL_FRACTION = 0.1                  # share of conversations held out for the eval loss
+SEED = 1234                          # split, batch order, LoRA init, dropout
+LOAD_IN_4BIT = True                  # NF4 base weights (QLoRA); false: LoRA on bf16/fp32 weights
+DOUBLE_QUANT = True                  # quantize the 4-bit scales too (~0.4 bit/parameter less)
+ATTN = "sdpa"                        # sdpa, eager or flash_attention_2 (all read packed position_ids)
+GRADIENT_CHECKPOINTING = True        # recompute activations in backward: less memory, ~30% slower
+LORA_R = 32                          # adapter rank
+LORA_ALPHA = 32                      # adapter scale = alpha / r
+LORA_DROPOUT = 0.1                   # dropout on the adapter input
+LORA_TARGETS = []                    # module names, comma-separated; empty: q,k,v,dense (phi), q,k,v,o (llama)
+FULL_COPIES = False                  # train full lm_head + embed_tokens copies (the reference) instead of token rows
+PACKED = True                        # padding-free rows; false: right-padded batches
+TOKENS_PER_BATCH = 4096              # tokens per micro-batch (per GPU), >= MAX_LENGTH
+GRAD_ACCUM = 2                       # micro-batches per optimizer step (per GPU)
+LR = 2e-5                            # learning rate, constant after warmup
+WARMUP_STEPS = 0                     # linear warmup, optimizer steps
+WEIGHT_DECAY = 0.0                   # AdamW weight decay
+GRAD_CLIP = 1.0                      # max gradient norm (0: off)
+EPOCHS = 20                          # passes over the training split
+MAX_STEPS = 0                        # stop after this many optimizer steps (0: all epochs); rerun to go on
+EVALS_PER_EPOCH = 2                  # eval loss this often per epoch (also before the first step and at the end)
+SAVE_EVERY_STEPS = 0                 # extra checkpoints between the per-epoch ones (0: none)
+KEEP_CHECKPOINTS = 3                 # newest checkpoints kept
+LOG_EVERY = 10                       # print a progress line every this many steps
+OVERWRITE = False                    # delete out/05_adapter and start afresh
+# -----------------------------------------------------------------------------
+configure(globals())
+
+import torch
+from accelerate import Accelerator
+
+# Knobs that define what is learned: a resumed run must not change them.
+RECIPE = {k: globals()[k] for k in ("STUDENT", "MAX_LENGTH", "TRAIN_ON_HEADER", "EVAL_FRACTION", "SEED",
+                                    "LOAD_IN_4BIT", "DOUBLE_QUANT", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT",
+                                    "LORA_TARGETS", "FULL_COPIES", "PACKED", "TOKENS_PER_BATCH", "GRAD_ACCUM",
+                                    "LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP")}
+if TOKENS_PER_BATCH < MAX_LENGTH:
+    raise InputError(f"--tokens-per-batch ({TOKENS_PER_BATCH}) must be at least --max-length ({MAX_LENGTH})")
+
+accelerator = Accelerator()
+say = accelerator.print  # only the main process prints
+main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+RECIPE["PROCESSES"] = world  # steps and batches depend on it too
+RECIPE = json.loads(json.dumps(RECIPE))  # as run.json stores it (tuples become lists)
+out = path(OUT)
+ckpt_dir = out / "checkpoints"
+
+# -----------------------------------------------------------------------------
+# The conversations, and what is already in out/05_adapter
+
+data_file = path(DATA)
+conversations = read_conversations(data_file)
+data_sha1 = hashlib.sha1(data_file.read_bytes()).hexdigest()
+if len(conversations) < 2:
+    raise InputError(f"{data_file}: {len(conversations)} conversation; need at least 2 (train and eval)")
+say(f"read {len(conversations):,} conversations from {data_file}")
+
+run_file = out / "run.json"
+previous = json.loads(run_file.read_text()) if run_file.exists() and not OVERWRITE else None
+if previous:
+    changed = [k.lower() for k in RECIPE if previous["recipe"].get(k) != RECIPE[k]]
+    changed += ["data"] if previous["data_sha1"] != data_sha1 else []
+    if changed:
+        raise InputError(f"{out} holds a run with other {', '.join(changed)}: rerun with --overwrite to start afresh")
+    target = min(previous["steps_per_epoch"] * EPOCHS, MAX_STEPS or math.inf)
+    if previous.get("steps_done", 0) >= target and (out / "adapter_config.json").exists():
+        say(f"{out} is already trained to step {previous['steps_done']:,}: nothing to do (--overwrite to retrain)")
+        raise SystemExit(0)
+if OVERWRITE and main and out.exists():
+    shutil.rmtree(out)
+accelerator.wait_for_everyone()
+
+# The split is a function of the data and the seed, so a resumed run recomputes the same one.
+order = sorted(conversations, key=lambda r: r["id"])
+random.Random(SEED).shuffle(order)
+n_eval = max(1, round(len(order) * EVAL_FRACTION)) if EVAL_FRACTION > 0 else 0
+eval_set, train_set = order[:n_eval], order[n_eval:]
+if main:
+    write_jsonl_atomic(out / "train.jsonl", train_set)
+    write_jsonl_atomic(out / "eval.jsonl", eval_set)
+say(f"split: {len(train_set):,} train, {len(eval_set):,} eval (seed {SEED})")
+
+# -----------------------------------------------------------------------------
+# The student: 4-bit base, LoRA adapters, ChatML tokens
+
+model, tokenizer = load_student(STUDENT, LOAD_IN_4BIT, DOUBLE_QUANT, ATTN, str(accelerator.device),
+                                GRADIENT_CHECKPOINTING)
+torch.manual_seed(SEED)  # LoRA init
+model = add_lora(model, LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS, tokenizer.new_token_ids, FULL_COPIES)
+trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+say(f"student {STUDENT}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+    f"{sum(p.numel() for _, p in trainable):,} trainable; new ChatML token ids {tokenizer.new_token_ids}; "
+    f"{'4-bit NF4' if LOAD_IN_4BIT else 'unquantized'}, compute {model.get_input_embeddings().weight.dtype}")
+
+
+def encode(records):
+    """ChatML ids and labels, cut to MAX_LENGTH; drops conversations left with nothing to learn."""
+    examples, cut = [], 0
+    for r in records:
+        e = tokenize_chat(tokenizer, r["messages"], train_on_header=TRAIN_ON_HEADER)
+        if len(e["input_ids"]) > MAX_LENGTH:
+            cut += 1
+            e = {k: v[:MAX_LENGTH] for k, v in e.items()}
+        if any(label != -100 for label in e["labels"][1:]):
+            examples.append(e)
+    return examples, cut
+
+
+train_ex, train_cut = encode(train_set)
+eval_ex, eval_cut = encode(eval_set)
+n_tokens = sum(len(e["input_ids"]) for e in train_ex)
+n_supervised = sum(sum(label != -100 for label in e["labels"]) for e in train_ex)
+say(f"train: {n_tokens:,} tokens, {n_supervised:,} supervised ({n_supervised / n_tokens:.0%}); "
+    f"{train_cut + eval_cut:,} conversations cut to {MAX_LENGTH} tokens, "
+    f"{len(train_set) + len(eval_set) - len(train_ex) - len(eval_ex):,} dropped (no assistant token left)")
+
+train_batches = micro_batches(train_ex, TOKENS_PER_BATCH, PACKED, tokenizer.pad_token_id, SEED)
+eval_batches = micro_batches(eval_ex, TOKENS_PER_BATCH, PACKED, tokenizer.pad_token_id, SEED)
+fill = n_tokens / sum(b["input_ids"].numel() for b in train_batches)  # 1.0 when packed
+steps_per_epoch = math.ceil(math.ceil(len(train_batches) / world) / GRAD_ACCUM)
+total_steps = steps_per_epoch * EPOCHS
+last_step = min(total_steps, MAX_STEPS) if MAX_STEPS else total_steps
+eval_at = {math.ceil(steps_per_epoch * k / EVALS_PER_EPOCH) for k in range(1, EVALS_PER_EPOCH + 1)}
+say(f"{len(train_batches):,} micro-batches of <= {TOKENS_PER_BATCH:,} tokens ({fill:.0%} real tokens), "
+    f"{world} process(es) x {GRAD_ACCUM} per step: {steps_per_epoch:,} steps/epoch, "
+    f"{total_steps:,} in {EPOCHS} epochs, running to step {last_step:,}")
+
+# -----------------------------------------------------------------------------
+# Optimizer, resume, the training loop
+
+import bitsandbytes as bnb
+
+if accelerator.device.type == "cpu":
+    say("note: on CPU bitsandbytes' paged AdamW runs as plain 32-bit AdamW (nothing to page out)")
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+optimizer = bnb.optim.PagedAdamW32bit([p for _, p in trainable], lr=LR, weight_decay=WEIGHT_DECAY)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (WARMUP_STEPS + 1)))
+model, optimizer = accelerator.prepare(model, optimizer)
+unwrapped = accelerator.unwrap_model(model)
+
+start = 0
+checkpoints = sorted(ckpt_dir.glob("step-[0-9]*[0-9]"))  # zero-padded: name order is step order
+if checkpoints:
+    state = torch.load(checkpoints[-1] / "state.pt", map_location=accelerator.device)
+    missing = {n for n, _ in trainable} - set(state["trainable"])
+    if missing:
+        raise InputError(f"{checkpoints[-1]}: checkpoint lacks {sorted(missing)[0]}: rerun with --overwrite")
+    unwrapped.load_state_dict(state["trainable"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    start = state["step"]
+    say(f"resuming from {checkpoints[-1].name} (step {start:,}, epoch {start / steps_per_epoch:.2f})")
+
+log_file = out / "log.jsonl"
+if main:
+    # Records past the checkpoint belong to steps that will run again.
+    old = [json.loads(x) for x in log_file.read_text().splitlines() if x.strip()] if log_file.exists() else []
+    write_jsonl_atomic(log_file, [r for r in old if r["step"] <= start])
+    run = {"student": STUDENT, "data": DATA, "data_sha1": data_sha1, "recipe": RECIPE, "steps_done": start,
+           "steps_per_epoch": steps_per_epoch, "train": len(train_ex), "eval": len(eval_ex),
+           "train_tokens": n_tokens, "processes": world, "device": str(accelerator.device)}
+    run_file.write_text(json.dumps(run, indent=1) + "\n")
+log = open(log_file, "a", encoding="utf-8") if main else None
+
+
+def write_log(record):
+    if main:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+
+def on_device(batch):
+    return {k: v.to(accelerator.device) for k, v in batch.items()}
+
+
+def real_tokens(batch):
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+def evaluate():
+    """Mean loss per supervised token over the eval split (each process takes a share)."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    with torch.no_grad():
+        for b in eval_batches[rank::world]:
+            total += torch.tensor([loss_sum(model, on_device(b)).item(), supervised_tokens(b)], device=total.device,
+                                  dtype=torch.float64)
+    model.train()
+    total = accelerator.reduce(total, "sum")
+    return (total[0] / total[1]).item() if total[1] else float("nan")
+
+
+def save_checkpoint(step):
+    """Adapter (usable as is) + what resuming needs; written aside, then renamed into place."""
+    if main:
+        final, tmp = ckpt_dir / f"step-{step:06d}", ckpt_dir / f"step-{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp)
+        torch.save({"step": step, "trainable": {n: p.detach() for n, p in trainable},
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old_ckpt in sorted(ckpt_dir.glob("step-[0-9]*[0-9]"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old_ckpt)
+        run.update(steps_done=step)
+        run_file.write_text(json.dumps(run, indent=1) + "\n")
+    accelerator.wait_for_everyone()
+
+
+if start == 0 and eval_batches:
+    eval_loss = evaluate()
+    write_log({"step": 0, "epoch": 0.0, "eval_loss": eval_loss})
+    say(f"step 0: eval loss {eval_loss:.4f}")
+model.train()
+t0, seen, step = time.time(), 0, start
+for epoch in range(start // steps_per_epoch, EPOCHS):
+    # Every process gets the same number of micro-batches: the short ones repeat the first few.
+    order = list(range(len(train_batches)))
+    random.Random(seed_of(SEED, "epoch", epoch)).shuffle(order)
+    order += order[:-len(order) % world]
+    mine = order[rank::world]
+    for i in range(steps_per_epoch):
+        step = epoch * steps_per_epoch + i + 1
+        if step <= start:
+            continue
+        if step > last_step:
+            break
+        group = [on_device(train_batches[j]) for j in mine[i * GRAD_ACCUM:(i + 1) * GRAD_ACCUM]]
+        torch.manual_seed(seed_of(SEED, "step", step, rank))  # dropout masks: resume draws the same ones
+        counts = torch.tensor([sum(supervised_tokens(b) for b in group), 0.0], device=accelerator.device)
+        n_step = accelerator.reduce(counts, "sum")[0].item()  # supervised tokens of the step, all processes
+        for k, b in enumerate(group):
+            sync = contextlib.nullcontext() if k == len(group) - 1 else accelerator.no_sync(model)
+            with sync:
+                lsum = loss_sum(model, b)
+                accelerator.backward(lsum * world / n_step)  # DDP averages over processes
+            counts[1] += lsum.detach()
+        if GRAD_CLIP:
+            accelerator.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = accelerator.reduce(counts, "sum")[1].item() / n_step
+        seen += accelerator.reduce(torch.tensor(sum(real_tokens(b) for b in group), device=accelerator.device),
+                                   "sum").item()
+        write_log({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss})
+        if step % LOG_EVERY == 0 or step == last_step:
+            rate = seen / (time.time() - t0)
+            say(f"step {step:,}/{last_step:,} epoch {step / steps_per_epoch:.2f}: loss {loss:.4f}, "
+                f"{rate:,.0f} tok/s, {time.time() - t0:,.0f} s")
+        if eval_batches and (i + 1 in eval_at or step == last_step):
+            eval_loss = evaluate()
+            write_log({"step": step, "epoch": round(step / steps_per_epoch, 4), "eval_loss": eval_loss})
+            say(f"step {step:,}: eval loss {eval_loss:.4f}")
+        if i + 1 == steps_per_epoch or step == last_step or (SAVE_EVERY_STEPS and step % SAVE_EVERY_STEPS == 0):
+            save_checkpoint(step)
+    if step >= last_step:
+        break
+
+# -----------------------------------------------------------------------------
+# The final adapter, the loss curves, the summary
+
+seconds = time.time() - t0
+first = last = float("nan")
+if main:
+    log.close()
+    unwrapped.save_pretrained(out)
+    tokenizer.save_pretrained(out)  # with chat_template.jinja: the ChatML that training used
+    records = [json.loads(x) for x in log_file.read_text().splitlines() if x.strip()]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_pts = [(r["epoch"], r["loss"]) for r in records if "loss" in r]
+    eval_pts = [(r["epoch"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if eval_pts:
+        first, last = eval_pts[0][1], eval_pts[-1][1]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_pts:
+        ax.plot(*zip(*train_pts), lw=0.8, alpha=0.6, label="train (per step)")
+    if eval_pts:
+        ax.plot(*zip(*eval_pts), "o-", label="eval")
+    ax.set(xlabel="epoch", ylabel="loss per supervised token", title=f"05: {STUDENT}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    run.update(steps_done=last_step, finished=last_step == total_steps, seconds=round(seconds, 1),
+               tokens_per_second=round(seen / max(seconds, 1e-9)))
+    run_file.write_text(json.dumps(run, indent=1) + "\n")
+accelerator.wait_for_everyone()
+say(f"05: trained steps {start + 1:,}-{last_step:,} of {total_steps:,} ({last_step / steps_per_epoch:.2f} epochs) "
+    f"on {len(train_ex):,} conversations in {seconds:,.0f} s ({seen / max(seconds, 1e-9):,.0f} tok/s); "
+    f"eval loss {first:.4f} -> {last:.4f}; adapter in {out}")
