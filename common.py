@@ -919,6 +919,221 @@ def token_budget_batches(lengths, max_tokens, seed=0, padded=False):
 
 
 # -----------------------------------------------------------------------------
+# Evaluation: loss curves, the offline riddle tasks for lm-eval, before/after tables
+
+
+def read_train_log(file):
+    """Stage 05's log.jsonl as (train, evals): (step, epoch, loss) tuples sorted by step.
+
+    Records with neither `loss` nor `eval_loss` (a run summary, say) are skipped.
+    """
+    train, evals = [], []
+    for n, rec in enumerate(read_jsonl(file), 1):
+        for key, out in (("loss", train), ("eval_loss", evals)):
+            if key not in rec:
+                continue
+            values = (rec.get("step"), rec.get("epoch"), rec[key])
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise InputError(f"{file}: record {n}: {key} record needs numbers in step, epoch and {key}")
+            out.append((int(values[0]), float(values[1]), float(values[2])))
+    if not train and not evals:
+        raise InputError(f"{file}: no record has a loss or an eval_loss")
+    return sorted(train), sorted(evals)
+
+
+def best_eval(evals):
+    """The (step, epoch, eval_loss) with the lowest finite eval loss (earliest on ties), or None."""
+    import math
+
+    finite = [e for e in evals if math.isfinite(e[2])]
+    return min(finite, key=lambda e: (e[2], e[0])) if finite else None
+
+
+def plot_loss(train, evals, file):
+    """PNG of train and eval loss against step, epoch on the top axis, best eval step marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    if train:
+        ax.plot([t[0] for t in train], [t[2] for t in train], lw=1, label="train loss")
+    if evals:
+        ax.plot([e[0] for e in evals], [e[2] for e in evals], "o-", label="eval loss")
+    best = best_eval(evals)
+    if best:
+        ax.axvline(best[0], ls=":", color="red")
+        ax.plot(best[0], best[2], "*", ms=14, color="red",
+                label=f"best eval {best[2]:.4f} at step {best[0]:,} (epoch {best[1]:.2f})")
+    points = sorted({(s, e) for s, e, _ in train + evals})
+    (s0, e0), (s1, e1) = points[0], points[-1]
+    if s1 > s0 and e1 > e0:  # a constant number of steps per epoch: epoch is linear in step
+        rate = (e1 - e0) / (s1 - s0)
+        top = ax.secondary_xaxis("top", functions=(lambda s: e0 + (s - s0) * rate, lambda e: s0 + (e - e0) / rate))
+        top.set_xlabel("epoch")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(file).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(file, format="png")
+    plt.close(fig)
+
+
+def riddle_docs(conversations, tokenizer, seed=0, n_choices=4):
+    """Docs of the two offline riddle tasks, prompts rendered with CHATML_TEMPLATE.
+
+    replies: one per assistant turn, {"id", "context", "target", "n_tokens"}: the conversation so
+    far, the reference reply + <|im_end|>, and its length in `tokenizer`'s tokens.
+    choices: one per conversation, {"id", "context", "choices", "label"}: its first reply among
+    n_choices - 1 first replies of other riddles, drawn and shuffled with a seed per riddle.
+    """
+    import random
+
+    replies, firsts = [], {}
+    for conv in conversations:
+        msgs = conv["messages"]
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            context = render_chatml(msgs[:i], add_generation_prompt=True)[0]
+            target = m["content"] + IM_END
+            n = len(tokenizer(target, add_special_tokens=False)["input_ids"])
+            replies.append({"id": f"{conv['id']}/{i}", "context": context, "target": target, "n_tokens": n})
+            firsts.setdefault(conv["id"], (context, m["content"]))
+    pool = sorted({reply for _, reply in firsts.values()})
+    choices = []
+    for cid, (context, true) in firsts.items():
+        others = [r for r in pool if r != true]
+        if not others:
+            continue
+        rng = random.Random(seed_of(cid, seed))
+        options = rng.sample(others, min(n_choices - 1, len(others))) + [true]
+        rng.shuffle(options)
+        choices.append({"id": cid, "context": context, "choices": [o + IM_END for o in options],
+                        "label": options.index(true)})
+    return replies, choices
+
+
+def riddle_reply_metrics(doc, results):
+    """lm-eval hook of riddle_replies: NLL per token of the reply (averaged over replies), bits per byte."""
+    ll = results[0][0]
+    return {"nll_per_token": -ll / doc["n_tokens"], "bits_per_byte": (ll, len(doc["target"].encode("utf-8")))}
+
+
+_RIDDLE_YAML = {
+    "riddle_replies": """output_type: loglikelihood
+doc_to_text: context
+doc_to_target: target
+process_results: !function common.riddle_reply_metrics
+metric_list:
+  - {metric: nll_per_token, aggregation: mean, higher_is_better: false}
+  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}
+""",
+    "riddle_choice": """output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
+""",
+}
+
+
+def write_riddle_tasks(folder, replies, choices):
+    """Write the riddle tasks as lm-eval YAML configs over local JSONL files; return their names.
+
+    A task without docs (choices need 2+ riddles) is left out and its old files removed.
+    """
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for name, docs in (("riddle_replies", replies), ("riddle_choice", choices)):
+        data, config = folder / f"{name}.jsonl", folder / f"{name}.yaml"
+        if not docs:
+            data.unlink(missing_ok=True)
+            config.unlink(missing_ok=True)
+            continue
+        write_jsonl_atomic(data, docs)
+        config.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                          f"    test: {json.dumps(str(data))}\ntest_split: test\nnum_fewshot: 0\n"
+                          f"{_RIDDLE_YAML[name]}metadata:\n  version: 1.0\n")
+        names.append(name)
+    return names
+
+
+def lm_eval_scores(results):
+    """{task: {metric: {"value", "stderr"}}} from lm_eval.simple_evaluate's results (stderr None if absent)."""
+    scores = {}
+    for task, row in results["results"].items():
+        for key, value in row.items():
+            metric, _, filt = key.partition(",")
+            if filt != "none" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = row.get(f"{metric}_stderr,{filt}")
+            scores.setdefault(task, {})[metric] = {
+                "value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
+    return scores
+
+
+def compare_scores(base, tuned):
+    """Rows (task, metric, base, tuned, delta, stderr of delta, flagged) for metrics both models have.
+
+    The delta's stderr combines both as independent, sqrt(se_b^2 + se_t^2) (conservative, the
+    items are shared); flagged means |delta| > 2 stderr. Without stderrs nothing is flagged.
+    """
+    rows = []
+    for task in base:
+        for metric, b in base[task].items():
+            t = tuned.get(task, {}).get(metric)
+            if t is None:
+                continue
+            delta = t["value"] - b["value"]
+            se = None
+            if b["stderr"] is not None and t["stderr"] is not None:
+                se = (b["stderr"] ** 2 + t["stderr"] ** 2) ** 0.5
+            rows.append({"task": task, "metric": metric, "base": b["value"], "tuned": t["value"], "delta": delta,
+                         "stderr": se, "flagged": se is not None and abs(delta) > 2 * se})
+    return rows
+
+
+def chat_replies(model, tokenizer, prompts, seeds, max_new_tokens, temperature, top_p):
+    """One reply per conversation, prompts rendered with CHATML_TEMPLATE whatever the model's own.
+
+    Returns (text, ended) pairs: ended is False where no <|im_end|> came within max_new_tokens.
+    Sampling is seeded per row (RowSampler); temperature 0 is greedy.
+    """
+    import torch
+
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = [render_chatml(p, add_generation_prompt=True)[0] for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    stop = {"eos_token_id": [tokenizer.eos_token_id]}
+    if IM_END in tokenizer.get_vocab():
+        stop["eos_token_id"].append(tokenizer.convert_tokens_to_ids(IM_END))
+    else:  # a base model without ChatML tokens spells <|im_end|> in pieces
+        stop.update(stop_strings=[IM_END], tokenizer=tokenizer)
+    processors = [RowSampler(seeds, temperature, top_p)] if temperature > 0 else []
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
+                             pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None, **stop)
+    replies = []
+    for row in out[:, batch["input_ids"].shape[1]:]:
+        text = tokenizer.decode(row, skip_special_tokens=False)
+        if IM_END in text:
+            replies.append((text.split(IM_END)[0].strip(), True))
+        else:
+            replies.append((tokenizer.decode(row, skip_special_tokens=True).strip(), False))
+    return replies
+
+
+# -----------------------------------------------------------------------------
 # Fine-tuning: student, LoRA, batches, loss
 
 # Attention projections to adapt, per model_type. Phi calls its output projection `dense`.
