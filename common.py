@@ -513,9 +513,9 @@ _LEAD = re.compile(r"""^(?:
     | (?:riddle|question)\s*\#?\s*\d{1,3}\s+                            # Riddle 3 text
 )""", re.I | re.X)
 _META = re.compile(r"^(?:sure|certainly|of course|okay|ok|great|absolutely|note|notes|here (?:are|is|goes)|"
-                   r"here's|i hope|hope you|enjoy|let me know|feel free|i've|i have (?:written|created|made)|"
+                   r"here's|i hope|hope you|enjoy|let me know|feel free|i(?:'ve| have) (?:written|created|made|come up)|"
                    r"these (?:are|riddles|new)|below are|the (?:new |following )?riddles)\b", re.I)
-_ANSWER_LINE = re.compile(r"^(?:answer|solution|ans|a)\s*[:\-]", re.I)
+_ANSWER_LINE = re.compile(r"^(?:(?:answer|solution|ans|a)\s*[:\-]|the answer\b)", re.I)
 _ANSWER_TAIL = re.compile(r"(?:\s*[(\[]\s*(?:answer|solution|ans)\b.*|(?<=[?.!\"])\s+(?:answer|solution)\s*[:\-].*)$",
                           re.I)
 
