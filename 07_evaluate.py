@@ -31,6 +31,7 @@ import gc
 import json
 import os
 import random
+import re
 import socket
 import time
 from urllib.parse import urlparse
@@ -44,7 +45,7 @@ ADAPTER_DIR = "out/05_adapter"  # stage 05's folder: eval.jsonl, log.jsonl, run.
 TUNED = "out/06_merged"  # the fine-tuned model: folder, hub id or alias
 BASE = ""  # the model before fine-tuning; "" = "student" of ADAPTER_DIR/run.json, else microsoft/phi-2
 OUT_DIR = "out/07_eval"  # report.md, results.json, loss.png, tasks/
-TASKS = ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"]  # lm-eval tasks, zero-shot; comma list
+TASKS = ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"]  # lm-eval task names or YAML paths, comma list
 LIMIT = 0  # docs per task, riddle tasks included; 0 = all
 APPLY_CHAT_TEMPLATE = False  # wrap the benchmarks in each model's chat template (shifts scores)
 BATCH_SIZE = 8  # lm-eval batch size
@@ -161,7 +162,13 @@ LOWER_IS_BETTER = {"nll_per_token", "bits_per_byte", "perplexity", "word_perplex
 
 
 def cell(text):
-    return str(text).replace("|", "\\|").replace("\n", "<br>")
+    # Control characters (a random or broken model emits them) would make the file binary.
+    text = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def show(text, ended):
+    return (cell(text) or "*(empty)*") + ("" if ended else "<br>**no `<|im_end|>`**")
 
 
 def table(rows_of_task):
@@ -178,11 +185,21 @@ riddle_rows = [r for r in rows if r["task"] in riddle_names]
 bench_rows = [r for r in rows if r["task"] not in riddle_names]
 flagged = [f"{r['task']} {r['metric']} {r['delta']:+.4f}" for r in bench_rows if r["flagged"]]
 limit_text = f"{LIMIT:,} docs per task" if LIMIT else "all docs"
+
+
+def used(n):
+    return f"{min(n, LIMIT):,} of {n:,}" if LIMIT and LIMIT < n else f"{n:,}"
+
+
+scored = {r["metric"]: r for r in riddle_rows}
+riddle_summary = ", ".join(f"{m} {scored[m]['base']:.3f} -> {scored[m]['tuned']:.3f}"
+                           + (" (> 2 stderr)" if scored[m]["flagged"] else "") for m in ("nll_per_token", "acc") if m in scored)
+bench_summary = (f"{len(bench_rows):,} scores compared, {len(flagged):,} moved by more than 2 stderr"
+                 + (f" ({'; '.join(flagged)})" if flagged else "")
+                 + f"; {len(unavailable):,} of {len(TASKS):,} tasks not run (data unavailable)")
 report = [
     f"# Evaluation: {base_name} (base) vs {TUNED} (fine-tuned)", "",
-    f"Benchmarks: {len(bench_rows):,} scores compared, {len(flagged):,} moved by more than 2 stderr"
-    + (f" ({'; '.join(flagged)})" if flagged else "") + f"; {len(unavailable):,} of {len(TASKS):,} tasks not run "
-    "(data unavailable). Riddle task: see below.", "",
+    f"Riddle task: {riddle_summary or 'no scores'}. Benchmarks: {bench_summary}.", "",
     "## Settings", "", "| setting | value |", "|---|---|",
     f"| base model | {base_name} |", f"| fine-tuned model | {TUNED} |",
     f"| held-out conversations | {len(held_out):,} ({ADAPTER_DIR}/eval.jsonl) |",
@@ -194,11 +211,11 @@ report = [
     f"| sample decoding | temperature {TEMPERATURE}, top-p {TOP_P}, up to {MAX_NEW_TOKENS:,} new tokens, seed {SEED} per riddle |",
     f"| runtime | base {seconds['base']:,.0f} s, fine-tuned {seconds['tuned']:,.0f} s, total {time.time() - started:,.0f} s |", "",
     "## Riddle task (held-out conversations, offline)", "",
-    f"- riddle_replies ({len(replies):,} replies): each reference assistant reply (and its `<|im_end|>`) "
+    f"- riddle_replies ({used(len(replies))} replies): each reference assistant reply (and its `<|im_end|>`) "
     "scored given the conversation so far. nll_per_token: negative log-likelihood per token, averaged over "
     "replies; tokens counted with the fine-tuned tokenizer for both models, so the two share one denominator. "
     "bits_per_byte: the same log-likelihood pooled over all replies per UTF-8 byte (no stderr).",
-    f"- riddle_choice ({len(choices):,} questions): the true first reply among {N_CHOICES - 1} first replies of other "
+    f"- riddle_choice ({used(len(choices))} questions): the true first reply among {N_CHOICES - 1} first replies of other "
     f"held-out riddles (chance {1 / N_CHOICES:.2f}); acc picks the highest log-likelihood, acc_norm the highest per character.",
     "", table(riddle_rows) if riddle_rows else "No riddle scores.", "",
     "## Benchmarks (zero-shot)", "",
@@ -224,9 +241,6 @@ report += ["", "## Samples", "",
 for i, conv in enumerate(shown):
     m = conv["messages"]
     b, t = samples["base"][i], samples["tuned"][i]
-
-    def show(text, ended):
-        return (cell(text) or "*(empty)*") + ("" if ended else "<br>**no `<|im_end|>`**")
 
     report += [f"### {i + 1}. {conv['id']}", "", f"**Riddle:** {cell(m[0]['content'])}", "",
                "| turn | reference | base | fine-tuned |", "|---|---|---|---|",
@@ -254,8 +268,5 @@ for name, write in (("loss.png", lambda f: plot_loss(train_log, eval_log, f)),
     write(tmp)
     os.replace(tmp, out_dir / name)
 
-scored = {r["metric"]: r for r in riddle_rows}
-summary = ", ".join(f"{m} {scored[m]['base']:.3f} -> {scored[m]['tuned']:.3f}" for m in ("nll_per_token", "acc")
-                    if m in scored)
-print(f"wrote {out_dir / 'report.md'}: riddle {summary}; {len(bench_rows):,} benchmark scores, "
-      f"{len(flagged):,} flagged, {len(unavailable):,} tasks unavailable; {time.time() - started:,.0f} s")
+print(f"wrote {out_dir / 'report.md'}: riddle {riddle_summary}; benchmarks: {bench_summary}; "
+      f"{time.time() - started:,.0f} s")

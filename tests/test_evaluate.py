@@ -185,8 +185,15 @@ def test_end_to_end_fine_tuned_beats_base_and_missing_benchmark_is_one_line(tmp_
     write_jsonl(adapter / "log.jsonl", [{"step": s, "epoch": s / 10, "loss": 3.0 / s} for s in range(1, 21)]
                 + [{"step": s, "epoch": s / 10, "eval_loss": l} for s, l in ((10, 2.0), (20, 2.5))])
     (adapter / "run.json").write_text(json.dumps({"student": base}))
+    # A benchmark whose data is at hand (lm-eval takes a YAML path as a task name), beside one whose data is not.
+    write_jsonl(tmp_path / "quiz.jsonl", [{"q": r[0], "choices": [r[1], "An echo."], "label": 0} for r in RIDDLES[:4]])
+    (tmp_path / "quiz.yaml").write_text(
+        f"task: local_quiz\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'quiz.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: 'Question: {{q}}\\nAnswer:'\n"
+        "doc_to_choice: choices\ndoc_to_target: label\nmetric_list:\n  - {metric: acc, aggregation: mean}\n")
 
-    proc = run_stage([f"--adapter-dir={adapter}", f"--tuned={tuned}", f"--out-dir={out}", "--tasks=arc_easy",
+    proc = run_stage([f"--adapter-dir={adapter}", f"--tuned={tuned}", f"--out-dir={out}",
+                      f"--tasks=arc_easy,{tmp_path / 'quiz.yaml'}",
                       "--samples=2", "--max-new-tokens=24", "--temperature=0"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "arc_easy: skipped, ConnectionError" in proc.stdout
@@ -199,6 +206,7 @@ def test_end_to_end_fine_tuned_beats_base_and_missing_benchmark_is_one_line(tmp_
     assert tuned_s["riddle_replies"]["bits_per_byte"]["value"] < base_s["riddle_replies"]["bits_per_byte"]["value"]
     assert tuned_s["riddle_choice"]["acc"]["value"] == 1.0 > base_s["riddle_choice"]["acc"]["value"]
     assert list(results["unavailable"]) == ["arc_easy"] and "arc_easy" not in tuned_s
+    assert set(tuned_s["local_quiz"]) == {"acc"} and [r["task"] for r in results["comparison"]].count("local_quiz") == 1
     assert results["loss"]["best"] == [10, 1.0, 2.0]
     ids = [s["id"] for s in results["samples"]]
     assert len(set(ids)) == 2 and set(ids) <= {c["id"] for c in convs}
@@ -208,7 +216,8 @@ def test_end_to_end_fine_tuned_beats_base_and_missing_benchmark_is_one_line(tmp_
     report = (out / "report.md").read_text()
     for section in ("## Settings", "## Riddle task", "## Benchmarks", "## Loss curves", "## Samples", "![train and eval loss](loss.png)"):
         assert section in report
-    assert "| riddle_choice | acc (higher is better) | " in report
+    assert "| riddle_choice | acc (higher is better) | " in report and "| local_quiz | acc (higher is better) | " in report
+    assert "Benchmarks: 1 scores compared" in report
     notes = [line for line in report.splitlines() if "arc_easy" in line]
     assert len(notes) == 1 and notes[0].startswith("- arc_easy: not run, data unavailable (ConnectionError")
     assert "**no `<|im_end|>`**" in report  # the random base never ends its turn
