@@ -16,7 +16,8 @@ Writes: data/01_raw.jsonl       {"id": "p00012", "seed_ids": [...], "text": repl
 
 Resume: replies are appended to 01_raw.jsonl batch by batch; a rerun skips the prompts
 already there, then cleans and dedups all replies again (seconds). --overwrite starts over.
-Runtime: 300 prompts of Mistral-7B at batch 32 is ~10 min on one H100; the CPU demo ~1 min.
+Runtime: ~4 min for 300 prompts of Mistral-7B on one H100 (estimated from the measured
+batch-64 rate, ~830 output tok/s); the CPU demo: see README.
 """
 
 import random
@@ -35,7 +36,7 @@ SEED_FILE = "data/seed_riddles.jsonl"  # local .jsonl/.json/.csv/.txt, or a hub 
 NUM_PROMPTS = 300  # prompts, each asking for K riddles
 K = 10  # seed riddles shown per prompt, and new riddles asked for
 PROMPT = "Here are {k} riddles:\n\n{examples}\n\nWrite {k} new riddles like these, but different from them. One riddle per line, no numbering, no answers, nothing else."  # {k}, {examples}
-BATCH_SIZE = 32  # prompts per generate call (concurrent requests for openai)
+BATCH_SIZE = 64  # prompts per generate call (concurrent requests for openai)
 MAX_NEW_TOKENS = 512  # tokens per reply
 TEMPERATURE = 0.9  # 0 = greedy
 TOP_P = 0.95  # nucleus sampling, 1.0 = off
@@ -43,9 +44,9 @@ SEED = 0  # seed choice and sampling: same seed, same riddles
 MIN_WORDS = 5  # shorter lines are not riddles
 MAX_CHARS = 300  # longer lines are not riddles
 NEAR_DUP = 0.5  # word-bigram Jaccard from which a riddle is a near-duplicate, in (0, 1]
-RAW_FILE = "data/01_raw.jsonl"
-OUT_FILE = "data/01_riddles.jsonl"
-REJECTED_FILE = "data/01_rejected.jsonl"
+RAW_FILE = "data/01_raw.jsonl"  # replies as generated: the resume point
+OUT_FILE = "data/01_riddles.jsonl"  # kept riddles, input of stage 02
+REJECTED_FILE = "data/01_rejected.jsonl"  # every dropped line with its reason
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())

@@ -13,7 +13,8 @@ Writes: data/02_answers.jsonl   {"id", "messages": [user riddle, assistant answe
 
 Resume: finished batches are appended to both files; a rerun skips ids found in either.
 A request that failed (openai backend) is written nowhere, so a rerun retries it.
---overwrite starts over. Runtime: ~1.7k riddles of Mistral-7B at batch 64 is ~10 min on one H100.
+--overwrite starts over. Runtime: ~10-20 min for ~1.7k riddles of Mistral-7B on one H100
+(estimated from the measured batch-64 rate, ~830 output tok/s); the CPU demo: see README.
 """
 
 import time
@@ -28,14 +29,14 @@ BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible serve
 BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1
 API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
 PROMPT = "Answer this riddle. Think step by step and explain simply. If information is missing, ask one short question at the end.\n\nRiddle: {riddle}"  # {riddle}
-BATCH_SIZE = 32  # riddles per generate call (concurrent requests for openai)
+BATCH_SIZE = 64  # riddles per generate call (concurrent requests for openai)
 MAX_NEW_TOKENS = 512  # tokens per answer; answers cut off here are rejected
 TEMPERATURE = 0.7  # 0 = greedy
 TOP_P = 0.95  # nucleus sampling, 1.0 = off
 SEED = 0  # sampling: same seed, same answers
-IN_FILE = "data/01_riddles.jsonl"
-OUT_FILE = "data/02_answers.jsonl"
-REJECTED_FILE = "data/02_rejected.jsonl"
+IN_FILE = "data/01_riddles.jsonl"  # stage 01's output
+OUT_FILE = "data/02_answers.jsonl"  # input of stage 03
+REJECTED_FILE = "data/02_rejected.jsonl"  # rejected answers with their reason
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())

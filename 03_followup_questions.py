@@ -13,7 +13,8 @@ Writes: data/03_followups.jsonl  {"id", "messages": [..., user follow-up questio
     python 03_followup_questions.py --generator=smollm2 --batch-size=64   # CPU demo
 
 Resume: finished batches are appended to both files; a rerun skips ids found in either.
---overwrite starts over. Runtime: a few minutes for ~1.7k conversations on one H100.
+--overwrite starts over. Runtime: ~3 min for ~1.7k conversations of Mistral-7B on one H100
+(estimated from the measured batch-64 rate); the CPU demo: see README.
 """
 
 import time
@@ -28,15 +29,15 @@ BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible serve
 BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1
 API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
 PROMPT = "Here is a conversation between a curious 10-year-old and an assistant.\n\n{conversation}\n\nWrite the child's next message: one very short question to the assistant about its answer, as a curious 10-year-old would ask it. Write only the question."  # {conversation}
-BATCH_SIZE = 32  # conversations per generate call (concurrent requests for openai)
+BATCH_SIZE = 64  # conversations per generate call (concurrent requests for openai)
 MAX_NEW_TOKENS = 64  # tokens per follow-up: a very short question
 TEMPERATURE = 0.9  # 0 = greedy
 TOP_P = 0.95  # nucleus sampling, 1.0 = off
 SEED = 0  # sampling: same seed, same questions
 MAX_WORDS = 25  # longer questions are rejected
-IN_FILE = "data/02_answers.jsonl"
-OUT_FILE = "data/03_followups.jsonl"
-REJECTED_FILE = "data/03_rejected.jsonl"
+IN_FILE = "data/02_answers.jsonl"  # stage 02's output
+OUT_FILE = "data/03_followups.jsonl"  # input of stage 04
+REJECTED_FILE = "data/03_rejected.jsonl"  # rejected follow-ups with their reason
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())

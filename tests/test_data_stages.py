@@ -31,6 +31,17 @@ def lines(file):
     return [json.loads(x) for x in Path(file).read_text().splitlines()]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine two threads spin-wait (30x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def chatty_llama(tmp_path_factory):
     """tiny_llama's shape with larger random weights: the default init only repeats the last
@@ -456,7 +467,7 @@ def test_resume_02_after_sigkill(tmp_path, chatty_llama, monkeypatch, capsys):
     assert len(lines(ref / "02.jsonl")) + len(lines(ref / "rej.jsonl")) == 9
     assert lines(ref / "02.jsonl") and lines(ref / "rej.jsonl")  # both files take part in the resume
     r = subprocess.run([PY, "-c", KILLER, str(ROOT), str(ROOT / "02_answer_riddles.py"), *args(crash)],
-                       capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                       capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     torn = [n for n in ("02.jsonl", "rej.jsonl") if not (crash / n).read_text().endswith("\n")]
     assert len(torn) == 1  # the torn line is really there

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import common
-from test_data_stages import chatty_llama, lines, run_stage  # noqa: F401 (a fixture)
+from test_data_stages import chatty_llama, lines, one_thread, run_stage  # noqa: F401 (fixtures)
 
 
 def free_port():
@@ -33,7 +33,7 @@ def served(chatty_llama, tmp_path_factory):
     """`transformers serve` on the tiny model; yields its base URL."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", chatty_llama,
                                    "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
