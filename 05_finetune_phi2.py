@@ -290,8 +290,9 @@ for epoch in range(start // steps_per_epoch, EPOCHS):
         write_log({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss})
         if step % LOG_EVERY == 0 or step == last_step:
             rate = seen / (time.time() - t0)
+            memory = f", {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak" if torch.cuda.is_available() else ""
             say(f"step {step:,}/{last_step:,} epoch {step / steps_per_epoch:.2f}: loss {loss:.4f}, "
-                f"{rate:,.0f} tok/s, {time.time() - t0:,.0f} s")
+                f"{rate:,.0f} tok/s{memory}, {time.time() - t0:,.0f} s")
         if eval_batches and (i + 1 in eval_at or step == last_step):
             eval_loss = evaluate()
             write_log({"step": step, "epoch": round(step / steps_per_epoch, 4), "eval_loss": eval_loss})

@@ -131,7 +131,8 @@ from transformers import TextStreamer
 
 tokenizer = load_tokenizer(str(out))
 model = load_model(str(out), device, dtype)
-streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+# No clean-up of spaces: on byte-level BPE it deletes real spaces before punctuation.
+streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 torch.manual_seed(SEED)
 
 
@@ -147,7 +148,7 @@ def reply(messages):
                              **sampling)[0, inputs["input_ids"].shape[1]:]
     if new[-1] != tokenizer.eos_token_id:
         print(f"[cut at {MAX_NEW_TOKENS} tokens: no {tokenizer.eos_token} yet]")
-    return tokenizer.decode(new, skip_special_tokens=True).strip()
+    return tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
 
 
 if PROMPT:
