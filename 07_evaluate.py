@@ -20,11 +20,13 @@ Writes: out/07_eval/report.md, results.json (all numbers), loss.png,
         tasks/ (the riddle tasks' lm-eval YAML and JSONL, rewritten each run)
 
     python 07_evaluate.py
-    python 07_evaluate.py --base=smollm2 --limit=20 --tasks=arc_easy,piqa
+    python 07_evaluate.py --limit=20 --samples=2 --tasks=arc_easy,piqa,my_task.yaml
 
+Offline (the hub unreachable), each benchmark without cached data is one line in the report.
 No resume: it reruns from the start and replaces the outputs only once all is done.
-Runtime: full benchmarks on one H100, Phi-2, both models: tens of minutes (hellaswag is
-the bulk); the demo (smollm2, --limit=20) about a minute on 2 CPU cores.
+Runtime: the CPU demo (smollm2 on both sides, --limit=20 --samples=2 --max-new-tokens=48)
+~2 min on 2 shared cores, ~80 s of CPU time. Full benchmarks with Phi-2 on a GPU: not measured
+yet; hellaswag (10k questions x 4 endings) is the bulk, raise --batch-size there.
 """
 
 import gc
@@ -36,9 +38,9 @@ import socket
 import time
 from urllib.parse import urlparse
 
-from common import (ALIASES, InputError, chat_replies, compare_scores, lm_eval_scores, load_model, load_tokenizer,
-                    path, plot_loss, read_conversations, read_train_log, require_stage, riddle_docs, seed_of,
-                    best_eval, write_riddle_tasks)
+from common import (ALIASES, InputError, best_eval, chat_replies, compare_scores, configure, lm_eval_scores,
+                    load_model, load_tokenizer, path, plot_loss, read_conversations, read_train_log, require_stage,
+                    riddle_docs, seed_of, write_riddle_tasks)
 
 # -----------------------------------------------------------------------------
 ADAPTER_DIR = "out/05_adapter"  # stage 05's folder: eval.jsonl, log.jsonl, run.json
@@ -56,8 +58,6 @@ TEMPERATURE = 0.7  # sample decoding; 0 = greedy
 TOP_P = 0.9  # nucleus of sample decoding
 SEED = 0  # distractors, choice of samples, decoding
 # -----------------------------------------------------------------------------
-from common import configure  # noqa: E402
-
 configure(globals())
 started = time.time()
 adapter, out_dir = path(ADAPTER_DIR), path(OUT_DIR)
@@ -142,7 +142,8 @@ for key, (name, src) in models.items():
     first = chat_replies(model, tok, [c["messages"][:1] for c in shown], [seed_of(c["id"], SEED) for c in shown],
                          MAX_NEW_TOKENS, TEMPERATURE, TOP_P)
     # The follow-up turn: the model's own first reply, then the reference follow-up question.
-    prompts = [[c["messages"][0], {"role": "assistant", "content": r}, c["messages"][2]] for c, (r, _) in zip(shown, first)]
+    prompts = [[c["messages"][0], {"role": "assistant", "content": r}, c["messages"][2]]
+               for c, (r, _) in zip(shown, first)]
     second = chat_replies(model, tok, prompts, [seed_of(c["id"], SEED, 2) for c in shown], MAX_NEW_TOKENS,
                           TEMPERATURE, TOP_P)
     samples[key] = [{"reply": r1, "ended": e1, "reply2": r2, "ended2": e2} for (r1, e1), (r2, e2) in zip(first, second)]
@@ -168,11 +169,12 @@ def cell(text):
 
 
 def show(text, ended):
-    return (cell(text) or "*(empty)*") + ("" if ended else "<br>**no `<|im_end|>`**")
+    return (cell(text) or "*(empty)*") + ("" if ended else "<br>**no `<\\|im_end\\|>`**")  # in a table cell
 
 
 def table(rows_of_task):
-    lines = ["| task | metric | base | fine-tuned | delta | stderr of delta | > 2 stderr |", "|---|---|---:|---:|---:|---:|:---:|"]
+    lines = ["| task | metric | base | fine-tuned | delta | stderr of delta | > 2 stderr |",
+             "|---|---|---:|---:|---:|---:|:---:|"]
     for r in rows_of_task:
         arrow = "lower is better" if r["metric"] in LOWER_IS_BETTER else "higher is better"
         se = f"{r['stderr']:.4f}" if r["stderr"] is not None else "n/a"
@@ -193,34 +195,40 @@ def used(n):
 
 scored = {r["metric"]: r for r in riddle_rows}
 riddle_summary = ", ".join(f"{m} {scored[m]['base']:.3f} -> {scored[m]['tuned']:.3f}"
-                           + (" (> 2 stderr)" if scored[m]["flagged"] else "") for m in ("nll_per_token", "acc") if m in scored)
+                           + (" (> 2 stderr)" if scored[m]["flagged"] else "")
+                           for m in ("nll_per_token", "acc") if m in scored)
 bench_summary = (f"{len(bench_rows):,} scores compared, {len(flagged):,} moved by more than 2 stderr"
                  + (f" ({'; '.join(flagged)})" if flagged else "")
-                 + f"; {len(unavailable):,} of {len(TASKS):,} tasks not run (data unavailable)")
+                 + f"; {len(unavailable):,} of {len(TASKS):,} tasks not run (task or data could not be loaded)")
 report = [
     f"# Evaluation: {base_name} (base) vs {TUNED} (fine-tuned)", "",
     f"Riddle task: {riddle_summary or 'no scores'}. Benchmarks: {bench_summary}.", "",
     "## Settings", "", "| setting | value |", "|---|---|",
     f"| base model | {base_name} |", f"| fine-tuned model | {TUNED} |",
     f"| held-out conversations | {len(held_out):,} ({ADAPTER_DIR}/eval.jsonl) |",
-    f"| harness | lm-evaluation-harness {lm_eval.__version__}, `hf` model, zero-shot, {limit_text}, batch {BATCH_SIZE} |",
-    f"| chat template on benchmarks | {'yes: each model its own' if APPLY_CHAT_TEMPLATE else 'no (plain prompts, as the published scores)'} |",
-    "| riddle prompts | the fine-tuned model's ChatML (`<|im_start|>role ... <|im_end|>`) for both models, "
+    f"| harness | lm-evaluation-harness {lm_eval.__version__}, `hf` model, zero-shot, {limit_text}, "
+    f"batch {BATCH_SIZE} |",
+    "| chat template on benchmarks | "
+    + ("yes: each model its own |" if APPLY_CHAT_TEMPLATE else "no (plain prompts, as the published scores) |"),
+    "| riddle prompts | the fine-tuned model's ChatML (`<\\|im_start\\|>role ... <\\|im_end\\|>`) for both models, "
     "so the base model is scored on a format it may never have seen |",
     f"| device | {device} |",
-    f"| sample decoding | temperature {TEMPERATURE}, top-p {TOP_P}, up to {MAX_NEW_TOKENS:,} new tokens, seed {SEED} per riddle |",
-    f"| runtime | base {seconds['base']:,.0f} s, fine-tuned {seconds['tuned']:,.0f} s, total {time.time() - started:,.0f} s |", "",
+    f"| sample decoding | temperature {TEMPERATURE}, top-p {TOP_P}, up to {MAX_NEW_TOKENS:,} new tokens, "
+    f"seed {SEED} per riddle |",
+    f"| runtime | base {seconds['base']:,.0f} s, fine-tuned {seconds['tuned']:,.0f} s, "
+    f"total {time.time() - started:,.0f} s |", "",
     "## Riddle task (held-out conversations, offline)", "",
     f"- riddle_replies ({used(len(replies))} replies): each reference assistant reply (and its `<|im_end|>`) "
     "scored given the conversation so far. nll_per_token: negative log-likelihood per token, averaged over "
     "replies; tokens counted with the fine-tuned tokenizer for both models, so the two share one denominator. "
     "bits_per_byte: the same log-likelihood pooled over all replies per UTF-8 byte (no stderr).",
-    f"- riddle_choice ({used(len(choices))} questions): the true first reply among {N_CHOICES - 1} first replies of other "
-    f"held-out riddles (chance {1 / N_CHOICES:.2f}); acc picks the highest log-likelihood, acc_norm the highest per character.",
+    f"- riddle_choice ({used(len(choices))} questions): the true first reply among {N_CHOICES - 1} first replies "
+    f"of other held-out riddles (chance {1 / N_CHOICES:.2f}); acc picks the highest log-likelihood, acc_norm the "
+    "highest per character.",
     "", table(riddle_rows) if riddle_rows else "No riddle scores.", "",
     "## Benchmarks (zero-shot)", "",
     table(bench_rows) if bench_rows else "No benchmark ran.", "",
-    *[f"- {name}: not run, data unavailable ({note})" for name, note in unavailable.items()],
+    *[f"- {name}: not run, task or data could not be loaded ({note})" for name, note in unavailable.items()],
     "", "The stderr of a delta treats the two runs as independent (conservative: both saw the same items).", "",
     "## Loss curves (stage 05)", "", "![train and eval loss](loss.png)", "",
 ]

@@ -68,7 +68,7 @@ def test_riddle_docs_render_chatml_and_draw_distractors_from_other_riddles(token
                                  "<|im_start|>assistant\nA piano has keys.<|im_end|>\n"
                                  "<|im_start|>user\nWhy keys?<|im_end|>\n<|im_start|>assistant\n")
     assert second["target"] == "Because they play notes.<|im_end|>"
-    assert second["n_tokens"] == len(tokenizer("Because they play notes.<|im_end|>", add_special_tokens=False)["input_ids"])
+    assert second["n_tokens"] == len(tokenizer(second["target"], add_special_tokens=False)["input_ids"])
     firsts = {c["id"]: c["messages"][1]["content"] + IM_END for c in convs}
     for doc in choices:
         assert doc["context"] == render_chatml(convs[int(doc["id"][1:])]["messages"][:1], add_generation_prompt=True)[0]
@@ -214,13 +214,16 @@ def test_end_to_end_fine_tuned_beats_base_and_missing_benchmark_is_one_line(tmp_
     assert learned["tuned"]["ended"] and learned["tuned"]["reply"] == learned["messages"][1]["content"]
 
     report = (out / "report.md").read_text()
-    for section in ("## Settings", "## Riddle task", "## Benchmarks", "## Loss curves", "## Samples", "![train and eval loss](loss.png)"):
+    for section in ("## Settings", "## Riddle task", "## Benchmarks", "## Loss curves", "## Samples",
+                    "![train and eval loss](loss.png)"):
         assert section in report
-    assert "| riddle_choice | acc (higher is better) | " in report and "| local_quiz | acc (higher is better) | " in report
+    assert "| riddle_choice | acc (higher is better) | " in report
+    assert "| local_quiz | acc (higher is better) | " in report
     assert "Benchmarks: 1 scores compared" in report
     notes = [line for line in report.splitlines() if "arc_easy" in line]
-    assert len(notes) == 1 and notes[0].startswith("- arc_easy: not run, data unavailable (ConnectionError")
-    assert "**no `<|im_end|>`**" in report  # the random base never ends its turn
+    assert len(notes) == 1
+    assert notes[0].startswith("- arc_easy: not run, task or data could not be loaded (ConnectionError")
+    assert "<br>**no `<\\|im_end\\|>`** |" in report  # the random base never ends a turn
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -233,7 +236,8 @@ def test_bad_input_is_one_line_and_leaves_outputs(tmp_path):
     (adapter / "log.jsonl").write_text(json.dumps({"step": 1, "epoch": 0.1, "loss": 1.0}) + "\n")
     proc = run_stage([f"--adapter-dir={adapter}", f"--out-dir={out}", "--tuned=smollm2"], tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {adapter / 'eval.jsonl'}:2: invalid JSON (Expecting property name enclosed in double quotes)"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {adapter / 'eval.jsonl'}:2: invalid JSON (Expecting property name enclosed in double quotes)"]
     assert (out / "report.md").read_text() == "old report\n"
     proc = run_stage([f"--adapter-dir={tmp_path / 'nowhere'}", f"--out-dir={out}"], tmp_path)
     assert proc.returncode == 2 and "run 05_finetune_phi2.py first" in proc.stderr
