@@ -62,16 +62,6 @@ configure(globals())
 started = time.time()
 adapter, out_dir = path(ADAPTER_DIR), path(OUT_DIR)
 
-# %% The benchmarks download their data from the hub; offline, fail at once instead of retrying for minutes.
-# Before anything imports huggingface_hub: it reads HF_HUB_OFFLINE once, on import.
-if TASKS and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=5).close()
-    except OSError:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        print(f"{host} unreachable: benchmarks use the local dataset cache only")
-
 # %% Inputs: everything is checked before a model loads or an output is touched
 require_stage(adapter / "eval.jsonl", "05_finetune_phi2.py")
 require_stage(adapter / "log.jsonl", "05_finetune_phi2.py")
@@ -97,6 +87,17 @@ def source(name):
 
 if TUNED.startswith("out/"):
     require_stage(path(TUNED), "06_merge_and_chat.py")
+
+# %% The benchmarks download their data from the hub; offline, fail at once instead of retrying for minutes.
+# Before anything imports huggingface_hub: it reads HF_HUB_OFFLINE once, on import.
+if TASKS and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        print(f"{host} unreachable: benchmarks use the local dataset cache only")
+
 models = {"base": (base_name, source(base_name)), "tuned": (TUNED, source(TUNED))}
 tokenizers = {key: load_tokenizer(src) for key, (_, src) in models.items()}
 print(f"base: {base_name}   fine-tuned: {TUNED}")
