@@ -1,0 +1,116 @@
+"""The GPU fast paths, checked on CPU against the plain ones.
+
+slot_generate (HFBackend's GPU path) gives the texts HF generate gives; the sampler never
+picks a token its logits excluded; packed rows through the varlen attention give the padded
+sdpa loss and the same short training curve; fused_gelu is Phi's gelu_new.
+"""
+
+import pytest
+import torch
+
+from common import (PACKED_ATTENTION, HFBackend, add_lora, collate_packed, collate_padded, fused_gelu, load_student,
+                    loss_sum, pick_tokens, slot_generate, supervised_tokens, tokenize_chat)
+
+PROMPTS = [[{"role": "user", "content": t}] for t in (
+    "What has keys?", "I weigh 1.5 kg and I speak without a mouth. What am I?", "Footsteps!",
+    "Why does the moon shine? Because", "a", "Can you tell me a riddle about time, water, fire and the wind?")]
+CONVS = [
+    [{"role": "user", "content": "What has keys but cannot open locks?"},
+     {"role": "assistant", "content": "A piano has keys."}],
+    [{"role": "user", "content": "The more you take, the more you leave behind."},
+     {"role": "assistant", "content": "Footsteps!"},
+     {"role": "user", "content": "Why does the moon shine?"},
+     {"role": "assistant", "content": "Because it reflects the light of the sun."}],
+    [{"role": "user", "content": "Can you tell me a riddle about time, water, fire and the wind?"},
+     {"role": "assistant", "content": "I weigh 1.5 kg and I speak without a mouth. What am I? An echo."}],
+]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_slot_generate_equals_hf_generate(tiny_llama, one_thread):
+    backend = HFBackend(tiny_llama, device="cpu")  # on CPU HFBackend runs HF generate
+    tok, model = backend.tokenizer, backend.model
+    texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in PROMPTS]
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    seeds = [11, 22, 33, 44, 55, 66]
+    for temperature in (0.0, 0.8):
+        want = backend.generate(PROMPTS, seeds, 12, temperature, 0.9)
+        for slots in (6, 2):  # with 2 slots, rows wait and take the slots of rows that ended
+            out = slot_generate(model, ids, seeds, 12, temperature, 0.9, model.generation_config.eos_token_id,
+                                max_slots=slots, prefill_tokens=64)
+            assert [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)] == want
+    assert min(map(len, out)) < 12  # a row ended at eos and freed its slot early
+
+
+def test_pick_tokens_never_picks_an_excluded_token():
+    # Seed 2, step 3098, token 514 (vocab 4096) draw a uniform that float32 rounds to 1.0; its
+    # Gumbel noise was inf and -inf + inf = NaN won the argmax: a token top-p had removed got
+    # picked, about once per 500 steps at a 32k vocab.
+    scores = torch.full((1, 4096), float("-inf"))
+    scores[0, 7] = 0.0
+    assert pick_tokens(scores, [2], [3098], 1.0, 1.0).tolist() == [7]
+    assert pick_tokens(scores, [2], [3098], 0.7, 0.9).tolist() == [7]
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_phi"])
+def test_packed_varlen_loss_equals_padded_sdpa_loss(arch, four_bit, request, one_thread):
+    model, tok = load_student(request.getfixturevalue(arch), load_in_4bit=four_bit,
+                              attn_implementation=PACKED_ATTENTION)
+    model.eval()
+    examples = [tokenize_chat(tok, c) for c in CONVS]
+    packed, padded = collate_packed(examples), collate_padded(examples, tok.pad_token_id)
+    n = supervised_tokens(packed)
+    with torch.no_grad():
+        fast = loss_sum(model, packed).item() / n
+        # Control: without the restarts the row is one sequence and attends across conversations.
+        joined = loss_sum(model, {k: v for k, v in packed.items() if k != "position_ids"}).item() / n
+        model.set_attn_implementation("sdpa")
+        plain = loss_sum(model, padded).item() / n
+    assert fast == pytest.approx(plain, rel=1e-4)
+    assert abs(joined - plain) > 1e-4 * plain
+
+
+def test_short_training_run_matches_the_padded_run(tiny_phi, one_thread):
+    curves = []
+    for fast in (True, False):
+        model, tok = load_student(tiny_phi, load_in_4bit=False, gradient_checkpointing=fast,
+                                  attn_implementation=PACKED_ATTENTION if fast else "sdpa")
+        if fast:
+            fused_gelu(model)  # what load_student does on a GPU
+        torch.manual_seed(0)
+        model = add_lora(model, dropout=0.0)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        examples = [tokenize_chat(tok, c) for c in CONVS]
+        batch = collate_packed(examples) if fast else collate_padded(examples, tok.pad_token_id)
+        losses = []
+        for _ in range(6):
+            loss = loss_sum(model, batch) / supervised_tokens(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        curves.append(losses)
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+    assert curves[0][-1] < curves[0][0] - 0.05  # the run learned something
+
+
+def test_fused_gelu_is_phis_gelu_new(tiny_phi):
+    model, _ = load_student(tiny_phi, load_in_4bit=False)
+    mlp = model.model.layers[0].mlp
+    assert type(mlp.activation_fn).__name__ == "NewGELUActivation"
+    x = torch.randn(4, 7, model.config.hidden_size) * 3
+    with torch.no_grad():
+        before = mlp(x)
+        fused_gelu(model)
+        after = mlp(x)
+    assert type(mlp.activation_fn).__name__ == "GELUTanh"
+    assert torch.allclose(before, after, atol=1e-6)
