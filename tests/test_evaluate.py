@@ -27,6 +27,15 @@ RIDDLES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine two threads spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def conversations():
     return [{"id": f"r{i}", "messages": [{"role": ("user", "assistant")[k % 2], "content": c} for k, c in enumerate(r)]}
             for i, r in enumerate(RIDDLES)]
@@ -170,7 +179,8 @@ def fine_tune(base, out, convs, steps=60):
 
 
 def run_stage(args, cwd):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(cwd / "datasets"))  # benchmark data: unreachable
+    # No benchmark data can be reached; one thread, as the in-process tests.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(cwd / "datasets"), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(ROOT / "07_evaluate.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
