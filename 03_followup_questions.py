@@ -28,7 +28,7 @@ GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the
 BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible server)
 BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1
 API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
-PROMPT = "Here is a conversation between a curious 10-year-old and an assistant.\n\n{conversation}\n\nWrite the child's next message: one very short question to the assistant about its answer, as a curious 10-year-old would ask it. Write only the question."  # {conversation}
+PROMPT = "A curious 10-year-old asked a riddle and got this answer.\n\n{conversation}\n\nWhat very short question would the child ask next, about the answer? Write only that question, ending with a question mark."  # {conversation}
 BATCH_SIZE = 64  # conversations per generate call (concurrent requests for openai)
 MAX_NEW_TOKENS = 64  # tokens per follow-up: a very short question
 TEMPERATURE = 0.9  # 0 = greedy

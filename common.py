@@ -969,24 +969,27 @@ _FOLLOWUP_PREFIX = re.compile(r"""^(?:
     | (?:a|the)\s+(?:curious\s+)?(?:(?:\d+|ten)[-\s]year[-\s]old|kid|child|user)(?:\s+\w+){0,3}?\s+
          (?:might|would|could|may|will)\s+(?:ask|say|wonder)(?:\s+something\s+like)?(?:\s+(?:this|the\s+assistant))?\s*[:,\-]?\s*
     | (?:here(?:'s|\s+is)|sure|okay|ok)\b[^:]*:\s*
+    | [^:?"]{1,80}:\s*(?=")                               # any short lead-in: "the question"
 )""", re.I | re.X)
+
+
+_ANSWERING = re.compile(r"^(?:the answer|answer|because|it'?s|it is|that'?s|so|yes|no|correct)\b", re.I)
 
 
 def clean_followup(text, max_words=25, max_preamble_words=12):
     """A generated follow-up -> (question, None) or (text, reason it was rejected).
 
     Removes role prefixes ("Kid:", "User:"), wrappers ("A curious child might ask:"),
-    markdown and quotes; keeps the text up to the first question mark.
+    markdown and quotes; keeps the text up to the first question mark. A question after
+    an answer ("The answer is ... Want another?") is the assistant talking: rejected.
     """
     lines = [normalize_text(x) for x in text.splitlines() if x.strip()]
     if not lines:
         return "", "empty"
     if re.match(r"^(?:assistant|ai|bot|answer)\s*:", lines[0], re.I):
         return lines[0], "assistant_turn"
-    line = lines[0]
-    if line.endswith(":") and len(lines) > 1:  # "Sure! Here is the question:" on its own line
-        line = lines[1]
-    line = re.sub(r"\*\*|__", "", line).strip()
+    pick = next((i for i, x in enumerate(lines) if "?" in x), 0)  # after a lead-in line, maybe
+    line = re.sub(r"\*\*|__|^#+\s*", "", lines[pick]).strip()
     while True:
         before = line
         line = _unquote(_FOLLOWUP_PREFIX.sub("", line, count=1).strip())
@@ -997,9 +1000,9 @@ def clean_followup(text, max_words=25, max_preamble_words=12):
     q = line.find("?")
     if q < 0:
         return line, "not_a_question"
-    preamble = re.split(r"(?<=[.!])\s+", line[:q + 1])[:-1]
-    if len(" ".join(preamble).split()) > max_preamble_words:
-        return line, "answer_not_question"  # the model answered instead of asking
+    preamble = " ".join(lines[:pick] + re.split(r"(?<=[.!])\s+", line[:q + 1])[:-1])
+    if len(preamble.split()) > max_preamble_words or _ANSWERING.match(preamble):
+        return line, "answer_not_question"
     question = line[:q + 1].strip().strip('"').strip()
     if len(question.split()) > max_words:
         return question, "too_long"

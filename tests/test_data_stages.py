@@ -110,10 +110,15 @@ def test_clean_riddle(line, text, reason):
     ('A curious child might ask: "Can a piano have gold keys?"', "Can a piano have gold keys?", None),
     ("A curious 10-year-old would ask something like: Why is the candle short?", "Why is the candle short?", None),
     ("Follow-up question: What is an echo made of?", "What is an echo made of?", None),
+    ('One very short question for the assistant: "What is that?"', "What is that?", None),
     ("The child's next message: Can a map get wet?", "Can a map get wet?", None),
     ("Sure! Here's the question:\nWhy do maps never get wet?", "Why do maps never get wet?", None),
     ("Wow! But why does it get wetter?", "Wow! But why does it get wetter?", None),
     ("Why is the sky blue? Because light scatters.", "Why is the sky blue?", None),
+    ("Charm: 1\n\n### Question: What's next, a bigger riddle?", "What's next, a bigger riddle?", None),
+    ("The answer is a towel, of course.\nDo you want another riddle?", "Do you want another riddle?",
+     "answer_not_question"),
+    ("It is a map! Do you want another riddle?", "It is a map! Do you want another riddle?", "answer_not_question"),
     ("The answer is a towel because it soaks up water.", "The answer is a towel because it soaks up water.",
      "not_a_question"),
     ("Assistant: The answer is a map. Any more?", "Assistant: The answer is a map. Any more?", "assistant_turn"),
@@ -315,7 +320,7 @@ class Scripted:
             return "Because it is made of wax, and wax melts."
         if text.startswith("Answer this riddle"):
             return "" if seed % 4 == 0 else "Step 1: it gets shorter. So it is a candle."
-        if "curious 10-year-old" in text:
+        if "curious 10-year-old asked" in text:
             return ["Kid: Why does wax melt?", 'A curious child might ask: "Is a candle alive?"',
                     "The answer is a candle."][seed % 3]
         n = seed % 997
