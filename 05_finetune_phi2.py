@@ -14,14 +14,20 @@ Writes: out/05_adapter/              final adapter + tokenizer with the ChatML c
           checkpoints/step-NNNNNN/   adapter + optimizer and scheduler state (the last few)
 
     python 05_finetune_phi2.py                                     # the recipe, on a GPU
-    python 05_finetune_phi2.py --student=smollm2 --max-steps=12    # a few steps of the bundled model on CPU
+    python 05_finetune_phi2.py --student=smollm2 --max-steps=4 --lr=2e-4   # a few steps on CPU
     accelerate launch --num_processes=4 05_finetune_phi2.py        # DDP: one 4-bit replica per GPU
+
+With N processes each step takes GRAD_ACCUM micro-batches on each, so N processes with GRAD_ACCUM=k
+train the same steps as one process with GRAD_ACCUM=N*k (a test checks this); a resumed run must keep
+the number of processes.
 
 Resume: rerun the same command after a kill; it continues from the last checkpoint (one per epoch, every
 SAVE_EVERY_STEPS and at the last step) with the optimizer state, and dropout masks seeded per step, so
 the result equals an uninterrupted run. A finished run is not retrained; --overwrite starts afresh;
 raising --epochs or --max-steps continues a finished one. Changing the data or the recipe knobs is refused.
-Runtime: the CPU demo (SmolLM2-135M, 12 steps of 2k tokens) ~1.5 min on 2 cores; phi-2 on one H100: see README.
+Runtime: the CPU demo (SmolLM2-135M, 4 steps of 1k tokens) ~1.5 min on 2 cores (~50 tok/s). Phi-2 on one
+H100: bench/RESULTS.md measured ~12-16k tok/s for these settings' neighbours, so the recipe's 20 epochs of
+~0.7M tokens should take ~20 min (an estimate: this script has not run phi-2 itself).
 """
 
 import contextlib
@@ -46,7 +52,7 @@ EVAL_FRACTION = 0.1                  # share of conversations held out for the e
 SEED = 1234                          # split, batch order, LoRA init, dropout
 LOAD_IN_4BIT = True                  # NF4 base weights (QLoRA); false: LoRA on bf16/fp32 weights
 DOUBLE_QUANT = True                  # quantize the 4-bit scales too (~0.4 bit/parameter less)
-ATTN = "sdpa"                        # sdpa, eager or flash_attention_2 (all read packed position_ids)
+ATTN = "packed_varlen"               # packed_varlen (flash varlen on GPU: 3.4x sdpa), sdpa, eager, flash_attention_2
 GRADIENT_CHECKPOINTING = True        # recompute activations in backward: less memory, ~30% slower
 LORA_R = 32                          # adapter rank
 LORA_ALPHA = 32                      # adapter scale = alpha / r
@@ -227,8 +233,9 @@ def evaluate():
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
         for b in eval_batches[rank::world]:
-            total += torch.tensor([loss_sum(model, on_device(b)).item(), supervised_tokens(b)], device=total.device,
-                                  dtype=torch.float64)
+            # The bare model: DDP's forward syncs buffers across processes, whose shares differ in size.
+            total += torch.tensor([loss_sum(unwrapped, on_device(b)).item(), supervised_tokens(b)],
+                                  device=total.device, dtype=torch.float64)
     model.train()
     total = accelerator.reduce(total, "sum")
     return (total[0] / total[1]).item() if total[1] else float("nan")
@@ -333,7 +340,7 @@ if main:
     run.update(steps_done=last_step, finished=last_step == total_steps, seconds=round(seconds, 1),
                tokens_per_second=round(seen / max(seconds, 1e-9)))
     run_file.write_text(json.dumps(run, indent=1) + "\n")
-accelerator.wait_for_everyone()
+accelerator.end_training()
 say(f"05: trained steps {start + 1:,}-{last_step:,} of {total_steps:,} ({last_step / steps_per_epoch:.2f} epochs) "
     f"on {len(train_ex):,} conversations in {seconds:,.0f} s ({seen / max(seconds, 1e-9):,.0f} tok/s); "
     f"eval loss {first:.4f} -> {last:.4f}; adapter in {out}")

@@ -44,7 +44,7 @@ def one_thread():
 # Loss: packed rows and padded batches give the same mean per supervised token
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "packed_varlen"])
 @pytest.mark.parametrize("four_bit", [False, True])
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_phi"])
 def test_packed_loss_equals_padded_loss(arch, four_bit, attn, request, one_thread):
@@ -58,8 +58,9 @@ def test_packed_loss_equals_padded_loss(arch, four_bit, attn, request, one_threa
     with torch.no_grad():
         loss_packed = loss_sum(model, packed).item() / n
         loss_padded = loss_sum(model, padded).item() / n
-        # Controls: without the restarts, or with a KV cache (which hides position_ids from the
-        # mask builder), a packed row attends across conversations and the loss moves.
+        # Controls: without the restarts, or with a KV cache (which hides position_ids from
+        # transformers' mask builder), a packed row attends across conversations and the loss
+        # moves; packed_varlen reads position_ids itself, cache or not.
         joined = {k: v for k, v in packed.items() if k != "position_ids"}
         loss_joined = loss_sum(model, joined).item() / n
         inputs = {k: v for k, v in packed.items() if k != "labels"}
@@ -67,7 +68,7 @@ def test_packed_loss_equals_padded_loss(arch, four_bit, attn, request, one_threa
         logits_nocache = model(**inputs, use_cache=False).logits
     assert loss_packed == pytest.approx(loss_padded, rel=1e-4)
     assert abs(loss_joined - loss_padded) > 1e-4 * loss_padded
-    assert not torch.allclose(logits_cache, logits_nocache, atol=1e-5)
+    assert torch.allclose(logits_cache, logits_nocache, atol=1e-5) == (attn == "packed_varlen")
 
 
 def test_loss_is_the_mean_over_supervised_tokens(tiny_llama, one_thread):
@@ -310,3 +311,33 @@ def test_bad_input_is_one_line_and_touches_nothing(tiny_llama, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {bad}:2: invalid JSON")
     assert [p.name for p in out.iterdir()] == ["run.json"] and (out / "run.json").read_text() == "{}"
+
+
+def test_ddp_two_processes_equal_one_process_accumulating(tiny_llama, data_file, tmp_path):
+    """torchrun x2 on CPU (gloo) with 1 micro-batch per step each = 1 process with 2 per step.
+
+    The loss is divided by the supervised tokens of the whole step across processes, so the
+    gradients agree. One eval conversation gives the processes unequal eval shares (a hang
+    if eval went through DDP's forward, which syncs buffers).
+    """
+    from safetensors.torch import load_file
+
+    common = ("--lora-dropout=0", "--max-steps=3", "--eval-fraction=0.0625")
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    r = run_script(*train_args(tiny_llama, data_file, single, *common))
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = [a for a in train_args(tiny_llama, data_file, ddp, *common) if a != "--grad-accum=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / args[0]), *args[1:], "--grad-accum=1"], capture_output=True, text=True, env=env,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es) x 1 per step" in r.stdout
+    assert json.loads((ddp / "run.json").read_text())["recipe"]["PROCESSES"] == 2
+    log_a, log_b = read_log(single), read_log(ddp)
+    assert [x["step"] for x in log_a] == [x["step"] for x in log_b] == [0, 1, 2, 3, 3]
+    for x, y in zip(log_a, log_b):
+        key = "loss" if "loss" in x else "eval_loss"
+        assert x[key] == pytest.approx(y[key], rel=1e-5)
+    a, b = load_file(single / "adapter_model.safetensors"), load_file(ddp / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
