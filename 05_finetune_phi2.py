@@ -106,10 +106,14 @@ if len(conversations) < 2:
 say(f"read {len(conversations):,} conversations from {data_file}")
 
 run_file = out / "run.json"
-previous = json.loads(run_file.read_text()) if run_file.exists() and not OVERWRITE else None
-if previous:
-    changed = [k.lower() for k in RECIPE if previous["recipe"].get(k) != RECIPE[k]]
-    changed += ["data"] if previous["data_sha1"] != data_sha1 else []
+previous = None
+if run_file.exists() and not OVERWRITE:
+    try:
+        previous = json.loads(run_file.read_text())
+        changed = [k.lower() for k in RECIPE if previous["recipe"].get(k) != RECIPE[k]]
+        changed += ["data"] if previous["data_sha1"] != data_sha1 else []
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise InputError(f"{run_file} is unreadable: rerun with --overwrite to start afresh") from None
     if changed:
         raise InputError(f"{out} holds a run with other {', '.join(changed)}: rerun with --overwrite to start afresh")
     target = min(previous["steps_per_epoch"] * EPOCHS, MAX_STEPS or math.inf)
@@ -158,6 +162,8 @@ def encode(records):
 
 train_ex, train_cut = encode(train_set)
 eval_ex, eval_cut = encode(eval_set)
+if not train_ex:
+    raise InputError(f"{data_file}: no training conversation keeps an assistant token within {MAX_LENGTH} tokens")
 n_tokens = sum(len(e["input_ids"]) for e in train_ex)
 n_supervised = sum(sum(label != -100 for label in e["labels"]) for e in train_ex)
 say(f"train: {n_tokens:,} tokens, {n_supervised:,} supervised ({n_supervised / n_tokens:.0%}); "

@@ -22,8 +22,8 @@ import json
 import shutil
 import time
 
-from common import (InputError, best_device, configure, load_model, load_tokenizer, path, read_conversations,
-                    require_stage, setup_chat_tokenizer)
+from common import (InputError, best_device, configure, default_dtype, load_model, load_tokenizer, path,
+                    read_conversations, require_stage, setup_chat_tokenizer)
 
 # -----------------------------------------------------------------------------
 ADAPTER = "out/05_adapter"   # stage 05's output folder
@@ -52,10 +52,10 @@ student = STUDENT or run.get("student") or json.loads((adapter / "adapter_config
 fingerprint = hashlib.sha1(b"".join((adapter / f).read_bytes() for f in ("adapter_config.json",
                                                                         "adapter_model.safetensors"))).hexdigest()
 device = best_device()
-dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(DTYPE, "?")
-if dtype == "?":
+dtypes = {"auto": default_dtype(device), "bfloat16": torch.bfloat16, "float32": torch.float32}
+if DTYPE not in dtypes:
     raise InputError(f"--dtype wants auto, bfloat16 or float32, got {DTYPE!r}")
-dtype = dtype or (torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32)
+dtype = dtypes[DTYPE]
 tolerance = MERGE_TOLERANCE or (1e-4 if dtype == torch.float32 else 5e-2)
 
 # -----------------------------------------------------------------------------

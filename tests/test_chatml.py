@@ -101,7 +101,8 @@ def test_mask_token_by_token(chat_tok):
             expected.append(0)
             i += 1
     assert [int(label != -100) for label in labels] == expected
-    assert supervised_text(chat_tok, ex) == "A piano has keys.<|im_end|>Because it reflects the light of the sun.<|im_end|>"
+    assert supervised_text(chat_tok, ex) == ("A piano has keys.<|im_end|>"
+                                             "Because it reflects the light of the sun.<|im_end|>")
     assert sum(1 for i, label in zip(ids, labels) if i == end and label != -100) == 2
     assert labels[-1] == -100  # the newline after the last <|im_end|> is layout
 
@@ -117,8 +118,9 @@ def test_mask_equals_transformers_assistant_mask(chat_tok):
 
 def test_header_knob_supervises_the_header(chat_tok):
     ex = tokenize_chat(chat_tok, CONVS[0], train_on_header=True)
-    assert supervised_text(chat_tok, ex) == ("<|im_start|>assistant\nA piano has keys.<|im_end|>"
-                                             "<|im_start|>assistant\nBecause it reflects the light of the sun.<|im_end|>")
+    assert supervised_text(chat_tok, ex) == (
+        "<|im_start|>assistant\nA piano has keys.<|im_end|>"
+        "<|im_start|>assistant\nBecause it reflects the light of the sun.<|im_end|>")
     assert ex["input_ids"] == tokenize_chat(chat_tok, CONVS[0])["input_ids"]
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from common import (DEFAULT_LORA_TARGETS, InputError, add_lora, collate_packed, collate_padded, load_student, loss_sum,
-                    micro_batches, read_conversations, supervised_tokens, token_budget_batches, tokenize_chat)
+                    micro_batches, read_conversations, setup_chat_tokenizer, supervised_tokens, token_budget_batches,
+                    tokenize_chat)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVS = [
@@ -99,8 +100,6 @@ def test_token_budget_batches():
 
 
 def test_micro_batches(tokenizer):
-    from common import setup_chat_tokenizer
-
     setup_chat_tokenizer(tokenizer)
     examples = [tokenize_chat(tokenizer, c) for c in CONVS * 4]
     lengths = [len(e["input_ids"]) for e in examples]
