@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tokenizer
 
 from common import (DEFAULT_LORA_TARGETS, InputError, add_lora, collate_packed, collate_padded, load_student, loss_sum,
                     micro_batches, read_conversations, setup_chat_tokenizer, supervised_tokens, token_budget_batches,
@@ -99,7 +100,8 @@ def test_token_budget_batches():
     assert token_budget_batches([100, 5], 64) in ([[0], [1]], [[1], [0]])  # too long: a batch of its own
 
 
-def test_micro_batches(tokenizer):
+def test_micro_batches():
+    tokenizer = make_tokenizer()  # not the shared fixture: setup changes it
     setup_chat_tokenizer(tokenizer)
     examples = [tokenize_chat(tokenizer, c) for c in CONVS * 4]
     lengths = [len(e["input_ids"]) for e in examples]
