@@ -10,11 +10,11 @@ Writes: data/03_followups.jsonl  {"id", "messages": [..., user follow-up questio
         data/03_rejected.jsonl   {"id", "reason", "text"}
 
     python 03_followup_questions.py
-    python 03_followup_questions.py --generator=smollm2 --batch-size=64   # CPU demo
+    python 03_followup_questions.py --generator=smollm2 --max-new-tokens=32 --temperature=0.6   # CPU demo
 
 Resume: finished batches are appended to both files; a rerun skips ids found in either.
 --overwrite starts over. Runtime: ~3 min for ~1.7k conversations of Mistral-7B on one H100
-(estimated from the measured batch-64 rate); the CPU demo: see README.
+(estimated from the measured batch-64 rate); the CPU demo above: ~25 s on 2 cores.
 """
 
 import time
