@@ -16,8 +16,8 @@ Writes: data/01_raw.jsonl       {"id": "p00012", "seed_ids": [...], "text": repl
 
 Resume: replies are appended to 01_raw.jsonl batch by batch; a rerun skips the prompts
 already there, then cleans and dedups all replies again (seconds). --overwrite starts over.
-Runtime: ~4 min for 300 prompts of Mistral-7B on one H100 (estimated from the measured
-batch-64 rate, ~830 output tok/s); the CPU demo above: ~40 s on 2 cores.
+Runtime: ~1 min for 300 prompts of Mistral-7B on one H100 (estimated from
+bench/RESULTS.md: ~4,600 output tok/s at 512 requests per call); the CPU demo above: ~40 s on 2 cores.
 """
 
 import random
@@ -36,7 +36,7 @@ SEED_FILE = "data/seed_riddles.jsonl"  # local .jsonl/.json/.csv/.txt, or a hub 
 NUM_PROMPTS = 300  # prompts, each asking for K riddles
 K = 10  # seed riddles shown per prompt, and new riddles asked for
 PROMPT = "Here are {k} riddles:\n\n{examples}\n\nWrite {k} new riddles like these, but different from them. One riddle per line, no numbering, no answers, nothing else."  # {k}, {examples}
-BATCH_SIZE = 64  # prompts per generate call (concurrent requests for openai)
+BATCH_SIZE = 512  # prompts per call (on a GPU 256 decode at once, refilled as rows end; openai: concurrent requests)
 MAX_NEW_TOKENS = 512  # tokens per reply
 TEMPERATURE = 0.9  # 0 = greedy
 TOP_P = 0.95  # nucleus sampling, 1.0 = off

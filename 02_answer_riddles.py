@@ -13,8 +13,8 @@ Writes: data/02_answers.jsonl   {"id", "messages": [user riddle, assistant answe
 
 Resume: finished batches are appended to both files; a rerun skips ids found in either.
 A request that failed (openai backend) is written nowhere, so a rerun retries it.
---overwrite starts over. Runtime: ~10-20 min for ~1.7k riddles of Mistral-7B on one H100
-(estimated from the measured batch-64 rate, ~830 output tok/s); the CPU demo above: ~50 s on 2 cores.
+--overwrite starts over. Runtime: ~2 min for ~1.7k riddles of Mistral-7B on one H100 (estimated from
+bench/RESULTS.md: ~4,600 output tok/s at 512 requests per call); the CPU demo above: ~50 s on 2 cores.
 """
 
 import time
@@ -29,7 +29,7 @@ BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible serve
 BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1
 API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
 PROMPT = "Answer this riddle. Think step by step and explain simply. If information is missing, ask one short question at the end.\n\nRiddle: {riddle}"  # {riddle}
-BATCH_SIZE = 64  # riddles per generate call (concurrent requests for openai)
+BATCH_SIZE = 512  # riddles per call (on a GPU 256 decode at once, refilled as rows end; openai: concurrent requests)
 MAX_NEW_TOKENS = 512  # tokens per answer; answers cut off here are rejected
 TEMPERATURE = 0.7  # 0 = greedy
 TOP_P = 0.95  # nucleus sampling, 1.0 = off

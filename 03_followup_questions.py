@@ -13,8 +13,8 @@ Writes: data/03_followups.jsonl  {"id", "messages": [..., user follow-up questio
     python 03_followup_questions.py --generator=smollm2 --max-new-tokens=32 --temperature=0.6   # CPU demo
 
 Resume: finished batches are appended to both files; a rerun skips ids found in either.
---overwrite starts over. Runtime: ~3 min for ~1.7k conversations of Mistral-7B on one H100
-(estimated from the measured batch-64 rate); the CPU demo above: ~25 s on 2 cores.
+--overwrite starts over. Runtime: ~1 min for ~1.7k conversations of Mistral-7B on one H100 (estimated from
+bench/RESULTS.md: ~4,600 output tok/s at 512 requests per call); the CPU demo above: ~25 s on 2 cores.
 """
 
 import time
@@ -29,7 +29,7 @@ BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible serve
 BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1
 API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
 PROMPT = "A curious 10-year-old asked a riddle and got this answer.\n\n{conversation}\n\nWhat very short question would the child ask next, about the answer? Write only that question, ending with a question mark."  # {conversation}
-BATCH_SIZE = 64  # conversations per generate call (concurrent requests for openai)
+BATCH_SIZE = 512  # conversations per call (on a GPU 256 decode at once, refilled as rows end; openai: concurrent requests)
 MAX_NEW_TOKENS = 64  # tokens per follow-up: a very short question
 TEMPERATURE = 0.9  # 0 = greedy
 TOP_P = 0.95  # nucleus sampling, 1.0 = off

@@ -13,8 +13,8 @@ Writes: data/04_conversations.jsonl  {"id", "messages": [user, assistant, user, 
 
 Load the result with datasets.load_dataset("json", data_files="data/04_conversations.jsonl").
 Resume: finished batches are appended to both files; a rerun skips ids found in either.
---overwrite starts over. Runtime: ~10-20 min for ~1.7k conversations of Mistral-7B on one H100
-(estimated from the measured batch-64 rate, ~830 output tok/s); the CPU demo above: ~25 s on 2 cores.
+--overwrite starts over. Runtime: ~2 min for ~1.7k conversations of Mistral-7B on one H100 (estimated from
+bench/RESULTS.md: ~4,600 output tok/s at 512 requests per call); the CPU demo above: ~25 s on 2 cores.
 """
 
 import time
@@ -28,7 +28,7 @@ GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the
 BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible server)
 BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1
 API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
-BATCH_SIZE = 64  # conversations per generate call (concurrent requests for openai)
+BATCH_SIZE = 512  # conversations per call (on a GPU 256 decode at once, refilled as rows end; openai: concurrent requests)
 MAX_NEW_TOKENS = 512  # tokens per answer; answers cut off here are rejected
 TEMPERATURE = 0.7  # 0 = greedy
 TOP_P = 0.95  # nucleus sampling, 1.0 = off

@@ -60,8 +60,8 @@ LORA_DROPOUT = 0.1                   # dropout on the adapter input
 LORA_TARGETS = []                    # module names, comma-separated; empty: q,k,v,dense (phi), q,k,v,o (llama)
 FULL_COPIES = False                  # train full lm_head + embed_tokens copies (the reference) instead of token rows
 PACKED = True                        # padding-free rows; false: right-padded batches
-TOKENS_PER_BATCH = 4096              # tokens per micro-batch (per GPU), >= MAX_LENGTH
-GRAD_ACCUM = 2                       # micro-batches per optimizer step (per GPU)
+TOKENS_PER_BATCH = 8192              # tokens per micro-batch (per GPU), >= MAX_LENGTH; ~the reference's 16 x ~480
+GRAD_ACCUM = 1                       # micro-batches per optimizer step (per GPU)
 LR = 2e-5                            # learning rate, constant after warmup
 WARMUP_STEPS = 0                     # linear warmup, optimizer steps
 WEIGHT_DECAY = 0.0                   # AdamW weight decay
