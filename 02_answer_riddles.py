@@ -17,10 +17,7 @@ A request that failed (openai backend) is written nowhere, so a rerun retries it
 bench/RESULTS.md: ~4,600 output tok/s at 512 requests per call); the CPU demo above: ~50 s on 2 cores.
 """
 
-import time
-from collections import Counter
-
-from common import (Appender, check_unique_ids, clean_answer, configure, generate_all, load_backend, path,
+from common import (MessageStage, check_unique_ids, clean_answer, configure, generate_all, load_backend, path,
                     read_conversations, require_stage)
 
 # -----------------------------------------------------------------------------
@@ -40,52 +37,20 @@ REJECTED_FILE = "data/02_rejected.jsonl"  # rejected answers with their reason
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
-t0 = time.time()
 
 # %% Riddles -> prompts; the instruction wraps only what the generator sees
 require_stage(path(IN_FILE), "01_generate_riddles.py")
 records = read_conversations(path(IN_FILE), roles_end="user")
 check_unique_ids(records, path(IN_FILE))
-by_id = {r["id"]: r for r in records}
 jobs = [{"id": r["id"], "prompt": r["messages"][:-1] + [
     {"role": "user", "content": PROMPT.format(riddle=r["messages"][-1]["content"])}]} for r in records]
 print(f"{len(records):,} riddles from {IN_FILE}")
 
 # %% Answer the missing ones, appending each finished batch
-out = Appender(path(OUT_FILE), overwrite=OVERWRITE)
-rejected = Appender(path(REJECTED_FILE), overwrite=OVERWRITE)
-done = out.done | rejected.done
-skipped = sum(r["id"] in done for r in records)
-counts = Counter()
-
-
-def save(batch, texts):
-    good, bad = [], []
-    for job, text in zip(batch, texts):
-        if text is None:
-            counts["failed"] += 1
-            continue
-        answer, reason = clean_answer(text)
-        if reason:
-            counts[reason] += 1
-            bad.append({"id": job["id"], "reason": reason, "text": text})
-        else:
-            good.append({"id": job["id"], "messages": by_id[job["id"]]["messages"] + [
-                {"role": "assistant", "content": answer}]})
-    out.write(good)
-    rejected.write(bad)
-    counts["kept"] += len(good)
-
-
-if skipped < len(records):
-    print(f"{skipped:,} already answered or rejected; answering {len(records) - skipped:,} with {GENERATOR}")
+stage = MessageStage(records, "assistant", clean_answer, path(OUT_FILE), path(REJECTED_FILE), OVERWRITE)
+if stage.skipped < len(records):
+    print(f"{stage.skipped:,} already answered or rejected; answering {len(records) - stage.skipped:,} with {GENERATOR}")
     backend = load_backend(BACKEND, GENERATOR, BASE_URL, API_KEY)
-    generate_all(backend, jobs, done, save, BATCH_SIZE, SEED, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, desc="02 answers")
-out.close()
-rejected.close()
-reasons = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k not in ("kept", "failed")) or "none"
-print(f"02: kept {counts['kept']:,} answers, rejected {sum(counts.values()) - counts['kept'] - counts['failed']:,} "
-      f"({reasons}), skipped {skipped:,} as existing, failed {counts['failed']:,}; "
-      f"{len(out.done):,} in {OUT_FILE}; {time.time() - t0:.0f}s")
-if counts["failed"]:
-    raise SystemExit(f"{counts['failed']:,} requests failed; rerun to retry them")
+    generate_all(backend, jobs, stage.done, stage.save, BATCH_SIZE, SEED, MAX_NEW_TOKENS, TEMPERATURE, TOP_P,
+                 desc="02 answers")
+stage.finish("02", "answers")

@@ -17,10 +17,7 @@ Resume: finished batches are appended to both files; a rerun skips ids found in 
 bench/RESULTS.md: ~4,600 output tok/s at 512 requests per call); the CPU demo above: ~25 s on 2 cores.
 """
 
-import time
-from collections import Counter
-
-from common import (Appender, check_unique_ids, clean_followup, configure, generate_all, load_backend, path,
+from common import (MessageStage, check_unique_ids, clean_followup, configure, generate_all, load_backend, path,
                     read_conversations, require_stage)
 
 # -----------------------------------------------------------------------------
@@ -41,13 +38,11 @@ REJECTED_FILE = "data/03_rejected.jsonl"  # rejected follow-ups with their reaso
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
-t0 = time.time()
 
 # %% Conversations -> one prompt each showing the exchange as a transcript
 require_stage(path(IN_FILE), "02_answer_riddles.py")
 records = read_conversations(path(IN_FILE), roles_end="assistant")
 check_unique_ids(records, path(IN_FILE))
-by_id = {r["id"]: r for r in records}
 speaker = {"user": "Child", "assistant": "Assistant", "system": "System"}
 jobs = []
 for r in records:
@@ -56,40 +51,10 @@ for r in records:
 print(f"{len(records):,} conversations from {IN_FILE}")
 
 # %% Ask for the missing follow-ups, appending each finished batch
-out = Appender(path(OUT_FILE), overwrite=OVERWRITE)
-rejected = Appender(path(REJECTED_FILE), overwrite=OVERWRITE)
-done = out.done | rejected.done
-skipped = sum(r["id"] in done for r in records)
-counts = Counter()
-
-
-def save(batch, texts):
-    good, bad = [], []
-    for job, text in zip(batch, texts):
-        if text is None:
-            counts["failed"] += 1
-            continue
-        question, reason = clean_followup(text, MAX_WORDS)
-        if reason:
-            counts[reason] += 1
-            bad.append({"id": job["id"], "reason": reason, "text": text})
-        else:
-            good.append({"id": job["id"], "messages": by_id[job["id"]]["messages"] + [
-                {"role": "user", "content": question}]})
-    out.write(good)
-    rejected.write(bad)
-    counts["kept"] += len(good)
-
-
-if skipped < len(records):
-    print(f"{skipped:,} already asked or rejected; asking {len(records) - skipped:,} with {GENERATOR}")
+stage = MessageStage(records, "user", lambda text: clean_followup(text, MAX_WORDS), path(OUT_FILE), path(REJECTED_FILE), OVERWRITE)
+if stage.skipped < len(records):
+    print(f"{stage.skipped:,} already asked or rejected; asking {len(records) - stage.skipped:,} with {GENERATOR}")
     backend = load_backend(BACKEND, GENERATOR, BASE_URL, API_KEY)
-    generate_all(backend, jobs, done, save, BATCH_SIZE, SEED, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, desc="03 follow-ups")
-out.close()
-rejected.close()
-reasons = ", ".join(f"{k} {v:,}" for k, v in counts.items() if k not in ("kept", "failed")) or "none"
-print(f"03: kept {counts['kept']:,} follow-ups, rejected {sum(counts.values()) - counts['kept'] - counts['failed']:,} "
-      f"({reasons}), skipped {skipped:,} as existing, failed {counts['failed']:,}; "
-      f"{len(out.done):,} in {OUT_FILE}; {time.time() - t0:.0f}s")
-if counts["failed"]:
-    raise SystemExit(f"{counts['failed']:,} requests failed; rerun to retry them")
+    generate_all(backend, jobs, stage.done, stage.save, BATCH_SIZE, SEED, MAX_NEW_TOKENS, TEMPERATURE, TOP_P,
+                 desc="03 follow-ups")
+stage.finish("03", "follow-ups")

@@ -273,6 +273,7 @@ def resolve_model(name):
     # The GGUF metadata names <|im_start|> as eos; the chat turn really ends at <|im_end|>.
     tok.eos_token = "<|im_end|>"
     tok.pad_token = tok.pad_token or "<|endoftext|>"
+    tok.clean_up_tokenization_spaces = False  # a BPE tokenizer keeps its spaces (transformers warns otherwise)
     for cfg in (model.config, model.generation_config):
         cfg.eos_token_id = tok.eos_token_id
         cfg.pad_token_id = tok.pad_token_id
@@ -951,6 +952,55 @@ def clean_answer(text):
     if re.search(r"[\w,;:(\-]$", text):
         return text, "unfinished"  # max_new_tokens ran out: training on it would teach stopping mid-sentence
     return text, None
+
+
+class MessageStage:
+    """Stages 02-04: append one generated message to each record, resumably.
+
+    clean(text) -> (content, reason): a kept reply becomes the record's next message in
+    out_file, a rejected one goes to rejected_file as {"id", "reason", "text"}. Ids in
+    either file are done, so a rerun skips them; a failed request (None) is retried.
+    """
+
+    def __init__(self, records, role, clean, out_file, rejected_file, overwrite):
+        from collections import Counter
+
+        self.by_id, self.role, self.clean = {r["id"]: r for r in records}, role, clean
+        self.out = Appender(out_file, overwrite=overwrite)
+        self.rejected = Appender(rejected_file, overwrite=overwrite)
+        self.done = self.out.done | self.rejected.done
+        self.skipped = sum(i in self.done for i in self.by_id)
+        self.counts, self.start = Counter(), time.time()
+
+    def save(self, batch, texts):
+        """generate_all's on_batch: write one finished batch to the two files."""
+        good, bad = [], []
+        for job, text in zip(batch, texts):
+            if text is None:
+                self.counts["failed"] += 1
+                continue
+            content, reason = self.clean(text)
+            if reason:
+                self.counts[reason] += 1
+                bad.append({"id": job["id"], "reason": reason, "text": text})
+            else:
+                messages = self.by_id[job["id"]]["messages"] + [{"role": self.role, "content": content}]
+                good.append({"id": job["id"], "messages": messages})
+        self.out.write(good)
+        self.rejected.write(bad)
+        self.counts["kept"] += len(good)
+
+    def finish(self, stage, what):
+        """Close the files and print the summary line; exit 1 if requests failed (rerun retries)."""
+        self.out.close()
+        self.rejected.close()
+        kept, failed = self.counts.pop("kept", 0), self.counts.pop("failed", 0)
+        reasons = ", ".join(f"{k} {v:,}" for k, v in self.counts.items()) or "none"
+        print(f"{stage}: kept {kept:,} {what}, rejected {sum(self.counts.values()):,} ({reasons}), "
+              f"skipped {self.skipped:,} as existing, failed {failed:,}; {len(self.out.done):,} in "
+              f"{self.out.file.name}; {time.time() - self.start:.0f}s")
+        if failed:
+            raise SystemExit(f"{failed:,} requests failed; rerun to retry them")
 
 
 def check_unique_ids(records, file):
