@@ -1467,8 +1467,11 @@ def load_student(name, load_in_4bit=True, double_quant=True, attn_implementation
     tokenizer.new_token_ids = setup_chat_tokenizer(tokenizer, model)
     # A KV cache during training would also hide packed position_ids from the mask builder.
     model.config.use_cache = False
-    if gradient_checkpointing:
+    if gradient_checkpointing:  # True or a share of the decoder layers, from the first
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i < round(float(gradient_checkpointing) * len(layers))
     return model, tokenizer
 
 

@@ -17,7 +17,7 @@ $PY 03_followup_questions.py $G --max-new-tokens=32 --temperature=0.6
 $PY 04_followup_answers.py $G --max-new-tokens=128
 # 05: QLoRA on the bundled model, a few steps of 1k tokens (a higher LR so a few steps show)
 $PY 05_finetune_phi2.py --student=smollm2 --max-steps=4 --tokens-per-batch=1024 --max-length=512 \
-    --lr=2e-4 --gradient-checkpointing=false --evals-per-epoch=0 --overwrite
+    --lr=2e-4 --gradient-checkpointing=0 --evals-per-epoch=0 --overwrite
 # 06: merge, then one reply instead of the interactive chat
 $PY 06_merge_and_chat.py --prompt="What has keys but can't open locks?" --temperature=0 --max-new-tokens=96 --overwrite
 # 07: evaluation report, base vs fine-tuned (the benchmarks' data needs the hub: one line each offline)

@@ -225,7 +225,7 @@ def data_file(tmp_path_factory):
 def train_args(student, data, out, *extra):
     return ("05_finetune_phi2.py", f"--student={student}", f"--data={data}", f"--out={out}", "--epochs=2",
             "--tokens-per-batch=160", "--max-length=160", "--grad-accum=2", "--lr=1e-3", "--lora-r=4",
-            "--lora-alpha=8", "--keep-checkpoints=2", "--gradient-checkpointing=false", *extra)
+            "--lora-alpha=8", "--keep-checkpoints=2", "--gradient-checkpointing=0", *extra)
 
 
 def flat_tensors(state, prefix=""):

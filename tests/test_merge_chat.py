@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
     r = run_script("05_finetune_phi2.py", f"--student={student}", f"--data={data}", f"--out={adapter}",
                    "--epochs=100", "--lr=1e-2", "--lora-r=16", "--lora-alpha=16", "--lora-dropout=0",
                    "--grad-accum=1", "--tokens-per-batch=256", "--max-length=256", "--evals-per-epoch=0",
-                   "--gradient-checkpointing=false")
+                   "--gradient-checkpointing=0")
     assert r.returncode == 0, r.stderr[-3000:]
     train = [json.loads(x)["messages"] for x in (adapter / "train.jsonl").read_text().splitlines()]
     return {"tmp": tmp, "student": student, "adapter": adapter, "train": train}
