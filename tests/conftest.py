@@ -67,6 +67,26 @@ def make_model_folder(folder, arch="llama", seed=0):
     return str(folder)
 
 
+CONVS = [  # a few conversations in our record shape, for the training tests
+    [{"role": "user", "content": "What has keys but cannot open locks?"},
+     {"role": "assistant", "content": "A piano has keys."}],
+    [{"role": "user", "content": "The more you take, the more you leave behind."},
+     {"role": "assistant", "content": "Footsteps!"},
+     {"role": "user", "content": "Why does the moon shine?"},
+     {"role": "assistant", "content": "Because it reflects the light of the sun."}],
+    [{"role": "user", "content": "Can you tell me a riddle about time, water, fire and the wind?"},
+     {"role": "assistant", "content": "I weigh 1.5 kg and I speak without a mouth. What am I? An echo."}],
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread: on a busy 2-core machine two threads spin-wait (up to 30x slower)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

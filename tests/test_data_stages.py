@@ -31,17 +31,6 @@ def lines(file):
     return [json.loads(x) for x in Path(file).read_text().splitlines()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine two threads spin-wait (30x slower)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def chatty_llama(tmp_path_factory):
     """tiny_llama's shape with larger random weights: the default init only repeats the last

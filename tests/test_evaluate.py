@@ -27,15 +27,6 @@ RIDDLES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine two threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def conversations():
     return [{"id": f"r{i}", "messages": [{"role": ("user", "assistant")[k % 2], "content": c} for k, c in enumerate(r)]}
             for i, r in enumerate(RIDDLES)]

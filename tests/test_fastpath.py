@@ -7,6 +7,7 @@ sdpa loss and the same short training curve; fused_gelu is Phi's gelu_new.
 
 import pytest
 import torch
+from conftest import CONVS
 
 from common import (PACKED_ATTENTION, HFBackend, add_lora, collate_packed, collate_padded, fused_gelu, load_student,
                     loss_sum, pick_tokens, slot_generate, supervised_tokens, tokenize_chat)
@@ -14,27 +15,9 @@ from common import (PACKED_ATTENTION, HFBackend, add_lora, collate_packed, colla
 PROMPTS = [[{"role": "user", "content": t}] for t in (
     "What has keys?", "I weigh 1.5 kg and I speak without a mouth. What am I?", "Footsteps!",
     "Why does the moon shine? Because", "a", "Can you tell me a riddle about time, water, fire and the wind?")]
-CONVS = [
-    [{"role": "user", "content": "What has keys but cannot open locks?"},
-     {"role": "assistant", "content": "A piano has keys."}],
-    [{"role": "user", "content": "The more you take, the more you leave behind."},
-     {"role": "assistant", "content": "Footsteps!"},
-     {"role": "user", "content": "Why does the moon shine?"},
-     {"role": "assistant", "content": "Because it reflects the light of the sun."}],
-    [{"role": "user", "content": "Can you tell me a riddle about time, water, fire and the wind?"},
-     {"role": "assistant", "content": "I weigh 1.5 kg and I speak without a mouth. What am I? An echo."}],
-]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_slot_generate_equals_hf_generate(tiny_llama, one_thread):
+def test_slot_generate_equals_hf_generate(tiny_llama):
     backend = HFBackend(tiny_llama, device="cpu")  # on CPU HFBackend runs HF generate
     tok, model = backend.tokenizer, backend.model
     texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in PROMPTS]
@@ -61,7 +44,7 @@ def test_pick_tokens_never_picks_an_excluded_token():
 
 @pytest.mark.parametrize("four_bit", [False, True])
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_phi"])
-def test_packed_varlen_loss_equals_padded_sdpa_loss(arch, four_bit, request, one_thread):
+def test_packed_varlen_loss_equals_padded_sdpa_loss(arch, four_bit, request):
     model, tok = load_student(request.getfixturevalue(arch), load_in_4bit=four_bit,
                               attn_implementation=PACKED_ATTENTION)
     model.eval()
@@ -78,7 +61,7 @@ def test_packed_varlen_loss_equals_padded_sdpa_loss(arch, four_bit, request, one
     assert abs(joined - plain) > 1e-4 * plain
 
 
-def test_short_training_run_matches_the_padded_run(tiny_phi, one_thread):
+def test_short_training_run_matches_the_padded_run(tiny_phi):
     curves = []
     for fast in (True, False):
         model, tok = load_student(tiny_phi, load_in_4bit=False, gradient_checkpointing=0.5 if fast else 0,

@@ -8,23 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer
+from conftest import CONVS, make_tokenizer
 
 from common import (DEFAULT_LORA_TARGETS, InputError, add_lora, collate_packed, collate_padded, load_student, loss_sum,
                     micro_batches, read_conversations, setup_chat_tokenizer, supervised_tokens, token_budget_batches,
                     tokenize_chat)
 
 ROOT = Path(__file__).resolve().parents[1]
-CONVS = [
-    [{"role": "user", "content": "What has keys but cannot open locks?"},
-     {"role": "assistant", "content": "A piano has keys."}],
-    [{"role": "user", "content": "The more you take, the more you leave behind."},
-     {"role": "assistant", "content": "Footsteps!"},
-     {"role": "user", "content": "Why does the moon shine?"},
-     {"role": "assistant", "content": "Because it reflects the light of the sun."}],
-    [{"role": "user", "content": "Can you tell me a riddle about time, water, fire and the wind?"},
-     {"role": "assistant", "content": "I weigh 1.5 kg and I speak without a mouth. What am I? An echo."}],
-]
 
 
 def run_script(script, *args):
@@ -34,14 +24,6 @@ def run_script(script, *args):
                           env=env, timeout=600)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -----------------------------------------------------------------------------
 # Loss: packed rows and padded batches give the same mean per supervised token
 
@@ -49,7 +31,7 @@ def one_thread():
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "packed_varlen"])
 @pytest.mark.parametrize("four_bit", [False, True])
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_phi"])
-def test_packed_loss_equals_padded_loss(arch, four_bit, attn, request, one_thread):
+def test_packed_loss_equals_padded_loss(arch, four_bit, attn, request):
     model, tok = load_student(request.getfixturevalue(arch), load_in_4bit=four_bit, attn_implementation=attn)
     model.eval()
     examples = [tokenize_chat(tok, c) for c in CONVS]
@@ -73,7 +55,7 @@ def test_packed_loss_equals_padded_loss(arch, four_bit, attn, request, one_threa
     assert torch.allclose(logits_cache, logits_nocache, atol=1e-5) == (attn == "packed_varlen")
 
 
-def test_loss_is_the_mean_over_supervised_tokens(tiny_llama, one_thread):
+def test_loss_is_the_mean_over_supervised_tokens(tiny_llama):
     model, tok = load_student(tiny_llama, load_in_4bit=False)
     model.eval()
     batch = collate_padded([tokenize_chat(tok, c) for c in CONVS], tok.pad_token_id)
@@ -160,7 +142,7 @@ def test_unknown_architecture_needs_targets(tiny_llama):
         add_lora(model)
 
 
-def test_4bit_cpu_gradients_survive_an_eval_pass(tiny_llama, one_thread):
+def test_4bit_cpu_gradients_survive_an_eval_pass(tiny_llama):
     """bitsandbytes repacks 4-bit weights on CPU for no-grad eval; load_student keeps the format."""
     model, tok = load_student(tiny_llama, load_in_4bit=True)
     model = add_lora(model, r=4, alpha=4, dropout=0.0)

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import common
-from test_data_stages import chatty_llama, lines, one_thread, run_stage  # noqa: F401 (fixtures)
+from test_data_stages import chatty_llama, lines, run_stage  # noqa: F401 (a fixture)
 
 
 def free_port():
