@@ -24,8 +24,9 @@ import random
 import time
 from collections import Counter
 
-from common import (Appender, InputError, configure, filter_riddles, generate_all, load_backend,
-                    load_seed_riddles, path, read_jsonl, riddle_id, seed_of, write_jsonl_atomic)
+from common import (Appender, InputError, configure, generate_all, load_backend, path, read_jsonl, seed_of,
+                    write_jsonl_atomic)
+from riddles import filter_riddles, load_seed_riddles, riddle_id
 
 # -----------------------------------------------------------------------------
 GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the offline alias smollm2
@@ -87,8 +88,9 @@ generated = 0
 if skipped < len(jobs):
     print(f"{skipped:,} of {len(jobs):,} prompts already in {RAW_FILE}; generating the rest with {GENERATOR}")
     backend = load_backend(BACKEND, GENERATOR, BASE_URL, API_KEY)
-    generated = generate_all(backend, jobs, raw.done, save, BATCH_SIZE, SEED, MAX_NEW_TOKENS, TEMPERATURE,
-                             TOP_P, desc="01 riddles") - failed["prompts"]
+    generated = generate_all(backend, jobs, raw.done, save, batch_size=BATCH_SIZE, seed=SEED,
+                             max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P,
+                             desc="01 riddles") - failed["prompts"]
 raw.close()
 if failed["prompts"]:
     raise SystemExit(f"{failed['prompts']:,} prompts failed (see above); rerun to retry them")

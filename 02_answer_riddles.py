@@ -17,8 +17,9 @@ A request that failed (openai backend) is written nowhere, so a rerun retries it
 bench/RESULTS.md: ~4,600 output tok/s at 512 requests per call); the CPU demo above: ~50 s on 2 cores.
 """
 
-from common import (MessageStage, check_unique_ids, clean_answer, configure, generate_all, load_backend, path,
-                    read_conversations, require_stage)
+from common import (MessageStage, check_unique_ids, configure, generate_all, load_backend, path, read_conversations,
+                    require_stage)
+from riddles import clean_answer
 
 # -----------------------------------------------------------------------------
 GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the offline alias smollm2
@@ -51,6 +52,6 @@ stage = MessageStage(records, "assistant", clean_answer, path(OUT_FILE), path(RE
 if stage.skipped < len(records):
     print(f"{stage.skipped:,} already answered or rejected; answering {len(records) - stage.skipped:,} with {GENERATOR}")
     backend = load_backend(BACKEND, GENERATOR, BASE_URL, API_KEY)
-    generate_all(backend, jobs, stage.done, stage.save, BATCH_SIZE, SEED, MAX_NEW_TOKENS, TEMPERATURE, TOP_P,
-                 desc="02 answers")
+    generate_all(backend, jobs, stage.done, stage.save, batch_size=BATCH_SIZE, seed=SEED,
+                 max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, desc="02 answers")
 stage.finish("02", "answers")

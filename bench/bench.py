@@ -39,8 +39,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (RowSampler, add_lora, collate_padded, configure, fused_gelu, load_student,  # noqa: E402
-                    loss_sum, micro_batches, packed_attention, path, slot_generate, supervised_tokens)
+from common import (add_lora, collate_padded, configure, load_student, loss_sum, micro_batches, path,  # noqa: E402
+                    supervised_tokens)
+from engine import RowSampler, fused_gelu, packed_attention, slot_generate  # noqa: E402
 
 # -----------------------------------------------------------------------------
 PART = "gen"  # gen, train, ddp or report
@@ -227,7 +228,7 @@ def run_gen():
     while done < n_req and time.perf_counter() - t < REF_SECONDS:
         i = done
         ids = torch.tensor([prompts[i]], device=device)
-        procs = [ForceLength(targets[i:i + 1], eos), RowSampler([seeds[i]], TEMPERATURE, TOP_P)]
+        procs = [ForceLength(targets[i:i + 1], eos), RowSampler([seeds[i]], temperature=TEMPERATURE, top_p=TOP_P)]
         with torch.inference_mode():
             out = model.generate(ids, max_new_tokens=r_hi, do_sample=False, logits_processor=procs,
                                  temperature=None, top_p=None, top_k=None)
@@ -244,8 +245,8 @@ def run_gen():
         t = time.perf_counter()
         stats = {}
         try:
-            outs = slot_generate(model, [prompts[i] for i in order], [seeds[i] for i in order], r_hi, TEMPERATURE,
-                                 TOP_P, eos, max_slots=slots, stats=stats,
+            outs = slot_generate(model, [prompts[i] for i in order], [seeds[i] for i in order], max_new_tokens=r_hi,
+                                 temperature=TEMPERATURE, top_p=TOP_P, eos_ids=eos, max_slots=slots, stats=stats,
                                  processor=lambda logits, r, steps: force(logits, sorted_targets[r], steps, eos))
         except Exception as e:  # a failure here must not hide the other rows
             traceback.print_exc()
@@ -275,7 +276,8 @@ def run_gen():
                              logits_processor=[ForceLength(torch.tensor([25]), eos)])[0, plens[i]:].tolist()
                for i in few]
     for graph in (True, False):
-        mine = slot_generate(tiny, [prompts[i] for i in few], [0] * 8, 24, 0.0, 1.0, eos, max_slots=4,
+        mine = slot_generate(tiny, [prompts[i] for i in few], [0] * 8, max_new_tokens=24, temperature=0.0, top_p=1.0,
+                             eos_ids=eos, max_slots=4,
                              cuda_graph=graph, processor=lambda logits, r, steps: force(
                                  logits, torch.full_like(steps, 25), steps, eos))
         same = sum(a == b for x, y in zip(ref, mine) for a, b in zip(x, y))
@@ -301,7 +303,7 @@ def run_gen():
             model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=r_hi,
                            do_sample=False, pad_token_id=0, temperature=None, top_p=None, top_k=None,
                            logits_processor=[ForceLength(targets[idx], eos),
-                                             RowSampler([seeds[i] for i in idx], TEMPERATURE, TOP_P)])
+                                             RowSampler([seeds[i] for i in idx], temperature=TEMPERATURE, top_p=TOP_P)])
         sync()
         record(f"HF generate, static batch of {len(idx)}", int(targets[idx].sum()), time.perf_counter() - t,
                batch=len(idx), note=f"first {len(idx)} requests, one batch")

@@ -5,7 +5,7 @@ Phi-2-like one that has only <|endoftext|> (eos, no pad), so setup_chat_tokenize
 """
 
 import pytest
-from conftest import CORPUS, make_tokenizer
+from helpers import make_tokenizer, phi_like_tokenizer
 
 from common import CHATML_TEMPLATE, IM_END, IM_START, render_chatml, setup_chat_tokenizer, tokenize_chat
 
@@ -21,21 +21,6 @@ CONVS = [
      {"role": "assistant", "content": "Eight \u2014 a spider has eight legs \U0001F577."}],
     [{"role": "user", "content": "Can you tell me a riddle?"}, {"role": "assistant", "content": ""}],
 ]
-
-
-def phi_like_tokenizer():
-    """GPT-2-style BPE with <|endoftext|> as bos/eos/unk and no pad, as Phi-2 ships."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>")
 
 
 @pytest.fixture(params=["chatml_bpe", "phi_like"])

@@ -7,47 +7,19 @@ One stage runs as a subprocess killed with SIGKILL in the middle of a write.
 
 import json
 import os
-import runpy
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import common
-from common import InputError, clean_followup, clean_riddle, filter_riddles, load_seed_riddles, riddle_id
+import riddles
+from common import InputError
+from helpers import ROOT, lines, run_stage
+from riddles import clean_followup, clean_riddle, filter_riddles, load_seed_riddles, riddle_id
 
-ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-
-
-def run_stage(monkeypatch, script, *args):
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    runpy.run_path(str(ROOT / script), run_name="__main__")
-
-
-def lines(file):
-    return [json.loads(x) for x in Path(file).read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def chatty_llama(tmp_path_factory):
-    """tiny_llama's shape with larger random weights: the default init only repeats the last
-    prompt token (a newline, stripped to ""), which would let generation checks pass on empty text."""
-    import torch
-    from conftest import make_model_folder
-    from transformers import AutoModelForCausalLM
-
-    folder = make_model_folder(tmp_path_factory.mktemp("chatty_llama"), "llama", seed=1)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    return folder
 
 
 # -----------------------------------------------------------------------------
@@ -123,9 +95,9 @@ def test_clean_followup(reply, question, reason):
 
 
 def test_clean_answer():
-    assert common.clean_answer("  It is a towel.\n") == ("It is a towel.", None)
-    assert common.clean_answer(" \n") == ("", "empty")
-    assert common.clean_answer("First, think about what dries") == ("First, think about what dries", "unfinished")
+    assert riddles.clean_answer("  It is a towel.\n") == ("It is a towel.", None)
+    assert riddles.clean_answer(" \n") == ("", "empty")
+    assert riddles.clean_answer("First, think about what dries") == ("First, think about what dries", "unfinished")
 
 
 # -----------------------------------------------------------------------------
@@ -163,13 +135,13 @@ def test_filter_riddles_exact_near_and_seeds():
 
 
 def test_deduper_jaccard():
-    d = common.Deduper(threshold=0.5)
+    d = riddles.Deduper(threshold=0.5)
     d.add("one two three four five", "seed")
     assert d.check("One, two three four FIVE!") == "seed_copy"
     assert d.check("one two three four six") == "near_seed"  # 3 of 5 bigrams shared: 3/5
     assert d.check("one two nine ten eleven") is None  # 1/7
-    assert common.shingles("a b c") == {"a b", "b c"}
-    assert common.shingles("word") == {"word"}
+    assert riddles.shingles("a b c") == {"a b", "b c"}
+    assert riddles.shingles("word") == {"word"}
 
 
 def test_riddle_id_is_stable():
@@ -247,7 +219,13 @@ def test_seed_formats(tmp_path):
     for name in ("a.jsonl", "b.json", "c.csv"):
         assert load_seed_riddles(tmp_path / name) == expected, name
     assert load_seed_riddles(tmp_path / "d.txt") == [expected[0], '"What gets wetter the more it dries?"']
-    assert len(load_seed_riddles(ROOT / "data" / "seed_riddles.jsonl")) >= 150
+    # The shipped seeds: every record is read, in the riddles_v1 layout, and no two are the same riddle.
+    shipped = ROOT / "data" / "seed_riddles.jsonl"
+    records = lines(shipped)
+    assert all(set(r) == {"instruction", "answer", "output"} and all(r.values()) for r in records)
+    texts = load_seed_riddles(shipped)
+    assert texts == [r["instruction"] for r in records]
+    assert len({riddles.dedup_key(t) for t in texts}) == len(texts) >= 200
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -281,14 +259,15 @@ def test_batched_equals_per_prompt(chatty_llama):
                 "Footsteps!", "Can you tell me a riddle about time, water, fire and the wind and the moon?"]]
     seeds = [11, 22, 33, 44]
     for temperature in (0.0, 1.0):
-        batched = backend.generate(prompts, seeds, 12, temperature, 0.9)
-        single = [backend.generate([p], [s], 12, temperature, 0.9)[0] for p, s in zip(prompts, seeds)]
+        sampling = dict(max_new_tokens=12, temperature=temperature, top_p=0.9)
+        batched = backend.generate(prompts, seeds, **sampling)
+        single = [backend.generate([p], [s], **sampling)[0] for p, s in zip(prompts, seeds)]
         assert batched == single
         assert all(batched) and len(set(batched)) > 1  # real, different texts: the check can fail
     # Sampling depends on the row's seed, not on its neighbours or position in the batch.
-    swapped = backend.generate(prompts[::-1], seeds[::-1], 12, 1.0, 0.9)
-    assert swapped[::-1] == backend.generate(prompts, seeds, 12, 1.0, 0.9)
-    assert backend.generate(prompts[:1], [12], 12, 1.0, 0.9) != backend.generate(prompts[:1], [11], 12, 1.0, 0.9)
+    swapped = backend.generate(prompts[::-1], seeds[::-1], **sampling)
+    assert swapped[::-1] == backend.generate(prompts, seeds, **sampling)
+    assert backend.generate(prompts[:1], [12], **sampling) != backend.generate(prompts[:1], [11], **sampling)
 
 
 # -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 It runs in a copy of the project, so a developer's data/ and out/ stay as they are.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -51,7 +52,10 @@ def test_demo_runs_every_stage(tmp_path):
     assert (adapter / "adapter_config.json").exists() and (adapter / "loss.png").exists()
     merged = tmp_path / "out" / "06_merged"
     assert (merged / "chat_template.jinja").exists() or "chat_template" in (merged / "tokenizer_config.json").read_text()
-    assert json.loads((merged / "merge.json").read_text())
+    merge = json.loads((merged / "merge.json").read_text())
+    adapter_files = b"".join((adapter / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors"))
+    assert merge["adapter_sha1"] == hashlib.sha1(adapter_files).hexdigest()
+    assert merge["changed_tensors"] > 0 and merge["max_logit_diff_rel"] <= merge["tolerance"]
     report = (tmp_path / "out" / "07_eval" / "report.md").read_text()
     for section in ("riddle", "arc_easy", "Sample"):
         assert section in report

@@ -6,16 +6,13 @@ that a benchmark without reachable data becomes a one-line note.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from common import (IM_END, InputError, best_eval, chat_replies, compare_scores, lm_eval_scores, read_train_log,
-                    render_chatml, riddle_docs, write_riddle_tasks)
-from conftest import ROOT, make_model_folder
+from common import IM_END, InputError, chat_replies, render_chatml
+from evaluation import best_eval, compare_scores, lm_eval_scores, read_train_log, riddle_docs, write_riddle_tasks
+from helpers import make_model_folder, run_script, train_tokenizer
 
 RIDDLES = [
     ("What has keys but cannot open locks?", "A piano has keys.", "Why keys?", "Because they play notes."),
@@ -83,9 +80,26 @@ def test_write_riddle_tasks_drops_a_task_without_docs(tmp_path, tokenizer):
     replies, choices = riddle_docs(conversations(), tokenizer)
     assert write_riddle_tasks(tmp_path, replies, choices) == ["riddle_replies", "riddle_choice"]
     config = (tmp_path / "riddle_choice.yaml").read_text()
-    assert f'test: "{tmp_path.resolve() / "riddle_choice.jsonl"}"' in config and 'target_delimiter: ""' in config
+    assert "custom_dataset: !function riddle_tasks.choices" in config and 'target_delimiter: ""' in config
+    assert str(tmp_path) not in config  # nothing absolute: the folder works wherever it is copied
     assert write_riddle_tasks(tmp_path, replies, []) == ["riddle_replies"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["riddle_replies.jsonl", "riddle_replies.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["riddle_replies.jsonl", "riddle_replies.yaml", "riddle_tasks.py"]
+
+
+def test_saved_tasks_load_from_a_copy_elsewhere(tmp_path, tokenizer, monkeypatch):
+    import shutil
+
+    from lm_eval.tasks import TaskManager
+
+    replies, choices = riddle_docs(conversations(), tokenizer)
+    write_riddle_tasks(tmp_path / "made", replies, choices)
+    shutil.copytree(tmp_path / "made", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "made")
+    monkeypatch.chdir(tmp_path)
+    tasks = TaskManager(include_path=str(tmp_path / "moved"), include_defaults=False).load(
+        ["riddle_replies", "riddle_choice"])["tasks"]
+    docs = {t.config.task: list(t.test_docs()) for t in tasks.values()}
+    assert docs == {"riddle_replies": replies, "riddle_choice": choices}
 
 
 def test_scores_and_comparison_flag_deltas_over_two_stderr():
@@ -131,23 +145,35 @@ def test_chat_replies_cut_at_im_end_and_flag_replies_that_never_end(tokenizer):
 
 def test_chat_replies_stop_on_im_end_text_when_the_tokenizer_lacks_it(tmp_path):
     """A base model without ChatML tokens (Phi-2) spells <|im_end|> in pieces: stop on the string."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(["A piano has keys. <|im_end|>"] * 5, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tok = train_tokenizer(["<|endoftext|>"], ["A piano has keys. <|im_end|>"] * 5, 300, eos_token="<|endoftext|>")
     assert IM_END not in tok.get_vocab()
+    prompt = [{"role": "user", "content": "Keys?"}]
+    sampling = dict(temperature=0.7, top_p=0.9)
     stub = StubModel(tok, ["A piano.<|im_end|>"])
-    assert chat_replies(stub, tok, [[{"role": "user", "content": "Keys?"}]], [1], 20, 0.7, 0.9) == [("A piano.", True)]
+    assert chat_replies(stub, tok, [prompt], [1], max_new_tokens=20, **sampling) == [("A piano.", True)]
     assert stub.kwargs["stop_strings"] == [IM_END] and stub.kwargs["tokenizer"] is tok
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1)).eval()
-    (text, ended), = chat_replies(model, tok, [[{"role": "user", "content": "Keys?"}]], [1], 6, 0.7, 0.9)
-    assert isinstance(text, str) and ended in (True, False)  # the real generate accepts the stop string
+
+    class Scripted(LlamaForCausalLM):
+        """A real model under the real generate whose next token always continues `script`."""
+
+        def forward(self, **kwargs):  # one call per generated token, the first with the prompt
+            out = super().forward(**kwargs)
+            out.logits[:, -1] = -1e4
+            out.logits[:, -1, self.script[min(self.steps, len(self.script) - 1)]] = 0.0
+            self.steps += 1
+            return out
+
+    model = Scripted(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).eval()
+    model.script = tok("A piano.<|im_end|> has keys. A piano has keys.")["input_ids"]
+    model.steps = 0
+    assert chat_replies(model, tok, [prompt], [1], max_new_tokens=30, **sampling) == [("A piano.", True)]
+    assert model.steps < 30  # stopped at the string, not at the length
+    model.steps = 0
+    (text, ended), = chat_replies(model, tok, [prompt], [1], max_new_tokens=3, **sampling)
+    assert not ended and text == tok.decode(model.script[:3]).strip()
 
 
 def fine_tune(base, out, convs, steps=60):
@@ -170,10 +196,8 @@ def fine_tune(base, out, convs, steps=60):
 
 
 def run_stage(args, cwd):
-    # No benchmark data can be reached; one thread, as the in-process tests.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(cwd / "datasets"), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "07_evaluate.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    # No benchmark data can be reached.
+    return run_script("07_evaluate.py", *args, cwd=cwd, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(cwd / "datasets"))
 
 
 def test_end_to_end_fine_tuned_beats_base_and_missing_benchmark_is_one_line(tmp_path):
@@ -193,7 +217,7 @@ def test_end_to_end_fine_tuned_beats_base_and_missing_benchmark_is_one_line(tmp_
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: 'Question: {{q}}\\nAnswer:'\n"
         "doc_to_choice: choices\ndoc_to_target: label\nmetric_list:\n  - {metric: acc, aggregation: mean}\n")
 
-    proc = run_stage([f"--adapter-dir={adapter}", f"--tuned={tuned}", f"--out-dir={out}",
+    proc = run_stage([f"--adapter={adapter}", f"--merged={tuned}", f"--eval-dir={out}",
                       f"--tasks=arc_easy,{tmp_path / 'quiz.yaml'}",
                       "--samples=2", "--max-new-tokens=24", "--temperature=0"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -235,10 +259,10 @@ def test_bad_input_is_one_line_and_leaves_outputs(tmp_path):
     (out / "report.md").write_text("old report\n")
     (adapter / "eval.jsonl").write_text(json.dumps(conversations()[0]) + "\n{not json\n")
     (adapter / "log.jsonl").write_text(json.dumps({"step": 1, "epoch": 0.1, "loss": 1.0}) + "\n")
-    proc = run_stage([f"--adapter-dir={adapter}", f"--out-dir={out}", "--tuned=smollm2"], tmp_path)
+    proc = run_stage([f"--adapter={adapter}", f"--eval-dir={out}", "--merged=smollm2"], tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {adapter / 'eval.jsonl'}:2: invalid JSON (Expecting property name enclosed in double quotes)"]
     assert (out / "report.md").read_text() == "old report\n"
-    proc = run_stage([f"--adapter-dir={tmp_path / 'nowhere'}", f"--out-dir={out}"], tmp_path)
+    proc = run_stage([f"--adapter={tmp_path / 'nowhere'}", f"--eval-dir={out}"], tmp_path)
     assert proc.returncode == 2 and "run 05_finetune_phi2.py first" in proc.stderr

@@ -8,20 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONVS, make_tokenizer
+from helpers import CONVS, make_tokenizer, run_script
 
 from common import (DEFAULT_LORA_TARGETS, InputError, add_lora, collate_packed, collate_padded, load_student, loss_sum,
                     micro_batches, read_conversations, setup_chat_tokenizer, supervised_tokens, token_budget_batches,
                     tokenize_chat)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_script(script, *args):
-    # One thread: tiny models gain nothing from more, and a busy machine makes OpenMP spin.
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600)
 
 
 # -----------------------------------------------------------------------------
@@ -205,7 +198,7 @@ def data_file(tmp_path_factory):
 
 
 def train_args(student, data, out, *extra):
-    return ("05_finetune_phi2.py", f"--student={student}", f"--data={data}", f"--out={out}", "--epochs=2",
+    return ("05_finetune_phi2.py", f"--student={student}", f"--data={data}", f"--adapter={out}", "--epochs=2",
             "--tokens-per-batch=160", "--max-length=160", "--grad-accum=2", "--lr=1e-3", "--lora-r=4",
             "--lora-alpha=8", "--keep-checkpoints=2", "--gradient-checkpointing=0", *extra)
 

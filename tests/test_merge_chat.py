@@ -1,14 +1,11 @@
 """Stages 05 -> 06 end to end: a tiny model learns replies, the merge is checked, chat stops at <|im_end|>."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE_GEN, make_tokenizer
+from helpers import CHAT_TEMPLATE_GEN, make_tokenizer, run_script
 
 from common import CHATML_TEMPLATE, IM_END, add_lora, load_student
 
@@ -17,12 +14,6 @@ RIDDLES = [("What has keys but cannot open locks?", "A piano has keys."),
            ("The more you take, the more you leave behind.", "Footsteps!"),
            ("Why does the moon shine?", "Because it reflects the light of the sun."),
            ("How many legs does a spider have?", "Eight.")]
-
-
-def run_script(script, *args, stdin=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: one thread is fastest, even on a busy machine
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          env=env, input=stdin, timeout=600)
 
 
 def learnable_model(folder):
@@ -51,7 +42,7 @@ def trained(tmp_path_factory):
                                                                      {"role": "assistant", "content": a}]}) + "\n"
                             for i, (q, a) in enumerate(RIDDLES)))
     adapter = tmp / "adapter"
-    r = run_script("05_finetune_phi2.py", f"--student={student}", f"--data={data}", f"--out={adapter}",
+    r = run_script("05_finetune_phi2.py", f"--student={student}", f"--data={data}", f"--adapter={adapter}",
                    "--epochs=100", "--lr=1e-2", "--lora-r=16", "--lora-alpha=16", "--lora-dropout=0",
                    "--grad-accum=1", "--tokens-per-batch=256", "--max-length=256", "--evals-per-epoch=0",
                    "--gradient-checkpointing=0")
@@ -64,7 +55,7 @@ def trained(tmp_path_factory):
 def merged(trained):
     out = trained["tmp"] / "merged"
     user, assistant = trained["train"][0][0]["content"], trained["train"][0][1]["content"]
-    r = run_script("06_merge_and_chat.py", f"--adapter={trained['adapter']}", f"--out={out}", f"--prompt={user}",
+    r = run_script("06_merge_and_chat.py", f"--adapter={trained['adapter']}", f"--merged={out}", f"--prompt={user}",
                    "--temperature=0", "--max-new-tokens=24")
     assert r.returncode == 0, r.stderr[-3000:]
     return {**trained, "out": out, "prompt_run": r, "expected": assistant}
@@ -105,7 +96,7 @@ def test_merged_folder_is_a_chat_model(merged):
 def test_chat_repl_reset_exit_and_skipped_merge(merged):
     (a, b) = merged["train"][:2]
     stdin = f"{a[0]['content']}\n/reset\n{b[0]['content']}\n/exit\nnever read\n"
-    r = run_script("06_merge_and_chat.py", f"--adapter={merged['adapter']}", f"--out={merged['out']}",
+    r = run_script("06_merge_and_chat.py", f"--adapter={merged['adapter']}", f"--merged={merged['out']}",
                    "--temperature=0", "--max-new-tokens=24", stdin=stdin)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "is current (merged from this adapter): skipping the merge" in r.stdout
@@ -114,15 +105,51 @@ def test_chat_repl_reset_exit_and_skipped_merge(merged):
     assert "(new conversation)" in turns[0] and "never read" not in r.stdout
 
 
-def test_bf16_merge_within_its_tolerance(trained):
+def test_bf16_save_of_an_fp32_merge(trained):
     out = trained["tmp"] / "merged_bf16"
-    r = run_script("06_merge_and_chat.py", f"--adapter={trained['adapter']}", f"--out={out}", "--dtype=bfloat16",
+    r = run_script("06_merge_and_chat.py", f"--adapter={trained['adapter']}", f"--merged={out}", "--dtype=bfloat16",
                    "--chat=false")
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads((out / "merge.json").read_text())
-    assert info["dtype"] == "torch.bfloat16" and info["tolerance"] == 5e-2
-    assert 0 < info["max_logit_diff_rel"] <= 5e-2 and info["changed_tensors"] >= 8
+    assert info["dtype"] == "torch.bfloat16" and info["tolerance"] == 1e-4 and info["changed_tensors"] >= 8
+    assert 0 <= info["max_logit_diff_rel"] <= 1e-4 < info["saved_dtype_logit_diff_rel"]  # merged in fp32, saved in bf16
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_wrong_merge_is_refused_and_saves_nothing(trained, tmp_path, monkeypatch):
+    """A merge that adds the adapter's update twice (as a broken merge might) must fail the logit check."""
+    import runpy
+    import sys
+
+    from peft.tuners.lora import Linear
+
+    right = Linear.get_delta_weight
+    monkeypatch.setattr(Linear, "get_delta_weight", lambda self, adapter: 2 * right(self, adapter))
+    monkeypatch.setattr(sys, "argv", ["06", f"--adapter={trained['adapter']}", f"--merged={tmp_path / 'merged'}",
+                                      "--chat=false"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "06_merge_and_chat.py"), run_name="__main__")
+    assert str(stop.value).startswith("error: merged logits differ from the adapter model's by")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_moved_adapter_and_merged_model_work_from_another_folder(trained, tmp_path):
+    import shutil
+
+    config = json.loads((trained["adapter"] / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(trained["student"])  # the name 05 was given, not a resolved path
+    shutil.copytree(trained["adapter"], tmp_path / "moved" / "adapter")
+    r = run_script("06_merge_and_chat.py", f"--adapter={tmp_path / 'moved' / 'adapter'}",
+                   f"--merged={tmp_path / 'moved' / 'merged'}", "--chat=false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.move(tmp_path / "moved" / "merged", tmp_path / "elsewhere")
+    user, assistant = trained["train"][0][0]["content"], trained["train"][0][1]["content"]
+    r = run_script("06_merge_and_chat.py", f"--adapter={tmp_path / 'moved' / 'adapter'}",
+                   f"--merged={tmp_path / 'elsewhere'}", f"--prompt={user}", "--temperature=0",
+                   "--max-new-tokens=24", "--overwrite=false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is current (merged from this adapter)" in r.stdout
+    assert r.stdout.rstrip().splitlines()[-1] == assistant
 
 
 def test_an_adapter_that_changes_nothing_is_refused(tiny_llama, tmp_path):
@@ -131,7 +158,7 @@ def test_an_adapter_that_changes_nothing_is_refused(tiny_llama, tmp_path):
     add_lora(model, r=4, alpha=4, dropout=0.0).save_pretrained(adapter)  # lora_B = 0: a no-op
     tok.save_pretrained(adapter)
     (adapter / "run.json").write_text(json.dumps({"student": tiny_llama}))
-    r = run_script("06_merge_and_chat.py", f"--adapter={adapter}", f"--out={tmp_path / 'merged'}", "--chat=false")
+    r = run_script("06_merge_and_chat.py", f"--adapter={adapter}", f"--merged={tmp_path / 'merged'}", "--chat=false")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: the merged weights equal the base's")
     assert not (tmp_path / "merged").exists()

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import common
-from test_data_stages import chatty_llama, lines, run_stage  # noqa: F401 (a fixture)
+from helpers import lines, run_stage
 
 
 def free_port():
@@ -64,8 +64,9 @@ PROMPTS = [[{"role": "user", "content": c}] for c in
 
 
 def test_server_replies_equal_local_greedy(served, chatty_llama):
-    remote = common.load_backend("openai", chatty_llama, served).generate(PROMPTS, [1, 2, 3], 10, 0.0, 1.0)
-    local = common.load_backend("hf", chatty_llama).generate(PROMPTS, [1, 2, 3], 10, 0.0, 1.0)
+    greedy = dict(max_new_tokens=10, temperature=0.0, top_p=1.0)
+    remote = common.load_backend("openai", chatty_llama, served).generate(PROMPTS, [1, 2, 3], **greedy)
+    local = common.load_backend("hf", chatty_llama).generate(PROMPTS, [1, 2, 3], **greedy)
     assert remote == local
     assert all(remote) and len(set(remote)) == 3
 
@@ -120,8 +121,9 @@ def test_retry_backoff_and_failures(capsys):
                                        retries=3)
         prompts = [[{"role": "user", "content": t}] for t in ("flaky", "fine", "broken")]
         start = time.time()
-        assert backend.generate(prompts, [5, 6, 2**40 + 7], 16, 0.7, 0.9) == ["re: flaky", "re: fine", None]
-        assert 1 <= time.time() - start < 10  # one backoff of 1 s for the 503
+        sampling = dict(max_new_tokens=16, temperature=0.7, top_p=0.9)
+        assert backend.generate(prompts, [5, 6, 2**40 + 7], **sampling) == ["re: flaky", "re: fine", None]
+        assert 0.3 <= time.time() - start < 10  # one backoff (the client's first: 0.5 s less up to 25% jitter)
         assert "request failed: http://127.0.0.1" in capsys.readouterr().err
         body, auth = Stub.seen[0]
         assert auth == "Bearer k"
@@ -129,7 +131,7 @@ def test_retry_backoff_and_failures(capsys):
             "model": "some-model", "max_tokens": 16, "temperature": 0.7, "top_p": 0.9}
         assert sorted(b["seed"] for b, _ in Stub.seen) == [5, 5, 6, 7]  # 2**40 + 7 sent modulo 2**31
         with pytest.raises(common.InputError, match="every request of a batch failed"):
-            backend.generate(prompts[2:], [1], 16, 0.7, 0.9)
+            backend.generate(prompts[2:], [1], **sampling)
         with pytest.raises(common.InputError, match="the openai backend needs --base-url"):
             common.load_backend("openai", "m", "")
     finally:

@@ -7,10 +7,10 @@ sdpa loss and the same short training curve; fused_gelu is Phi's gelu_new.
 
 import pytest
 import torch
-from conftest import CONVS
+from helpers import CONVS
 
-from common import (PACKED_ATTENTION, HFBackend, add_lora, collate_packed, collate_padded, fused_gelu, load_student,
-                    loss_sum, pick_tokens, slot_generate, supervised_tokens, tokenize_chat)
+from common import HFBackend, add_lora, collate_packed, collate_padded, load_student, loss_sum, supervised_tokens, tokenize_chat
+from engine import PACKED_ATTENTION, fused_gelu, pick_tokens, slot_generate
 
 PROMPTS = [[{"role": "user", "content": t}] for t in (
     "What has keys?", "I weigh 1.5 kg and I speak without a mouth. What am I?", "Footsteps!",
@@ -24,10 +24,10 @@ def test_slot_generate_equals_hf_generate(tiny_llama):
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     seeds = [11, 22, 33, 44, 55, 66]
     for temperature in (0.0, 0.8):
-        want = backend.generate(PROMPTS, seeds, 12, temperature, 0.9)
+        want = backend.generate(PROMPTS, seeds, max_new_tokens=12, temperature=temperature, top_p=0.9)
         for slots in (6, 2):  # with 2 slots, rows wait and take the slots of rows that ended
-            out = slot_generate(model, ids, seeds, 12, temperature, 0.9, model.generation_config.eos_token_id,
-                                max_slots=slots, prefill_tokens=64)
+            out = slot_generate(model, ids, seeds, max_new_tokens=12, temperature=temperature, top_p=0.9,
+                                eos_ids=model.generation_config.eos_token_id, max_slots=slots, prefill_tokens=64)
             assert [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)] == want
     assert min(map(len, out)) < 12  # a row ended at eos and freed its slot early
 
@@ -38,8 +38,8 @@ def test_pick_tokens_never_picks_an_excluded_token():
     # picked, about once per 500 steps at a 32k vocab.
     scores = torch.full((1, 4096), float("-inf"))
     scores[0, 7] = 0.0
-    assert pick_tokens(scores, [2], [3098], 1.0, 1.0).tolist() == [7]
-    assert pick_tokens(scores, [2], [3098], 0.7, 0.9).tolist() == [7]
+    assert pick_tokens(scores, [2], [3098], temperature=1.0, top_p=1.0).tolist() == [7]
+    assert pick_tokens(scores, [2], [3098], temperature=0.7, top_p=0.9).tolist() == [7]
 
 
 @pytest.mark.parametrize("four_bit", [False, True])

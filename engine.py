@@ -1,0 +1,362 @@
+"""Fast paths on the GPU: token ids and tensors in, token ids and tensors out.
+
+- sampling: per-row seeded temperature + top-p draws (pick_tokens, RowSampler), so a row's
+  text does not depend on which rows share its batch;
+- the slot engine (slot_generate): a KV cache of slots refilled as rows end, decode steps
+  replayed as one CUDA graph;
+- training: packed rows through torch's flash varlen attention (packed_attention) and Phi's
+  GELU in one kernel (fused_gelu).
+Nothing here imports the pipeline's own modules; tests/test_engine.py checks each path
+against the plain transformers one, and bench/bench.py measures them.
+"""
+
+import inspect
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+# transformers is imported where it is used: importing it imports huggingface_hub, which reads
+# HF_HUB_OFFLINE once, and stage 07 sets that only after its network probe.
+
+# -----------------------------------------------------------------------------
+# Sampling: each row draws from its own seeded stream
+
+_M1, _M2 = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64  # splitmix64, as signed int64
+
+
+def _mix64(x):
+    """splitmix64 finaliser on int64 tensors (shifts masked to act unsigned)."""
+    x = x ^ ((x >> 30) & (2**34 - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & (2**37 - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & (2**33 - 1))
+
+
+class RowSampler:
+    """Temperature + top-p sampling where each row draws from its own seeded stream.
+
+    Noise is a hash of (row seed, step, token), so a row's text does not depend on
+    which other rows share its batch: resumed and uninterrupted runs agree.
+    Used as a logits processor with greedy search: it leaves one token allowed.
+    """
+
+    def __init__(self, seeds, *, temperature, top_p):
+        self.seeds, self.temperature, self.top_p, self.start = seeds, temperature, top_p, None
+
+    def __call__(self, input_ids, scores):
+        if self.start is None:
+            self.start = input_ids.shape[1]
+        steps = [input_ids.shape[1] - self.start] * len(self.seeds)
+        choice = pick_tokens(scores, self.seeds, steps, temperature=max(self.temperature, 1e-5), top_p=self.top_p)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, choice[:, None], 0.0)
+
+
+def pick_tokens(scores, seeds, steps, *, temperature, top_p):
+    """One token per row of scores: RowSampler's draw for each row's seed at its own step.
+
+    steps counts the tokens the row has generated so far; temperature 0 takes the argmax.
+    """
+    if temperature <= 0:
+        return scores.argmax(-1)
+    logits = scores.float() / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # the top token always stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    vocab = logits.shape[-1]
+    seeds = torch.as_tensor(seeds, dtype=torch.int64, device=logits.device)
+    steps = torch.as_tensor(steps, dtype=torch.int64, device=logits.device)
+    counter = steps[:, None] * vocab + torch.arange(vocab, device=logits.device)
+    bits = _mix64(seeds[:, None] ^ _mix64(counter))
+    # float32 rounds the top value to 1.0, whose -log(-log(u)) = inf would pick a token of -inf logit
+    uniform = ((((bits >> 40) & (2**24 - 1)).float() + 0.5) / 2**24).clamp_(max=1 - 2**-24)
+    return (logits - torch.log(-torch.log(uniform))).argmax(-1)  # Gumbel-max = one sample
+
+
+# -----------------------------------------------------------------------------
+# Fast generation on a GPU: a KV cache of slots, refilled as rows end
+
+# Decoders that _forward_slots can run layer by layer (embed, rotary, layers, norm, lm_head).
+SLOT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _slot_attention(module, query, key, value, attention_mask, scaling=None, slot_cache=None, **kwargs):
+    """Attention that writes to and reads from the slot cache (prefill or one decode step)."""
+    c = slot_cache
+    cache_k, cache_v = c.k[module.layer_idx], c.v[module.layer_idx]  # [slots, kv_heads, length, dim]
+    rows, heads, q_len, dim = query.shape
+    groups = key.shape[1]
+    if c.rows is not None:  # prefill: right-padded prompts, causal, so padding never reaches a real token
+        cache_k[c.rows, :, :q_len] = key
+        cache_v[c.rows, :, :q_len] = value
+        rep = heads // groups
+        out = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
+                                             is_causal=True, scale=scaling)
+    else:  # decode: one token per slot at the slot's own position
+        cache_k[c.ids, :, c.pos] = key[:, :, 0]
+        cache_v[c.ids, :, c.pos] = value[:, :, 0]
+        # The query heads of a kv head become rows of one query, so K and V are read once (no repeat_kv).
+        q = query.reshape(rows, groups, heads // groups, dim)
+        out = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=c.mask,
+                                             scale=scaling).reshape(rows, heads, 1, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def slot_bytes(model, length):
+    """KV cache bytes of one slot of `length` positions."""
+    cfg = model.config
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * length * cfg.num_key_value_heads * dim * model.dtype.itemsize
+
+
+class _Slots:
+    """Per layer K and V of [slots, kv_heads, length, dim], and the decode inputs (static for CUDA graphs)."""
+
+    def __init__(self, model, count, length):
+        cfg, dev = model.config, model.device
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (count, cfg.num_key_value_heads, length, dim)
+        self.k = [torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(cfg.num_hidden_layers)]
+        self.ids, self.span = torch.arange(count, device=dev), torch.arange(length, device=dev)
+        self.token = torch.zeros(count, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(count, dtype=torch.long, device=dev)
+        self.rows, self.mask = None, None
+
+
+def _forward_slots(model, ids, positions, slots):
+    inner = model.model
+    h = inner.embed_tokens(ids)
+    rope = inner.rotary_emb(h, positions)
+    for layer in inner.layers:
+        h = layer(h, attention_mask=None, position_ids=positions, position_embeddings=rope, slot_cache=slots)
+        h = h[0] if isinstance(h, tuple) else h
+    return inner.norm(h)
+
+
+def _decode_step(model, slots):
+    slots.mask = (slots.span[None, :] <= slots.pos[:, None])[:, None, None, :]
+    h = _forward_slots(model, slots.token[:, None], slots.pos[:, None], slots)
+    return model.lm_head(h[:, 0]).float()
+
+
+def _prefill(model, slots, rows, prompts):
+    """Write the prompts' K/V into slots `rows`; the logits of each prompt's last token."""
+    dev = model.device
+    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
+    ids = ids.to(dev)
+    slots.rows = torch.tensor(rows, device=dev)
+    try:
+        h = _forward_slots(model, ids, torch.arange(ids.shape[1], device=dev).expand_as(ids), slots)
+    finally:
+        slots.rows = None
+    last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+    return model.lm_head(h[torch.arange(len(prompts), device=dev), last]).float()
+
+
+def _graphed(fn, device):
+    """fn captured once as a CUDA graph: each replay costs one launch instead of hundreds."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
+
+
+def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, max_slots=256,
+                  prefill_tokens=16384, cuda_graph=True, processor=None, stats=None):
+    """Reply token ids for each prompt (token id lists), up to max_slots rows decoding at once.
+
+    A row that ends frees its slot and the next prompts are prefilled into free slots, so
+    short replies stop costing work. Rows sample with pick_tokens (own seed, own step): the
+    same draws as HFBackend's generate path. processor(logits, prompt_indices, steps) may
+    edit the logits first, with tensor ops only (the benchmark forces reply lengths with it).
+    stats (a dict) gets prefill seconds and decode steps.
+    """
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("slots", _slot_attention)
+    eos = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or ())
+    length = -(-(max(map(len, prompts)) + max_new_tokens) // 64) * 64
+    count = min(len(prompts), max_slots)
+    dev = model.device
+    if dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0]
+        count = max(1, min(count, int(0.6 * free) // slot_bytes(model, length)))
+    outs = [[] for _ in prompts]
+    owner, last, pos, steps = [-1] * count, [0] * count, [0] * count, [0] * count  # per slot
+    todo = iter(range(len(prompts)))
+    waiting = len(prompts)
+    per_call = max(1, prefill_tokens // max(map(len, prompts)))
+    stats = {} if stats is None else stats
+    stats.update(slots=count, length=length, prefill_s=0.0, prefill_calls=0, decode_steps=0)
+
+    def pick(logits, rows, row_steps, row_seeds):
+        if processor is not None:
+            logits = processor(logits, rows, row_steps)
+        return pick_tokens(logits, row_seeds, row_steps, temperature=temperature, top_p=top_p)
+
+    def take(s, token):
+        i = owner[s]
+        if token in eos:
+            owner[s] = -1
+            return
+        outs[i].append(token)
+        steps[s] += 1
+        last[s] = token
+        if len(outs[i]) >= max_new_tokens:
+            owner[s] = -1
+
+    old = model.config._attn_implementation
+    model.set_attn_implementation("slots")
+    try:
+        with torch.inference_mode():
+            slots = _Slots(model, count, length)
+            inputs = torch.zeros(3, count, dtype=torch.long, device=dev)  # token, position, step: one copy a step
+            slots.token, slots.pos, step_of = inputs
+            seed_of = torch.zeros(count, dtype=torch.long, device=dev)
+            row_of = torch.zeros(count, dtype=torch.long, device=dev)
+            # Sampling is part of the step, so a CUDA graph replays decode and sampling as one launch.
+            step = lambda: pick(_decode_step(model, slots), row_of, step_of, seed_of)  # noqa: E731
+            if cuda_graph and dev.type == "cuda":
+                try:
+                    step = _graphed(step, dev)
+                except RuntimeError as e:  # still correct without the graph, only slower
+                    print(f"slot_generate: no CUDA graph ({str(e)[:200]}); decoding eagerly", file=sys.stderr)
+                    step = lambda: pick(_decode_step(model, slots), row_of, step_of, seed_of)  # noqa: E731
+            while True:
+                free = [s for s in range(count) if owner[s] < 0]
+                # Refill in groups (an eighth of the slots), not one row per prefill call.
+                if waiting and len(free) >= min(waiting, max(1, count // 8)):
+                    t = time.perf_counter()
+                    take_now = free[:waiting]
+                    for a in range(0, len(take_now), per_call):
+                        chunk = take_now[a:a + per_call]
+                        rows = [next(todo) for _ in chunk]
+                        waiting -= len(rows)
+                        logits = _prefill(model, slots, chunk, [prompts[i] for i in rows])
+                        here = torch.tensor(chunk, device=dev)
+                        row_of[here] = torch.tensor(rows, device=dev)
+                        seed_of[here] = torch.tensor([seeds[i] for i in rows], dtype=torch.long, device=dev)
+                        tokens = pick(logits, row_of[here], torch.zeros_like(here), seed_of[here]).tolist()
+                        for s, i, token in zip(chunk, rows, tokens):
+                            owner[s], pos[s], steps[s] = i, len(prompts[i]), 0
+                            take(s, token)
+                        stats["prefill_calls"] += 1
+                    stats["prefill_s"] += time.perf_counter() - t
+                    continue
+                active = [s for s in range(count) if owner[s] >= 0]
+                if not active:
+                    break
+                inputs.copy_(torch.tensor([last, [pos[s] if owner[s] >= 0 else 0 for s in range(count)], steps]))
+                tokens = step().tolist()
+                stats["decode_steps"] += 1
+                for s in active:
+                    pos[s] += 1
+                    take(s, tokens[s])
+    finally:
+        model.set_attn_implementation(old)
+    return outs
+
+
+# -----------------------------------------------------------------------------
+# Fast training on a GPU: packed rows through varlen attention, never a T x T mask
+
+PACKED_ATTENTION = "packed_varlen"
+_bounds = [None, None]  # the last position_ids seen and its (cu_seqlens, longest): one lookup per forward
+
+
+def _packed_bounds(position_ids):
+    if _bounds[0] is not position_ids:
+        pos = position_ids[0]
+        starts = (pos == 0).nonzero().flatten()
+        cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
+        _bounds[:] = [position_ids, (cu, int((cu[1:] - cu[:-1]).max()))]
+    return _bounds[1]
+
+
+def _varlen(query, key, value, cu, longest, scaling):
+    """torch's flash varlen kernel on [tokens, heads, dim]; causal within each sequence."""
+    from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10, and only needed on a GPU
+
+    params = inspect.signature(varlen_attn).parameters
+    extra = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "scale" in params:
+        extra["scale"] = scaling
+    return varlen_attn(query, key, value, cu, cu, longest, longest, **extra)
+
+
+def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
+                      **kwargs):
+    """Causal attention within each sequence of a packed row; anything else goes to sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows, heads, q_len, dim = query.shape
+    packed = (attention_mask is None and rows == 1 and position_ids is not None and key.shape[2] == q_len
+              and dropout == 0.0)
+    if not packed:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    cu, longest = _packed_bounds(position_ids)
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # [tokens, heads, dim]
+        return _varlen(q, k, v, cu, longest, scaling).unsqueeze(0), None
+    rep = heads // key.shape[1]  # elsewhere: the same function, one sequence at a time
+    bounds = cu.tolist()
+    parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b].repeat_interleave(rep, 1),
+                                            value[:, :, a:b].repeat_interleave(rep, 1), is_causal=True, scale=scaling)
+             for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(parts, 2).transpose(1, 2).contiguous(), None
+
+
+def _packed_mask(*args, **kwargs):
+    """No mask at all for an unpadded row (the attention reads position_ids); sdpa's otherwise."""
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length"):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def fused_gelu(model):
+    """Phi's gelu_new (the tanh approximation, ~7 elementwise kernels) as the same function in one
+    kernel (GELUTanh): QLoRA steps ~20% faster on an H100 (bench/RESULTS.md). Returns the model."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for module in model.modules():
+        if isinstance(getattr(module, "activation_fn", None), NewGELUActivation):
+            module.activation_fn = GELUTanh()
+    return model
+
+
+def packed_attention():
+    """Register the attention for packed rows and return its name (an attn_implementation).
+
+    A packed row (collate_packed) attends causally within each sequence through torch's
+    flash varlen kernel on a GPU, so memory grows with tokens, not tokens squared (sdpa
+    with the block-diagonal mask falls back to a kernel that materialises it). Padded
+    batches, generation and CPU runs take the plain sdpa path or an exact CPU equivalent.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
+    return PACKED_ATTENTION
