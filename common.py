@@ -182,7 +182,9 @@ def nonblank_line_numbers(file):
 def read_conversations(file, roles_end="assistant"):
     """Records `{"id", "messages"}` with messages alternating user/assistant, checked.
 
-    Also accepts the `riddles_evolved` shape (messages as plain strings, user first).
+    Also accepts the `riddles_evolved` shape (messages as plain strings, user first). Contents
+    come back stripped: a reply starting with "\n\n" or "  " merges with the header's "\n" in
+    byte-level BPE, and chat's prompt would no longer be a prefix of the training ids.
     """
     out = []
     records = read_jsonl(file, need=("messages",))
@@ -199,7 +201,7 @@ def read_conversations(file, roles_end="assistant"):
         if roles_end and msgs[-1]["role"] != roles_end:
             raise InputError(f"{file}:{line}: last message should be from the {roles_end}")
         rid = rec.get("id", rec.get("number", n))
-        out.append({"id": str(rid), "messages": msgs})
+        out.append({"id": str(rid), "messages": [dict(m, content=m["content"].strip()) for m in msgs]})
     return out
 
 
@@ -545,7 +547,8 @@ class MessageStage:
                 self.counts[reason] += 1
                 bad.append({"id": job["id"], "reason": reason, "text": text})
             else:
-                messages = self.by_id[job["id"]]["messages"] + [{"role": self.role, "content": content}]
+                # Stripped as read_conversations strips: no turn may start with whitespace (tokenization rule).
+                messages = self.by_id[job["id"]]["messages"] + [{"role": self.role, "content": content.strip()}]
                 good.append({"id": job["id"], "messages": messages})
         self.out.write(good)
         self.rejected.write(bad)
