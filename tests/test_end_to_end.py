@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from common import resolve_model
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,10 +33,10 @@ def test_demo_runs_every_stage(tmp_path):
         if (ROOT / name).is_file():
             (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, tmp_path / name)
-    cached = ROOT / "out" / "models" / "smollm2"
-    if (cached / "config.json").exists():  # skip the 30 s conversion when this checkout already did it
-        (tmp_path / "out" / "models").mkdir(parents=True)
-        (tmp_path / "out" / "models" / "smollm2").symlink_to(cached)
+    # Converted once in this checkout (other tests use it too), then shared with the copy.
+    cached = Path(resolve_model("smollm2"))
+    (tmp_path / "out" / "models").mkdir(parents=True)
+    (tmp_path / "out" / "models" / "smollm2").symlink_to(cached)
 
     run = subprocess.run(["bash", "demo.sh"], cwd=tmp_path, capture_output=True, text=True, timeout=1800,
                          env={**os.environ, "PY": sys.executable})

