@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test rehearsal clean
 
 setup: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Every stage at the recipe's real shapes with random weights, on this machine's GPU (README: Rehearsal).
+rehearsal: setup
+	$(PY) rehearsal.py
 
 clean:
 	rm -rf $(VENV) out data/0[0-9]_*

@@ -365,23 +365,28 @@ def load_model(name, device=None, dtype=None, **kwargs):
 
 
 def generate_ids(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, pad_id, stop_strings=(),
-                 tokenizer=None, streamer=None):
+                 tokenizer=None, streamer=None, processor=None):
     """Reply token ids for each prompt (a list of token ids), each row sampled from its own seed.
 
     The one generation path. On a GPU, for the decoders the slot engine runs, slot_generate:
     rows refilled as others end, CUDA graph decoding. Elsewhere (and to stream, or to stop on
     a text) left-padded `generate` with RowSampler: the same draws. A reply stops at any of
     eos_ids, which it does not include, so it ended iff it is shorter than max_new_tokens.
+    processor(logits, rows, steps), tensor ops only, may edit the logits before sampling (the
+    rehearsal forces reply lengths with it).
     """
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     if (model.device.type == "cuda" and model.config.model_type in SLOT_MODEL_TYPES and not stop_strings
             and streamer is None):
         return slot_generate(model, prompts, seeds, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, eos_ids=eos_ids)
+                             top_p=top_p, eos_ids=eos_ids, processor=processor)
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     processors = [RowSampler(seeds, temperature=temperature, top_p=top_p)] if temperature > 0 else []
+    if processor is not None:
+        rows = torch.arange(len(prompts), device=model.device)
+        processors.insert(0, lambda seen, scores: processor(scores, rows, torch.full_like(rows, seen.shape[1] - width)))
     extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,

@@ -78,6 +78,15 @@ def pick_tokens(scores, seeds, steps, *, temperature, top_p):
     return (logits - torch.log(-torch.log(uniform))).argmax(-1)  # Gumbel-max = one sample
 
 
+def force_lengths(scores, targets, steps, eos):
+    """Each row's reply ends at its target length: no eos before, only eos at it (random weights
+    rarely end a reply; the benchmark and the rehearsal draw realistic lengths). Tensor ops only,
+    no host sync, so slot_generate can capture it in its CUDA graph."""
+    is_eos = torch.arange(scores.shape[-1], device=scores.device) == eos
+    end = (steps >= targets - 1)[:, None]
+    return torch.where(end, torch.where(is_eos, 0.0, float("-inf")), scores.masked_fill(is_eos, float("-inf")))
+
+
 # -----------------------------------------------------------------------------
 # Fast generation on a GPU: a KV cache of slots, refilled as rows end
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import (add_lora, collate_padded, configure, load_student, loss_sum, micro_batches, path,  # noqa: E402
                     supervised_tokens)
 from engine import RowSampler, fused_gelu, packed_attention, slot_generate  # noqa: E402
+from engine import force_lengths as force  # noqa: E402
 
 # -----------------------------------------------------------------------------
 PART = "gen"  # gen, train, ddp or report
@@ -157,13 +158,6 @@ class ForceLength:
             self.start = input_ids.shape[1]
         steps = torch.full((scores.shape[0],), input_ids.shape[1] - self.start, device=scores.device)
         return force(scores, self.targets.to(scores.device), steps, self.eos)
-
-
-def force(scores, targets, steps, eos):
-    """Tensor ops only (no host sync), so slot_generate can capture it in its CUDA graph."""
-    is_eos = torch.arange(scores.shape[-1], device=scores.device) == eos
-    end = (steps >= targets - 1)[:, None]
-    return torch.where(end, torch.where(is_eos, 0.0, float("-inf")), scores.masked_fill(is_eos, float("-inf")))
 
 
 def run_gen():
