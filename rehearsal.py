@@ -273,6 +273,9 @@ for r in results:
 verdict = ("no GPU: memory not judged" if fits is None else
            f"fits this card: peak {peak:.1f} of {card_gib:.1f} GiB" if fits else
            f"does NOT fit this card: peak {peak:.1f} of {card_gib:.1f} GiB")
+if any(r["stage"] in LENGTHS for r in results):
+    verdict += " (01-04's peak is mostly KV cache: the slot engine fills ~60% of free memory, fewer slots on a smaller card)"
+
 print(f"rehearsal: {len(results)} stages green on {device} in {time.time() - started:,.0f} s; the recipe's "
       f"stages {', '.join(r['stage'] for r in results)} would take ~{total / 60:,.0f} min; {verdict}; "
       f"{out / 'rehearsal.json'}")
