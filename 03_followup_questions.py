@@ -13,8 +13,8 @@ Writes: data/03_followups.jsonl  {"id", "messages": [..., user follow-up questio
     python 03_followup_questions.py --generator=smollm2 --max-new-tokens=32 --temperature=0.6   # CPU demo
 
 Resume: finished batches are appended to both files; a rerun skips ids found in either.
---overwrite starts over. Runtime: ~1 min for ~1.7k conversations of Mistral-7B on one H100 (estimated from
-bench/RESULTS.md: ~4,600 output tok/s at 512 requests per call); the CPU demo above: ~25 s on 2 cores.
+--overwrite starts over. Runtime: ~1.5 min for ~1.7k conversations of Mistral-7B on one H200 (the rehearsal:
+25 s for 512); the CPU demo above: ~25 s on 2 cores.
 """
 
 from common import (MessageStage, check_unique_ids, configure, generate_all, load_backend, path, read_conversations,

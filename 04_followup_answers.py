@@ -13,8 +13,8 @@ Writes: data/04_conversations.jsonl  {"id", "messages": [user, assistant, user, 
 
 Load the result with datasets.load_dataset("json", data_files="data/04_conversations.jsonl").
 Resume: finished batches are appended to both files; a rerun skips ids found in either.
---overwrite starts over. Runtime: ~2 min for ~1.7k conversations of Mistral-7B on one H100 (estimated from
-bench/RESULTS.md: ~4,600 output tok/s at 512 requests per call); the CPU demo above: ~25 s on 2 cores.
+--overwrite starts over. Runtime: ~2 min for ~1.7k conversations of Mistral-7B on one H200 (the rehearsal:
+30 s for 512, answers of 60-300 tokens); the CPU demo above: ~25 s on 2 cores.
 """
 
 from common import (MessageStage, check_unique_ids, configure, generate_all, load_backend, path, read_conversations,
