@@ -24,7 +24,7 @@ from riddles import clean_answer
 # -----------------------------------------------------------------------------
 GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the offline alias smollm2
 BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible server)
-BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1
+BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1; several, comma-separated, share the requests
 API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
 PROMPT = "Answer this riddle. Think step by step and explain simply. If information is missing, ask one short question at the end.\n\nRiddle: {riddle}"  # {riddle}
 BATCH_SIZE = 512  # riddles per call (on a GPU 256 decode at once, refilled as rows end; openai: concurrent requests)

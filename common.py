@@ -449,51 +449,65 @@ class HFBackend:
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible server (vLLM, llama.cpp, Ollama, transformers serve, OpenAI).
+    """OpenAI-compatible servers (vLLM, llama.cpp, Ollama, transformers serve, OpenAI): one base URL,
+    or several replicas of the same model that share the requests (a fleet on many machines).
 
-    Requests of a batch go out concurrently; the openai client retries timeouts, 408/409/429
-    and 5xx replies with exponential backoff.
+    Requests of a batch go out concurrently, dealt to the servers in turn; the openai client retries
+    timeouts, 408/409/429 and 5xx replies with exponential backoff, and a request that still fails
+    on its server is tried once on each other one, so a dead replica costs time, not records.
     """
 
-    def __init__(self, name, base_url, api_key="", retries=5, timeout=600):
+    def __init__(self, name, base_urls, api_key="", retries=5, timeout=600):
         import openai  # only this backend needs it (its import takes ~0.5 s)
 
-        self.name, self.url, self.errors = name, base_url.rstrip("/"), openai.OpenAIError
+        urls = [base_urls] if isinstance(base_urls, str) else base_urls
+        self.name, self.urls, self.errors = name, [u.strip().rstrip("/") for u in urls], openai.OpenAIError
         # Local servers want no key, but the client insists on one.
         key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
-        self.client = openai.OpenAI(base_url=self.url, api_key=key, max_retries=retries - 1, timeout=timeout)
+        self.clients = [openai.OpenAI(base_url=u, api_key=key, max_retries=retries - 1, timeout=timeout)
+                        for u in self.urls]
+        self.served = Counter()  # replies per server
 
     def prompt_length(self, messages):
         return sum(len(m["content"]) for m in messages)
 
-    def _one(self, messages, seed, max_new_tokens, temperature, top_p):
-        try:
-            reply = self.client.chat.completions.create(model=self.name, messages=messages, max_tokens=max_new_tokens,
-                                                        temperature=temperature, top_p=top_p, seed=seed % 2**31)
-            return (reply.choices[0].message.content or "").strip()
-        except self.errors as e:
-            print(f"request failed: {self.url}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-        except (AttributeError, IndexError, TypeError) as e:  # a reply that is no chat completion
-            print(f"request failed: {self.url}: unexpected reply ({type(e).__name__}: {e})", file=sys.stderr)
+    def _one(self, first, messages, seed, max_new_tokens, temperature, top_p):
+        for k in range(len(self.clients)):
+            s = (first + k) % len(self.clients)
+            try:
+                reply = self.clients[s].chat.completions.create(
+                    model=self.name, messages=messages, max_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p, seed=seed % 2**31)
+                text = (reply.choices[0].message.content or "").strip()
+            except self.errors as e:
+                print(f"request failed: {self.urls[s]}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+                continue
+            except (AttributeError, IndexError, TypeError) as e:  # a reply that is no chat completion
+                print(f"request failed: {self.urls[s]}: unexpected reply ({type(e).__name__}: {e})", file=sys.stderr)
+                continue
+            self.served[self.urls[s]] += 1
+            return text
         return None
 
     def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p):
-        """Replies in order; None where a request still failed after the retries."""
+        """Replies in order; None where a request failed on every server, after the retries."""
         with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-            texts = list(pool.map(lambda a: self._one(*a, max_new_tokens, temperature, top_p), zip(prompts, seeds)))
+            texts = list(pool.map(lambda a: self._one(*a, max_new_tokens, temperature, top_p),
+                                  zip(range(len(prompts)), prompts, seeds)))
         if all(t is None for t in texts):
-            raise InputError(f"{self.url}: every request of a batch failed (see above); is the server up?")
+            raise InputError(f"{', '.join(self.urls)}: every request of a batch failed (see above); is a server up?")
         return texts
 
 
 def load_backend(backend, model, base_url="", api_key=""):
-    """`hf` (local transformers) or `openai` (a server at base_url)."""
+    """`hf` (local transformers) or `openai` (servers at base_url, comma-separated)."""
     if backend == "hf":
         return HFBackend(model)
     if backend == "openai":
-        if not base_url:
+        urls = [u for u in base_url.split(",") if u.strip()]
+        if not urls:
             raise InputError("the openai backend needs --base-url (e.g. http://localhost:8000/v1)")
-        return OpenAIBackend(model, base_url, api_key)
+        return OpenAIBackend(model, urls, api_key)
     raise InputError(f"unknown backend {backend!r}: use hf or openai")
 
 

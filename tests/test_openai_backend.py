@@ -30,32 +30,35 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def served(chatty_llama, tmp_path_factory):
-    """`transformers serve` on the tiny model; yields its base URL."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    """Two `transformers serve` replicas of the tiny model; yields their base URLs."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", chatty_llama,
-                                   "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                                  stdout=out, stderr=subprocess.STDOUT, env=env)
+    ports, servers, logs = [free_port(), free_port()], [], []
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"transformers serve did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1"
+        for port in ports:
+            logs.append(tmp_path_factory.mktemp("serve") / "serve.log")
+            with open(logs[-1], "w") as out:
+                servers.append(subprocess.Popen(
+                    [sys.executable, "-m", "transformers.cli.transformers", "serve", chatty_llama, "--host",
+                     "127.0.0.1", "--port", str(port), "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT, env=env))
+        deadline = time.time() + 180
+        for port, server, log in zip(ports, servers, logs):
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                        break
+                except OSError:
+                    if server.poll() is not None or time.time() > deadline:
+                        pytest.fail(f"transformers serve did not start:\n{log.read_text()[-3000:]}")
+                    time.sleep(0.5)
+        yield [f"http://127.0.0.1:{port}/v1" for port in ports]
     finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        for server in servers:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 PROMPTS = [[{"role": "user", "content": c}] for c in
@@ -65,7 +68,7 @@ PROMPTS = [[{"role": "user", "content": c}] for c in
 
 def test_server_replies_equal_local_greedy(served, chatty_llama):
     greedy = dict(max_new_tokens=10, temperature=0.0, top_p=1.0)
-    remote = common.load_backend("openai", chatty_llama, served).generate(PROMPTS, [1, 2, 3], **greedy)
+    remote = common.load_backend("openai", chatty_llama, served[0]).generate(PROMPTS, [1, 2, 3], **greedy)
     local = common.load_backend("hf", chatty_llama).generate(PROMPTS, [1, 2, 3], **greedy)
     assert remote == local
     assert all(remote) and len(set(remote)) == 3
@@ -80,7 +83,9 @@ def test_stage_02_through_server_equals_hf(served, chatty_llama, tmp_path, monke
                 f"--rejected-file={d / 'rej.jsonl'}", "--temperature=0", "--max-new-tokens=10", *more]
 
     run_stage(monkeypatch, "02_answer_riddles.py", *args(tmp_path / "hf"))
-    run_stage(monkeypatch, "02_answer_riddles.py", *args(tmp_path / "api", "--backend=openai", f"--base-url={served}"))
+    # Through both replicas: the requests are shared, the records are the same.
+    run_stage(monkeypatch, "02_answer_riddles.py", *args(tmp_path / "api", "--backend=openai",
+                                                         f"--base-url={','.join(served)}"))
     for name in ("02.jsonl", "rej.jsonl"):
         hf = (tmp_path / "hf" / name).read_bytes() if (tmp_path / "hf" / name).exists() else b""
         assert (tmp_path / "api" / name).read_bytes() == hf, name
@@ -137,3 +142,23 @@ def test_retry_backoff_and_failures(capsys):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_requests_spread_over_servers_and_a_dead_one_loses_nothing(capsys):
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), Stub) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        a, b = (f"http://127.0.0.1:{server.server_port}/v1" for server in servers)
+        dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+        backend = common.OpenAIBackend("m", [a, dead, b], retries=2)
+        prompts = [[{"role": "user", "content": f"riddle {i}"}] for i in range(9)]
+        replies = backend.generate(prompts, list(range(9)), max_new_tokens=8, temperature=0.0, top_p=1.0)
+        assert replies == [f"re: riddle {i}" for i in range(9)]
+        assert backend.served[a] >= 3 and backend.served[b] >= 3 and backend.served[dead] == 0
+        assert sum(backend.served.values()) == 9
+        assert f"request failed: {dead}" in capsys.readouterr().err
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
