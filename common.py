@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
@@ -341,12 +342,20 @@ def load_tokenizer(name):
 
 
 def best_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's device: its GPU under `accelerate launch` or torchrun (LOCAL_RANK), else cuda:0 or cpu."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def process_share():
+    """(rank, processes) under `accelerate launch` or torchrun; (0, 1) in a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def default_dtype(device):
     """bf16 where the hardware has it (never fp16: Phi-2 overflows), fp32 otherwise."""
-    if device == "cuda" and torch.cuda.is_bf16_supported():
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
 
@@ -518,19 +527,41 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
     resumed run meets the same batches as an uninterrupted one; `on_batch(jobs, texts)`
     gets each finished batch (a text is None where a server request failed, to retry on
     a rerun). Returns the number of jobs generated.
+
+    Under N processes (`accelerate launch --num_processes=N`, one GPU each) every batch is
+    dealt out, each process generates its share on its own GPU, and the first process alone
+    gets the whole batch in order and writes it: one writer, the same files as one process
+    (each row samples from its own seed). The other processes exit here when all is done.
     """
+    rank, world = process_share()
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(best_device())  # NCCL gathers on this process's GPU
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     order = sorted(jobs, key=lambda j: (-backend.prompt_length(j["prompt"]), j["id"]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     todo = [b for b in batches if any(j["id"] not in done for j in b)]
     count = 0
-    with tqdm(total=len(jobs), initial=len(jobs) - sum(len(b) for b in todo), desc=desc, unit="rec") as bar:
+    with tqdm(total=len(jobs), initial=len(jobs) - sum(len(b) for b in todo), desc=desc, unit="rec",
+              disable=rank > 0) as bar:
         for batch in todo:
-            texts = backend.generate([j["prompt"] for j in batch], [seed_of(j["id"], seed) for j in batch],
-                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+            mine = batch[rank::world]
+            texts = backend.generate([j["prompt"] for j in mine], [seed_of(j["id"], seed) for j in mine],
+                                     max_new_tokens=max_new_tokens, temperature=temperature,
+                                     top_p=top_p) if mine else []
+            if world > 1:
+                shares = [None] * world
+                dist.all_gather_object(shares, texts)
+                texts = [None] * len(batch)
+                for r, share in enumerate(shares):
+                    texts[r::world] = share
             fresh = [(j, t) for j, t in zip(batch, texts) if j["id"] not in done]
-            on_batch([j for j, _ in fresh], [t for _, t in fresh])
+            if rank == 0:
+                on_batch([j for j, _ in fresh], [t for _, t in fresh])
             count += len(fresh)
             bar.update(len(batch))
+    if rank > 0:
+        raise SystemExit(0)
     return count
 
 
@@ -737,25 +768,18 @@ DEFAULT_LORA_TARGETS = {
 }
 
 
-def train_device():
-    """This process's device: its GPU under `accelerate launch` (LOCAL_RANK), else cuda:0 or cpu."""
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
-
-
 def load_student(name, load_in_4bit=True, double_quant=True, attn_implementation="sdpa", device=None,
                  gradient_checkpointing=False):
     """The model to fine-tune and its ChatML tokenizer (setup_chat_tokenizer applied).
 
     4-bit NF4 weights (QLoRA) with bf16 compute where supported, fp32 otherwise, all on
-    `device` (default train_device()); the ids setup_chat_tokenizer added are in
+    `device` (default best_device()); the ids setup_chat_tokenizer added are in
     `tokenizer.new_token_ids`.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    device = device or train_device()
-    dtype = default_dtype(torch.device(device).type)
+    device = device or best_device()
+    dtype = default_dtype(device)
     quant = None
     if load_in_4bit:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,

@@ -14,7 +14,7 @@ Writes: out/rehearsal/  models/ (random-weight folders, made once), inputs/, eac
                         "peak_gib", "projected_s", "note"}], "device", "fits", ...}
 
     python rehearsal.py                     # one GPU, the recipe's shapes (~10 min on an H100)
-    python rehearsal.py --gpus=2 --stages=05   # stage 05 under accelerate launch on 2 GPUs
+    python rehearsal.py --gpus=2 --stages=02,05   # stages 02 and 05 under accelerate launch on 2 GPUs
     python rehearsal.py --scale=0.02 --prompts=4 --riddles=6 --steps=2   # tiny shapes (the CPU test)
 
 Each stage runs in its own process (a fresh GPU, its own peak). No resume: a rerun reuses the
@@ -41,7 +41,7 @@ GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # stages 01-04's model (its co
 STUDENT = "microsoft/phi-2"  # stages 05-07's model (its config and tokenizer only)
 SCALE = 1.0  # shrink layers and width of both models (1: the real shapes; the CPU test uses 0.02)
 STAGES = ["01", "02", "03", "04", "05", "06", "07"]  # stages to rehearse, comma list
-GPUS = 1  # processes for stage 05 (accelerate launch; one per GPU)
+GPUS = 1  # processes for each stage but 06 and 07 (accelerate launch; one per GPU)
 PROMPTS = 300  # 01: prompts rehearsed (the recipe's NUM_PROMPTS)
 RIDDLES = 512  # 02-04: records rehearsed
 RECIPE_RIDDLES = 1700  # riddles a real run keeps after 01 (the reference kept 1,682): 02-05 project to it
@@ -221,14 +221,14 @@ def record(stage, m, projected, tokens=None, rate=None, note=""):
 
 if "01" in STAGES:
     m = run_stage("01", [*G, f"--num-prompts={PROMPTS}", f"--raw-file={d / '01_raw.jsonl'}",
-                         f"--out-file={d / '01_riddles.jsonl'}", f"--rejected-file={d / '01_rejected.jsonl'}"])
-    record("01", m, m["seconds"] * 300 / PROMPTS, note=f"{PROMPTS} prompts, projected to 300")
+                         f"--out-file={d / '01_riddles.jsonl'}", f"--rejected-file={d / '01_rejected.jsonl'}"], GPUS)
+    record("01", m, m["seconds"] * 300 / PROMPTS, note=f"{PROMPTS} prompts on {GPUS} GPU(s), projected to 300")
 for stage, source in (("02", "01_riddles"), ("03", "02_answers"), ("04", "03_followups")):
     if stage in STAGES:
         m = run_stage(stage, [*G, f"--in-file={inputs / (source + '.jsonl')}", f"--out-file={d / (stage + '.jsonl')}",
-                              f"--rejected-file={d / (stage + '_rejected.jsonl')}"])
+                              f"--rejected-file={d / (stage + '_rejected.jsonl')}"], GPUS)
         record(stage, m, m["seconds"] * RECIPE_RIDDLES / RIDDLES,
-               note=f"{RIDDLES:,} records, projected to {RECIPE_RIDDLES:,}")
+               note=f"{RIDDLES:,} records on {GPUS} GPU(s), projected to {RECIPE_RIDDLES:,}")
 if "05" in STAGES:
     m = run_stage("05", [f"--student={student}", f"--data={inputs / '04_conversations.jsonl'}",
                          f"--adapter={out / '05_adapter'}", f"--max-steps={STEPS}", "--overwrite"], GPUS)

@@ -8,6 +8,7 @@ One stage runs as a subprocess killed with SIGKILL in the middle of a write.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -450,6 +451,42 @@ def test_resume_02_after_sigkill(tmp_path, chatty_llama, monkeypatch, capsys):
     assert f"repaired {torn[0]}: dropped a torn last line" in out
     for name in ("02.jsonl", "rej.jsonl"):
         assert (crash / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_two_processes_write_what_one_writes_and_resume(tmp_path, chatty_llama, monkeypatch):
+    """torchrun x2 (accelerate launch alike): batches dealt out, one writer, the same bytes as one process."""
+    riddles = tmp_path / "01.jsonl"
+    seeds = load_seed_riddles(ROOT / "data" / "seed_riddles.jsonl")[:9]
+    riddles.write_text("".join(json.dumps({"id": riddle_id(s), "messages": [{"role": "user", "content": s}]}) + "\n"
+                               for s in seeds))
+
+    def args(d):
+        return [f"--generator={chatty_llama}", f"--in-file={riddles}", f"--out-file={d / '02.jsonl'}",
+                f"--rejected-file={d / 'rej.jsonl'}", "--batch-size=4", "--max-new-tokens=8"]
+
+    def two_processes(d):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                            str(ROOT / "02_answer_riddles.py"), *args(d)], capture_output=True, text=True,
+                           env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        return r.stdout
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_stage(monkeypatch, "02_answer_riddles.py", *args(one))
+    out = two_processes(two)
+    assert out.count("02: kept") == 1  # one summary: the first process writes, the other only generates
+    for name in ("02.jsonl", "rej.jsonl"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    # Resume under two processes from a file cut after its first record.
+    first = (two / "02.jsonl").read_text().splitlines(keepends=True)[0]
+    (two / "02.jsonl").write_text(first)
+    (two / "rej.jsonl").write_text("")
+    two_processes(two)
+    for name in ("02.jsonl", "rej.jsonl"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
 
 
 # -----------------------------------------------------------------------------
