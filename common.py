@@ -211,17 +211,21 @@ class Appender:
 
     On open it repairs a torn last line (the write that a kill interrupted) and
     collects the ids already written; `write` appends and flushes whole records.
+    Under several processes (see generate_all) only the first one writes: the others
+    read the same ids (a torn last line counts for none) and never touch the file.
     """
 
     def __init__(self, file, overwrite=False, key="id"):
-        self.file, self.key = Path(file), key
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite and self.file.exists():
-            self.file.unlink()
-        self.done = set()
-        if self.file.exists():
+        self.file, self.key, self.writer = Path(file), key, process_share()[0] == 0
+        self.done, self._f = set(), None
+        if self.writer:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            if overwrite and self.file.exists():
+                self.file.unlink()
+        if self.file.exists() and not overwrite:
             self._repair_and_scan()
-        self._f = open(self.file, "a", encoding="utf-8")
+        if self.writer:
+            self._f = open(self.file, "a", encoding="utf-8")
 
     def _repair_and_scan(self):
         data = self.file.read_bytes()
@@ -236,25 +240,30 @@ class Appender:
                 if good + len(line) < len(data):
                     raise InputError(f"{self.file}: corrupt record in the middle of the file "
                                      f"(byte {good}); fix it or rerun with --overwrite")
-                print(f"repaired {self.file.name}: dropped a torn last line ({len(line)} bytes)")
-                with open(self.file, "r+b") as f:
-                    f.truncate(good)
+                if self.writer:
+                    print(f"repaired {self.file.name}: dropped a torn last line ({len(line)} bytes)")
+                    with open(self.file, "r+b") as f:
+                        f.truncate(good)
                 break
             self.done.add(rec[self.key])
             good += len(line)
 
     def write(self, records):
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        self._f.write(text)
-        self._f.flush()
+        if self._f:
+            self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            self._f.flush()
         self.done.update(r[self.key] for r in records)
 
     def close(self):
-        self._f.close()
+        if self._f:
+            self._f.close()
 
 
 def write_jsonl_atomic(file, records):
-    """Write a whole JSONL file at once: a crash leaves the old file or the new one."""
+    """Write a whole JSONL file at once: a crash leaves the old file or the new one. Under
+    several processes the first one writes."""
+    if process_share()[0] > 0:
+        return
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(file.suffix + ".tmp")
@@ -265,7 +274,10 @@ def write_jsonl_atomic(file, records):
 
 
 def write_json_atomic(file, obj):
-    """Write a JSON file at once (indented): a crash leaves the old file or the new one."""
+    """Write a JSON file at once (indented): a crash leaves the old file or the new one. Under
+    several processes the first one writes."""
+    if process_share()[0] > 0:
+        return
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(file.suffix + ".tmp")
@@ -528,10 +540,11 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
     gets each finished batch (a text is None where a server request failed, to retry on
     a rerun). Returns the number of jobs generated.
 
-    Under N processes (`accelerate launch --num_processes=N`, one GPU each) every batch is
-    dealt out, each process generates its share on its own GPU, and the first process alone
-    gets the whole batch in order and writes it: one writer, the same files as one process
-    (each row samples from its own seed). The other processes exit here when all is done.
+    Under N processes (`accelerate launch --num_processes=N`, one GPU each) the batches are
+    taken N at a time and their jobs dealt out, each process generates its share on its own
+    GPU, and the first process alone gets the batches back whole, in order, and writes them:
+    one writer, the same files as one process (each row samples from its own seed). The
+    other processes exit here when all is done.
     """
     rank, world = process_share()
     if world > 1 and not dist.is_initialized():
@@ -544,22 +557,25 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
     count = 0
     with tqdm(total=len(jobs), initial=len(jobs) - sum(len(b) for b in todo), desc=desc, unit="rec",
               disable=rank > 0) as bar:
-        for batch in todo:
-            mine = batch[rank::world]
+        for g in range(0, len(todo), world):
+            group = [j for batch in todo[g:g + world] for j in batch]
+            mine = group[rank::world]
             texts = backend.generate([j["prompt"] for j in mine], [seed_of(j["id"], seed) for j in mine],
                                      max_new_tokens=max_new_tokens, temperature=temperature,
                                      top_p=top_p) if mine else []
             if world > 1:
                 shares = [None] * world
                 dist.all_gather_object(shares, texts)
-                texts = [None] * len(batch)
+                texts = [None] * len(group)
                 for r, share in enumerate(shares):
                     texts[r::world] = share
-            fresh = [(j, t) for j, t in zip(batch, texts) if j["id"] not in done]
-            if rank == 0:
-                on_batch([j for j, _ in fresh], [t for _, t in fresh])
-            count += len(fresh)
-            bar.update(len(batch))
+            for batch in todo[g:g + world]:
+                fresh = [(j, t) for j, t in zip(batch, texts) if j["id"] not in done]
+                texts = texts[len(batch):]
+                if rank == 0:
+                    on_batch([j for j, _ in fresh], [t for _, t in fresh])
+                count += len(fresh)
+                bar.update(len(batch))
     if rank > 0:
         raise SystemExit(0)
     return count

@@ -464,12 +464,12 @@ def test_two_processes_write_what_one_writes_and_resume(tmp_path, chatty_llama, 
         return [f"--generator={chatty_llama}", f"--in-file={riddles}", f"--out-file={d / '02.jsonl'}",
                 f"--rejected-file={d / 'rej.jsonl'}", "--batch-size=4", "--max-new-tokens=8"]
 
-    def two_processes(d):
+    def two_processes(d, *more):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                            str(ROOT / "02_answer_riddles.py"), *args(d)], capture_output=True, text=True,
+                            str(ROOT / "02_answer_riddles.py"), *args(d), *more], capture_output=True, text=True,
                            env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), timeout=600)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         return r.stdout
@@ -485,6 +485,9 @@ def test_two_processes_write_what_one_writes_and_resume(tmp_path, chatty_llama, 
     (two / "02.jsonl").write_text(first)
     (two / "rej.jsonl").write_text("")
     two_processes(two)
+    for name in ("02.jsonl", "rej.jsonl"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    two_processes(two, "--overwrite")  # only the first process deletes and writes
     for name in ("02.jsonl", "rej.jsonl"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
 
