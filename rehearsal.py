@@ -96,9 +96,9 @@ if CHILD:
         if e.code not in (None, 0):
             raise
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    rank = os.environ.get("RANK", "0")
-    write_json_atomic(out / f"child-{CHILD}-{rank}.json", {"seconds": time.time() - started, "peak_gib": peak,
-                                                           **counted})
+    # Every process reports (write_json_atomic writes only from the first one).
+    measured = {"seconds": time.time() - started, "peak_gib": peak, **counted}
+    (out / f"child-{CHILD}-{os.environ.get('RANK', '0')}.json").write_text(json.dumps(measured))
     raise SystemExit(0)
 
 # -----------------------------------------------------------------------------
