@@ -42,8 +42,9 @@ import warnings
 import torch
 from accelerate import Accelerator
 
-from common import (Appender, InputError, add_lora, configure, load_student, loss_sum, micro_batches, path, read_jsonl,
-                    read_conversations, seed_of, supervised_tokens, tokenize_chat, write_json_atomic, write_jsonl_atomic)
+from common import (Appender, InputError, configure, path, read_conversations, read_jsonl, seed_of, tokenize_chat,
+                    write_json_atomic, write_jsonl_atomic)
+from training import add_lora, load_student, loss_sum, micro_batches, supervised_tokens
 from evaluation import plot_loss, read_train_log
 
 # -----------------------------------------------------------------------------

@@ -39,8 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import (add_lora, collate_padded, configure, load_student, loss_sum, micro_batches, path,  # noqa: E402
-                    supervised_tokens)
+from common import collate_padded, configure, path  # noqa: E402
+from training import add_lora, load_student, loss_sum, micro_batches, supervised_tokens  # noqa: E402
 from engine import RowSampler, fused_gelu, packed_attention, slot_generate  # noqa: E402
 from engine import force_lengths as force  # noqa: E402
 import shapes  # noqa: E402

@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers import CONVS
 
-from common import HFBackend, add_lora, collate_packed, collate_padded, load_student, loss_sum, supervised_tokens, tokenize_chat
+from common import HFBackend, collate_packed, collate_padded, tokenize_chat
+from training import add_lora, load_student, loss_sum, supervised_tokens
 from engine import PACKED_ATTENTION, fused_gelu, pick_tokens, slot_generate
 
 PROMPTS = [[{"role": "user", "content": t}] for t in (

@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import CONVS, make_tokenizer, run_script
 
-from common import (DEFAULT_LORA_TARGETS, InputError, add_lora, collate_packed, collate_padded, load_student, loss_sum,
-                    micro_batches, read_conversations, setup_chat_tokenizer, supervised_tokens, token_budget_batches,
-                    tokenize_chat)
+from common import (InputError, collate_packed, collate_padded, read_conversations, setup_chat_tokenizer,
+                    token_budget_batches, tokenize_chat)
+from training import DEFAULT_LORA_TARGETS, add_lora, load_student, loss_sum, micro_batches, supervised_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 

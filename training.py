@@ -1,0 +1,124 @@
+"""The student and its training, for stage 05: 4-bit loading, LoRA, micro-batches, the loss.
+
+load_student gives the model and its ChatML tokenizer (QLoRA: NF4 weights, bf16 compute),
+add_lora wraps it, micro_batches packs tokenized conversations under a token budget, and
+loss_sum is the cross-entropy over the supervised tokens of a batch.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from common import (InputError, best_device, collate_packed, collate_padded, default_dtype, from_pretrained,
+                    load_tokenizer, setup_chat_tokenizer, token_budget_batches)
+from engine import PACKED_ATTENTION, fused_gelu, packed_attention
+
+# transformers and peft are imported inside the functions, as in common.py (HF_HUB_OFFLINE, startup).
+
+# Attention projections to adapt, per model_type. Phi calls its output projection `dense`.
+DEFAULT_LORA_TARGETS = {
+    "phi": ("q_proj", "k_proj", "v_proj", "dense"),
+    **{t: ("q_proj", "k_proj", "v_proj", "o_proj") for t in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
+}
+
+
+def load_student(name, load_in_4bit=True, double_quant=True, attn_implementation="sdpa", device=None,
+                 gradient_checkpointing=False):
+    """The model to fine-tune and its ChatML tokenizer (setup_chat_tokenizer applied).
+
+    4-bit NF4 weights (QLoRA) with bf16 compute where supported, fp32 otherwise, all on
+    `device` (default best_device()); the ids setup_chat_tokenizer added are in
+    `tokenizer.new_token_ids`.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = device or best_device()
+    dtype = default_dtype(device)
+    quant = None
+    if load_in_4bit:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                   bnb_4bit_use_double_quant=double_quant)
+    if attn_implementation == PACKED_ATTENTION:
+        packed_attention()  # registered before from_pretrained checks the name
+    model = from_pretrained(AutoModelForCausalLM, name, dtype=dtype, quantization_config=quant, device_map={"": device},
+                  attn_implementation=attn_implementation)
+    if torch.device(device).type == "cuda":
+        fused_gelu(model)
+    if quant is not None and torch.device(device).type == "cpu":
+        # bnb 0.50 repacks 4-bit weights for CPU inference on the first no-grad eval forward;
+        # backward through the repacked weights then gives wrong gradients (tested). Keep one format.
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+    tokenizer = load_tokenizer(name)
+    tokenizer.new_token_ids = setup_chat_tokenizer(tokenizer, model)
+    # A KV cache during training would also hide packed position_ids from the mask builder.
+    model.config.use_cache = False
+    if gradient_checkpointing:  # True or a share of the decoder layers, from the first
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = model.model.layers
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i < round(float(gradient_checkpointing) * len(layers))
+    return model, tokenizer
+
+
+def _module_name(model, module):
+    return next(n for n, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
+
+
+def add_lora(model, r=32, alpha=32, dropout=0.1, targets=None, new_token_ids=(), full_copies=False):
+    """Wrap a model with LoRA adapters on `targets` (default: DEFAULT_LORA_TARGETS of its type).
+
+    The rows of `new_token_ids` in the input embedding and an untied lm_head train as PEFT
+    trainable tokens; full_copies trains whole copies of both instead (the reference's way).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    kind = model.config.model_type
+    if not targets:
+        if kind not in DEFAULT_LORA_TARGETS:
+            raise InputError(f"no default LoRA targets for model type {kind!r}: pass --lora-targets=a,b,c")
+        targets = DEFAULT_LORA_TARGETS[kind]
+    embed = _module_name(model, model.get_input_embeddings())
+    head = _module_name(model, model.get_output_embeddings())
+    extra = {}
+    if full_copies:
+        extra["modules_to_save"] = [embed, head]
+    elif new_token_ids:
+        ids = sorted(set(new_token_ids))
+        extra["trainable_token_indices"] = {embed: ids, head: ids}  # a tied head shares the rows
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        bias="none", task_type="CAUSAL_LM", **extra)
+    return get_peft_model(model, config)
+
+
+def micro_batches(examples, max_tokens, packed=True, pad_id=None, seed=0):
+    """Tokenized examples -> collated micro-batches of at most max_tokens tokens each.
+
+    packed: one padding-free row per batch (collate_packed); else right-padded rows
+    (collate_padded, padding counted in the budget). An example longer than the budget
+    gets a batch of its own.
+    """
+    groups = token_budget_batches([len(e["input_ids"]) for e in examples], max_tokens, seed, padded=not packed)
+    if packed:
+        return [collate_packed([examples[i] for i in g]) for g in groups]
+    return [collate_padded([examples[i] for i in g], pad_id) for g in groups]
+
+
+def supervised_tokens(batch):
+    """How many tokens of a batch the loss counts (labels shifted by one, as predicted)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def loss_sum(model, batch):
+    """Sum of the token losses of a padded or packed batch (cross-entropy over supervised tokens).
+
+    Divide by the supervised tokens of the whole optimizer step: every token then weighs the
+    same, however the step was cut into rows. Logits are computed only where a label is.
+    """
+    target = batch["labels"][:, 1:]
+    keep = (target != -100).any(0).nonzero().squeeze(1)  # positions whose next token is supervised
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), target[:, keep].flatten(), ignore_index=-100, reduction="sum")
+
+
