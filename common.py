@@ -192,29 +192,70 @@ def seed_of(*parts):
 
 
 # -----------------------------------------------------------------------------
-# JSONL records: read with line-numbered errors, append with resume
+# Text and JSONL records: read with line-numbered errors, append with resume, write atomically
+
+# The most characters one record may hold (a JSONL line, a seed riddle), checked before any parsing or
+# tokenizing: far above any riddle conversation, far below what stalls a tokenizer (a 50 MB line once took
+# 25 s and 5.6 GB, then a panic).
+MAX_RECORD_CHARS = 100_000
+
+def read_text(file):
+    """A whole UTF-8 text file (a leading BOM dropped). Missing or unreadable, or bytes that are not UTF-8:
+    InputError naming the file and line. Every input file is read through this."""
+    file = Path(file)
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{file}: file not found") from None
+    except OSError as e:
+        raise InputError(f"{file}: cannot read ({e.strerror})") from None
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{file}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
+
+
+def _json_line(file, n, line):
+    if len(line) > MAX_RECORD_CHARS:
+        raise InputError(f"{file}:{n}: record of {len(line):,} characters, over the limit of {MAX_RECORD_CHARS:,} "
+                         f"(MAX_RECORD_CHARS in common.py)")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{file}:{n}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise InputError(f"{file}:{n}: invalid JSON (nested too deep)") from None
+
+
+def read_json(file):
+    """The JSON object in a file (run.json, adapter_config.json); anything else is an InputError naming it."""
+    text = read_text(file)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise InputError(f"{file}: invalid JSON (nested too deep)") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{file}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def read_jsonl(file, need=()):
     """All records of a JSONL file; any problem raises InputError naming file and line."""
-    file = Path(file)
-    if not file.exists():
-        raise InputError(f"{file}: file not found")
     records = []
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{file}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{file}:{n}: expected a JSON object, got {type(rec).__name__}")
-            missing = [k for k in need if k not in rec]
-            if missing:
-                raise InputError(f"{file}:{n}: record has no field {', '.join(map(repr, missing))}")
-            records.append(rec)
+    for n, line in enumerate(read_text(file).split("\n"), 1):
+        if not line.strip():
+            continue
+        rec = _json_line(file, n, line)
+        if not isinstance(rec, dict):
+            raise InputError(f"{file}:{n}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in need if k not in rec]
+        if missing:
+            raise InputError(f"{file}:{n}: record has no field {', '.join(map(repr, missing))}")
+        records.append(rec)
     if not records:
         raise InputError(f"{file}: no records (empty file)")
     return records
@@ -222,8 +263,7 @@ def read_jsonl(file, need=()):
 
 def nonblank_line_numbers(file):
     """Line numbers of the records read_jsonl returns (it skips blank lines)."""
-    with open(file, encoding="utf-8") as f:
-        return [n for n, line in enumerate(f, 1) if line.strip()]
+    return [n for n, line in enumerate(read_text(file).split("\n"), 1) if line.strip()]
 
 
 def read_conversations(file, roles_end="assistant"):
@@ -252,22 +292,51 @@ def read_conversations(file, roles_end="assistant"):
     return out
 
 
+def check_output(target, folder=False):
+    """Refuse, before any work, an output path that cannot be written: below a regular file, a folder where a
+    file belongs (or the reverse), or in a folder this user may not write. Creates nothing."""
+    target = Path(target)
+    if target.exists() and target.is_dir() != folder:
+        want, got = ("folder", "file") if folder else ("file", "folder")
+        raise InputError(f"{target}: is a {got}, but this output is a {want}")
+    near = next(p for p in target.parents if p.exists())  # the folder it will be made in
+    if not near.is_dir():
+        raise InputError(f"{target}: cannot be made, {near} is a file")
+    if not os.access(near, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise InputError(f"{target}: cannot be written (permission denied)")
+
+
+def check_own_folder(folder, marker, key):
+    """A stage's output folder must be missing, empty, or hold the stage's marker file (a JSON object with
+    `key`): --overwrite and re-saves then never delete files the stage did not write."""
+    folder = Path(folder)
+    check_output(folder, folder=True)
+    if not folder.exists() or not any(folder.iterdir()):
+        return
+    try:
+        ours = key in json.loads((folder / marker).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, RecursionError):
+        ours = False
+    if not ours:
+        raise InputError(f"{folder} is not a folder this stage made (no readable {marker} with {key!r}): name a new "
+                         f"or empty folder, or empty this one yourself")
+
+
 class Appender:
     """Append-only JSONL output that survives a crash at any moment.
 
     On open it repairs a torn last line (the write that a kill interrupted) and
     collects the ids already written; `write` appends and flushes whole records.
+    The file is opened (with overwrite: emptied) only at the first write, so a start
+    that fails before it (a bad input, a server that is down) creates and changes nothing.
     """
 
     def __init__(self, file, overwrite=False, key="id"):
         self.file, self.key = Path(file), key
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite and self.file.exists():
-            self.file.unlink()
-        self.done = set()
-        if self.file.exists():
+        check_output(self.file)
+        self.done, self._f, self._mode = set(), None, "w" if overwrite else "a"
+        if self.file.exists() and not overwrite:
             self._repair_and_scan()
-        self._f = open(self.file, "a", encoding="utf-8")
 
     def _repair_and_scan(self):
         data = self.file.read_bytes()
@@ -276,7 +345,7 @@ class Appender:
             try:
                 rec = json.loads(line)
                 ok = line.endswith(b"\n") and isinstance(rec, dict) and self.key in rec
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # a kill can cut a line inside a UTF-8 character, too
                 ok = False
             if not ok:
                 if good + len(line) < len(data):
@@ -290,13 +359,17 @@ class Appender:
             good += len(line)
 
     def write(self, records):
+        if self._f is None:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.file, self._mode, encoding="utf-8")
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         self._f.write(text)
         self._f.flush()
         self.done.update(r[self.key] for r in records)
 
     def close(self):
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
 
 
 def write_jsonl_atomic(file, records):
@@ -374,10 +447,10 @@ def _load(loader, name, **kwargs):
     source = resolve_model(name)
     try:
         return loader.from_pretrained(source, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a corrupt or half-written file in a local folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot load model {name!r} ({first[:160]}); offline, use the bundled "
-                         f"alias 'smollm2' or a local folder path") from None
+        hint = "" if Path(source).is_dir() else "; offline, use the bundled alias 'smollm2' or a local folder path"
+        raise InputError(f"cannot load model {name!r} ({first[:160]}){hint}") from None
 
 
 def load_tokenizer(name):
