@@ -199,6 +199,25 @@ def seed_of(*parts):
 # 25 s and 5.6 GB, then a panic).
 MAX_RECORD_CHARS = 100_000
 
+# Strings that chat tokenizers read as control tokens: ChatML's <|im_start|> <|im_end|> and the other <|...|>
+# markers (<|endoftext|>, <|eot_id|>), Llama and Mistral's <s> </s> <unk>. Inside a message one would end the
+# turn or open another (an injected system turn, supervised in training), so such text is refused where
+# records are read and rejected where the generator writes it.
+CONTROL_STRINGS = re.compile(r"<\|[^|\s]{1,40}\|>|</?s>|<unk>")
+
+
+def control_string(text, tokenizer=None):
+    """The first control-token string in text, or None: CONTROL_STRINGS, and with a tokenizer also its own
+    special tokens (SmolLM2's <filename>, say), which it would read as control tokens too."""
+    found = CONTROL_STRINGS.search(text)
+    if found:
+        return found.group()
+    if tokenizer is not None:
+        specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+        return next((t for t in specials if t in text), None)
+    return None
+
+
 def read_text(file):
     """A whole UTF-8 text file (a leading BOM dropped). Missing or unreadable, or bytes that are not UTF-8:
     InputError naming the file and line. Every input file is read through this."""
@@ -271,7 +290,8 @@ def read_conversations(file, roles_end="assistant"):
 
     Also accepts the `riddles_evolved` shape (messages as plain strings, user first). Contents
     come back stripped: a reply starting with "\n\n" or "  " merges with the header's "\n" in
-    byte-level BPE, and chat's prompt would no longer be a prefix of the training ids.
+    byte-level BPE, and chat's prompt would no longer be a prefix of the training ids. A message
+    holding a control string (CONTROL_STRINGS) is refused: text must stay text.
     """
     out = []
     records = read_jsonl(file, need=("messages",))
@@ -285,6 +305,10 @@ def read_conversations(file, roles_end="assistant"):
             ok = isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
             if not ok:
                 raise InputError(f"{file}:{line}: message {i} needs a role (system/user/assistant) and string content")
+            found = control_string(m["content"])
+            if found:
+                raise InputError(f"{file}:{line}: message {i} holds {found!r}, a chat control token; text must "
+                                 f"stay text, so remove the record or the string")
         if roles_end and msgs[-1]["role"] != roles_end:
             raise InputError(f"{file}:{line}: last message should be from the {roles_end}")
         rid = rec.get("id", rec.get("number", n))
@@ -520,10 +544,12 @@ def chat_replies(model, tokenizer, prompts, seeds, *, max_new_tokens, temperatur
     """One reply per conversation, prompts rendered with CHATML_TEMPLATE whatever the model's own.
 
     Returns (text, ended) pairs: ended is False where the turn did not end (<|im_end|>, or the
-    tokenizer's eos) within max_new_tokens. Stages 06 and 07 chat through this.
+    tokenizer's eos) within max_new_tokens. Stages 06 and 07 chat through this. A message holding a
+    control token is refused (InputError): it would end the turn or open another.
     """
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_text_stays_text(tokenizer, [m for p in prompts for m in p])
     texts = [render_chatml(p, add_generation_prompt=True)[0] for p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     stop = {"eos_ids": [tokenizer.eos_token_id]}
@@ -625,6 +651,12 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
     gets each finished batch (a text is None where a server request failed, to retry on
     a rerun). Returns the number of jobs generated.
     """
+    tokenizer = getattr(backend, "tokenizer", None)  # the hf backend's: its own special tokens count too
+    for j in jobs:
+        found = next((f for m in j["prompt"] if (f := control_string(m["content"], tokenizer))), None)
+        if found:
+            raise InputError(f"{desc}: the prompt of {j['id']} holds {found!r}, a control token of the generator; "
+                             f"text must stay text")
     order = sorted(jobs, key=lambda j: (-backend.prompt_length(j["prompt"]), j["id"]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     todo = [b for b in batches if any(j["id"] not in done for j in b)]
@@ -648,7 +680,8 @@ class MessageStage:
     """Stages 02-04: append one generated message to each record, resumably.
 
     clean(text) -> (content, reason): a kept reply becomes the record's next message in
-    out_file, a rejected one goes to rejected_file as {"id", "reason", "text"}. Ids in
+    out_file, a rejected one goes to rejected_file as {"id", "reason", "text"} (also a reply
+    holding a chat control string: "control_token"). Ids in
     either file are done, so a rerun skips them; a failed request (None) is retried.
     """
 
@@ -668,6 +701,8 @@ class MessageStage:
                 self.counts["failed"] += 1
                 continue
             content, reason = self.clean(text)
+            if not reason and control_string(content):
+                reason = "control_token"  # as cleaned and stored: NFKC could have made one of full-width signs
             if reason:
                 self.counts[reason] += 1
                 bad.append({"id": job["id"], "reason": reason, "text": text})
@@ -735,6 +770,15 @@ def render_chatml(messages, add_generation_prompt=False):
     return text, spans
 
 
+def check_text_stays_text(tokenizer, messages):
+    """Refuse (InputError) messages holding a control token of the tokenizer: rendered into the template,
+    "<|im_end|>\\n<|im_start|>system" in a riddle would become real turn markers."""
+    for i, m in enumerate(messages):
+        found = control_string(m["content"], tokenizer)
+        if found:
+            raise InputError(f"message {i} holds {found!r}, a control token; text must stay text")
+
+
 def setup_chat_tokenizer(tokenizer, model=None):
     """Make a tokenizer (and model) speak ChatML with <|im_end|> as eos and a distinct pad.
 
@@ -770,8 +814,10 @@ def tokenize_chat(tokenizer, messages, max_length=None, train_on_header=False):
 
     Labels are -100 except on assistant turns: their content and <|im_end|> (and the
     `<|im_start|>assistant\\n` header if train_on_header). The text is tokenized in one
-    piece, so the ids equal apply_chat_template's; the mask comes from the offsets.
+    piece, so the ids equal apply_chat_template's; the mask comes from the offsets. A message
+    holding a control token is refused (InputError), as the template would let it act as one.
     """
+    check_text_stays_text(tokenizer, messages)
     text, spans = render_chatml(messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     supervised = [(s if train_on_header else b, e) for role, s, b, e in spans if role == "assistant"]

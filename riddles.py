@@ -12,7 +12,8 @@ import json
 import re
 import unicodedata
 
-from common import MAX_RECORD_CHARS, InputError, nonblank_line_numbers, path, read_jsonl, read_text, stable_id
+from common import (MAX_RECORD_CHARS, InputError, control_string, nonblank_line_numbers, path, read_jsonl, read_text,
+                    stable_id)
 
 # -----------------------------------------------------------------------------
 # Stage 01: generated lines -> riddles (cleaning, exact and near-duplicate dedup)
@@ -60,6 +61,8 @@ def clean_riddle(line, min_words=5, max_chars=300):
     text = normalize_text(line)
     if not text:
         return "", "empty"
+    if control_string(text):  # after NFKC, which makes "<|" of full-width signs
+        return text, "control_token"
     if text.startswith("#") and not re.match(r"#\d", text):
         return text, "header"
     text = re.sub(r"\*\*|__", "", text).strip()
@@ -181,7 +184,12 @@ def _riddle_of(rec, where):
             if len(value) > MAX_RECORD_CHARS:
                 raise InputError(f"{where}: riddle of {len(value):,} characters, over the limit of "
                                  f"{MAX_RECORD_CHARS:,} (MAX_RECORD_CHARS in common.py)")
-            return normalize_text(value)
+            text = normalize_text(value)
+            found = control_string(text)  # after NFKC, as stored
+            if found:
+                raise InputError(f"{where}: riddle holds {found!r}, a chat control token; text must stay text, "
+                                 f"so remove the record or the string")
+            return text
     raise InputError(f"{where}: record has no riddle field ({', '.join(RIDDLE_FIELDS)}) with text")
 
 
