@@ -23,8 +23,10 @@ the number of processes.
 
 Resume: rerun the same command after a kill; it continues from the last checkpoint (one per epoch, every
 SAVE_EVERY_STEPS and at the last step) with the optimizer state, and dropout masks seeded per step, so
-the result equals an uninterrupted run. A finished run is not retrained; --overwrite starts afresh;
-raising --epochs or --max-steps continues a finished one. Changing the data or the recipe knobs is refused.
+the result equals an uninterrupted run; killed during the final save, the rerun saves again (run.json gets
+`finished` last, and 06 refuses the folder until then). A finished run is not retrained; --overwrite starts
+afresh (only in a folder 05 made: one with its run.json); raising --epochs or --max-steps continues a finished
+one. Changing the data or the recipe knobs is refused.
 Runtime: the CPU demo (SmolLM2-135M, 4 steps of 1k tokens) ~45 s on 2 cores (20 s training, ~160 tok/s). Phi-2 on one
 H100: bench/RESULTS.md measured ~12-16k tok/s for these settings' neighbours, so the recipe's 20 epochs of
 ~0.7M tokens should take ~20 min (an estimate: this script has not run phi-2 itself).
@@ -42,9 +44,9 @@ import warnings
 import torch
 from accelerate import Accelerator
 
-from common import (Appender, InputError, add_lora, check_own_folder, check_unique_ids, configure, load_student, loss_sum,
-                    micro_batches, path, read_conversations, read_json, read_jsonl, seed_of, supervised_tokens,
-                    tokenize_chat, write_json_atomic, write_jsonl_atomic)
+from common import (Appender, InputError, add_lora, check_own_folder, check_unique_ids, configure, load_student,
+                    loss_sum, micro_batches, path, read_conversations, read_json, read_jsonl, seed_of,
+                    supervised_tokens, tokenize_chat, write_json_atomic, write_jsonl_atomic)
 from evaluation import plot_loss, read_train_log
 
 # -----------------------------------------------------------------------------

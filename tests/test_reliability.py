@@ -91,6 +91,22 @@ def test_out_of_range_knob_exits_2_with_one_line():
     assert (r.returncode, r.stderr) == (2, "error: --batch-size must be in [1, inf), got 0\n")
 
 
+@pytest.mark.parametrize("script, arg, message", [
+    ("05_finetune_phi2.py", "--lora-targets=nope", "--lora-targets nope: Target modules {'nope'} not found"),
+    ("05_finetune_phi2.py", "--attn=bogus", 'Specified `attn_implementation="bogus"` is not supported'),
+    ("02_answer_riddles.py", "--backend=bogus", "unknown backend 'bogus': use hf or openai"),
+])
+def test_names_of_things_are_one_line(tiny_llama, tmp_path, monkeypatch, script, arg, message):
+    data = tmp_path / "in.jsonl"
+    if script.startswith("05"):
+        data.write_bytes(jsonl(GOOD, dict(GOOD, id="b")))
+        args = (f"--student={tiny_llama}", "--gradient-checkpointing=0", *stage_args(script, data, tmp_path))
+    else:
+        data.write_bytes(jsonl(user_only(GOOD)))
+        args = stage_args(script, data, tmp_path)
+    refused(monkeypatch, script, *args, arg, match=re.escape(message))
+
+
 @pytest.mark.parametrize("script, prompt, message", [
     ("02_answer_riddles.py", "Answer this: {ridle}", r"--prompt must use \{riddle\} and no other \{field\}"),
     ("02_answer_riddles.py", "Answer this riddle.", r"it uses none"),
@@ -129,8 +145,9 @@ def test_dead_server_creates_nothing_and_prints_no_secret(tmp_path, monkeypatch,
     for folder, extra in (("new", []), ("old", ["--overwrite"])):
         before = snapshot(tmp_path)
         refused(monkeypatch, "02_answer_riddles.py", f"--in-file={riddles}", "--backend=openai",
-                "--base-url=http://127.0.0.1:9/v1", "--api-key=sk-live-SECRET", f"--out-file={tmp_path / folder / '02.jsonl'}",
-                f"--rejected-file={tmp_path / folder / 'rej.jsonl'}", *extra, match="every request of a batch failed")
+                "--base-url=http://127.0.0.1:9/v1", "--api-key=sk-live-SECRET",
+                f"--out-file={tmp_path / folder / '02.jsonl'}", f"--rejected-file={tmp_path / folder / 'rej.jsonl'}",
+                *extra, match="every request of a batch failed")
         assert snapshot(tmp_path) == before
         captured = capsys.readouterr()
         assert "override: API_KEY = '***'" in captured.out and "SECRET" not in captured.out + captured.err
@@ -167,7 +184,8 @@ def stage_args(script, file, d):
     ("01_generate_riddles.py", "seeds.txt", b"What has keys?\n\nWhat is caf\xe9?\n", "seeds.txt:3: not UTF-8"),
     ("01_generate_riddles.py", "seeds.csv", b"riddle\nWhat has keys?\ncaf\xe9\n", "seeds.csv:3: not UTF-8"),
     ("01_generate_riddles.py", "seeds.json", b'["What has keys?",\n "caf\xe9"]', "seeds.json:2: not UTF-8"),
-    ("02_answer_riddles.py", "01.jsonl", jsonl(user_only(GOOD)) + b"\xff\xfe\n", "01.jsonl:2: not UTF-8 text (byte 0xff)"),
+    ("02_answer_riddles.py", "01.jsonl", jsonl(user_only(GOOD)) + b"\xff\xfe\n",
+     "01.jsonl:2: not UTF-8 text (byte 0xff)"),
     ("05_finetune_phi2.py", "04.jsonl", jsonl(GOOD, dict(GOOD, id="b")) + b"\xc3\n", "04.jsonl:3: not UTF-8"),
     # One record over MAX_RECORD_CHARS: refused by its length, before any parsing or tokenizing.
     ("01_generate_riddles.py", "seeds.txt", ("What has keys?\n" + BIG + "?\n").encode(),
