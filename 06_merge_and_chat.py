@@ -135,8 +135,13 @@ else:
             "probe_tokens": ids.shape[1], "max_logit_diff_rel": diff, "tolerance": MERGE_TOLERANCE,
             "saved_dtype_logit_diff_rel": rounding}
     write_json_atomic(tmp / "merge.json", info)
-    shutil.rmtree(out, ignore_errors=True)
+    # Swapped in by renames: a kill at any moment leaves the old folder, the new one, or none (a rerun merges).
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     print(f"06: merged {adapter} into {student} -> {out} in {time.time() - t0:.0f} s")
     del model, merged_model, base, before, after
 

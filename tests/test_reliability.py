@@ -562,6 +562,31 @@ def test_05_killed_at_every_save_point_ends_as_an_uninterrupted_run(training, tm
     assert snapshot(tmp_path / "run") == before
 
 
+def test_06_killed_while_swapping_in_a_new_merge(training, tmp_path, monkeypatch):
+    merged = tmp_path / "merged"
+    args = (f"--adapter={training['reference']}", f"--merged={merged}", "--chat=false")
+    with pytest.raises(SystemExit):
+        run_stage(monkeypatch, "06_merge_and_chat.py", *args)
+    first = snapshot(merged)
+    rename = Path.rename
+
+    def aside_then_die(self, target):  # the old merge moved aside, the new one not yet in place
+        rename(self, target)
+        if Path(target).suffix == ".old":
+            raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "rename", aside_then_die)
+        with pytest.raises(Killed):
+            run_stage(monkeypatch, "06_merge_and_chat.py", *args, "--overwrite")
+    assert not merged.exists() and (tmp_path / "merged.old" / "merge.json").exists()
+    with pytest.raises(SystemExit):
+        run_stage(monkeypatch, "06_merge_and_chat.py", *args)  # merges again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    again = snapshot(merged)
+    assert again.keys() == first.keys() and again[merged / "model.safetensors"] == first[merged / "model.safetensors"]
+
+
 KILL_AFTER_FINAL_ADAPTER = """
 import os, runpy, signal, sys
 sys.path.insert(0, sys.argv[1])
