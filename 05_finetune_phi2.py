@@ -129,22 +129,12 @@ if run_file.exists() and not OVERWRITE:
     if "finished" in previous and previous["steps_done"] >= target:
         say(f"{out} is already trained to step {previous['steps_done']:,}: nothing to do (--overwrite to retrain)")
         raise SystemExit(0)
-if main:
-    if OVERWRITE and out.exists():
-        shutil.rmtree(out)  # ours: checked above
-    if previous is None:
-        write_json_atomic(run_file, {"student": STUDENT, "data": DATA, "data_sha1": data_sha1, "recipe": RECIPE,
-                                     "steps_done": 0})
-accelerator.wait_for_everyone()
 
 # The split is a function of the data and the seed, so a resumed run recomputes the same one.
 order = sorted(conversations, key=lambda r: r["id"])
 random.Random(SEED).shuffle(order)
 n_eval = max(1, round(len(order) * EVAL_FRACTION)) if EVAL_FRACTION > 0 else 0
 eval_set, train_set = order[:n_eval], order[n_eval:]
-if main:
-    write_jsonl_atomic(out / "train.jsonl", train_set)
-    write_jsonl_atomic(out / "eval.jsonl", eval_set)
 say(f"split: {len(train_set):,} train, {len(eval_set):,} eval (seed {SEED})")
 
 # -----------------------------------------------------------------------------
@@ -198,6 +188,18 @@ eval_at = {math.ceil(steps_per_epoch * k / EVALS_PER_EPOCH) for k in range(1, EV
 say(f"{len(train_batches):,} micro-batches of <= {TOKENS_PER_BATCH:,} tokens ({fill:.0%} real tokens), "
     f"{world} process(es) x {GRAD_ACCUM} per step: {steps_per_epoch:,} steps/epoch, "
     f"{total_steps:,} in {EPOCHS} epochs, running to step {last_step:,}")
+
+# Everything is checked (inputs, student, LoRA targets, tokenization): only now is the folder written, so a
+# failed start leaves it as it was. run.json first: it marks the folder as 05's (check_own_folder).
+if main:
+    if OVERWRITE and out.exists():
+        shutil.rmtree(out)  # ours: checked above
+    if previous is None:
+        write_json_atomic(run_file, {"student": STUDENT, "data": DATA, "data_sha1": data_sha1, "recipe": RECIPE,
+                                     "steps_done": 0})
+    write_jsonl_atomic(out / "train.jsonl", train_set)
+    write_jsonl_atomic(out / "eval.jsonl", eval_set)
+accelerator.wait_for_everyone()
 
 # -----------------------------------------------------------------------------
 # Optimizer, resume, the training loop

@@ -97,14 +97,19 @@ def test_out_of_range_knob_exits_2_with_one_line():
     ("02_answer_riddles.py", "--backend=bogus", "unknown backend 'bogus': use hf or openai"),
 ])
 def test_names_of_things_are_one_line(tiny_llama, tmp_path, monkeypatch, script, arg, message):
+    """Found only once the model is loaded: 05 --overwrite still leaves its old folder as it was."""
     data = tmp_path / "in.jsonl"
     if script.startswith("05"):
         data.write_bytes(jsonl(GOOD, dict(GOOD, id="b")))
-        args = (f"--student={tiny_llama}", "--gradient-checkpointing=0", *stage_args(script, data, tmp_path))
+        fake_adapter(tmp_path)
+        args = (f"--student={tiny_llama}", "--gradient-checkpointing=0", "--overwrite",
+                *stage_args(script, data, tmp_path))
     else:
         data.write_bytes(jsonl(user_only(GOOD)))
         args = stage_args(script, data, tmp_path)
+    before = snapshot(tmp_path)
     refused(monkeypatch, script, *args, arg, match=re.escape(message))
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("script, prompt, message", [
