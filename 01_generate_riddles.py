@@ -24,8 +24,8 @@ import random
 import time
 from collections import Counter
 
-from common import (Appender, InputError, configure, generate_all, load_backend, path, read_jsonl, seed_of,
-                    write_jsonl_atomic)
+from common import (Appender, InputError, check_output, check_template, configure, generate_all, load_backend, path,
+                    read_jsonl, seed_of, write_jsonl_atomic)
 from riddles import filter_riddles, load_seed_riddles, riddle_id
 
 # -----------------------------------------------------------------------------
@@ -51,6 +51,7 @@ REJECTED_FILE = "data/01_rejected.jsonl"  # every dropped line with its reason
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
+check_template("prompt", PROMPT, "k", "examples")
 t0 = time.time()
 
 # %% Seeds and prompts: prompt p00012 shows the same seeds whatever NUM_PROMPTS is
@@ -68,6 +69,8 @@ for n in range(NUM_PROMPTS):
                  "prompt": [{"role": "user", "content": PROMPT.format(k=K, examples=examples)}]})
 
 # %% Generate the missing replies, appending each finished batch
+for out_file in (OUT_FILE, REJECTED_FILE):  # written at the end: checked now, before minutes of generation
+    check_output(path(out_file))
 raw = Appender(path(RAW_FILE), overwrite=OVERWRITE)
 if raw.done:
     planned = {j["id"]: j["seed_ids"] for j in jobs}

@@ -17,8 +17,8 @@ A request that failed (openai backend) is written nowhere, so a rerun retries it
 for 512, answers of 80-400 tokens); the CPU demo above: ~50 s on 2 cores.
 """
 
-from common import (MessageStage, check_unique_ids, configure, generate_all, load_backend, path, read_conversations,
-                    require_stage)
+from common import (MessageStage, check_template, check_unique_ids, configure, generate_all, load_backend, path,
+                    read_conversations, require_stage)
 from riddles import clean_answer
 
 # -----------------------------------------------------------------------------
@@ -38,6 +38,7 @@ REJECTED_FILE = "data/02_rejected.jsonl"  # rejected answers with their reason
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
+check_template("prompt", PROMPT, "riddle")
 
 # %% Riddles -> prompts; the instruction wraps only what the generator sees
 require_stage(path(IN_FILE), "01_generate_riddles.py")

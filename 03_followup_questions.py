@@ -17,8 +17,8 @@ Resume: finished batches are appended to both files; a rerun skips ids found in 
 25 s for 512); the CPU demo above: ~25 s on 2 cores.
 """
 
-from common import (MessageStage, check_unique_ids, configure, generate_all, load_backend, path, read_conversations,
-                    require_stage)
+from common import (MessageStage, check_template, check_unique_ids, configure, generate_all, load_backend, path,
+                    read_conversations, require_stage)
 from riddles import clean_followup
 
 # -----------------------------------------------------------------------------
@@ -39,6 +39,7 @@ REJECTED_FILE = "data/03_rejected.jsonl"  # rejected follow-ups with their reaso
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
+check_template("prompt", PROMPT, "conversation")
 
 # %% Conversations -> one prompt each showing the exchange as a transcript
 require_stage(path(IN_FILE), "02_answer_riddles.py")

@@ -23,8 +23,10 @@ the number of processes.
 
 Resume: rerun the same command after a kill; it continues from the last checkpoint (one per epoch, every
 SAVE_EVERY_STEPS and at the last step) with the optimizer state, and dropout masks seeded per step, so
-the result equals an uninterrupted run. A finished run is not retrained; --overwrite starts afresh;
-raising --epochs or --max-steps continues a finished one. Changing the data or the recipe knobs is refused.
+the result equals an uninterrupted run; killed during the final save, the rerun saves again (run.json gets
+`finished` last, and 06 refuses the folder until then). A finished run is not retrained; --overwrite starts
+afresh (only in a folder 05 made: one with its run.json); raising --epochs or --max-steps continues a finished
+one. Changing the data or the recipe knobs is refused.
 Runtime: the CPU demo (SmolLM2-135M, 4 steps of 1k tokens) ~45 s on 2 cores (20 s training, ~160 tok/s). Phi-2 on one
 H200 (the rehearsal: random weights of the real shape, 1,530 conversations of ~480 tokens): 13.0-13.5k tok/s at
 7.9 GiB, so the recipe's 20 epochs of 0.71M tokens take ~18 min; on two GPUs 25.5k tok/s, ~10 min.
@@ -42,8 +44,8 @@ import warnings
 import torch
 from accelerate import Accelerator
 
-from common import (Appender, InputError, configure, path, read_conversations, read_jsonl, seed_of, tokenize_chat,
-                    write_json_atomic, write_jsonl_atomic)
+from common import (Appender, InputError, check_own_folder, check_unique_ids, configure, path, read_conversations,
+                    read_json, read_jsonl, seed_of, tokenize_chat, write_json_atomic, write_jsonl_atomic)
 from training import add_lora, load_student, loss_sum, micro_batches, supervised_tokens
 from evaluation import plot_loss, read_train_log
 
@@ -89,51 +91,50 @@ RECIPE = {k: globals()[k] for k in ("STUDENT", "MAX_LENGTH", "TRAIN_ON_HEADER", 
 if TOKENS_PER_BATCH < MAX_LENGTH:
     raise InputError(f"--tokens-per-batch ({TOKENS_PER_BATCH}) must be at least --max-length ({MAX_LENGTH})")
 
+# -----------------------------------------------------------------------------
+# The conversations, and what is already in out/05_adapter; all checked before anything starts or is written
+
+data_file, out = path(DATA), path(ADAPTER)
+conversations = read_conversations(data_file)
+check_unique_ids(conversations, data_file)  # one id twice would train on both copies
+data_sha1 = hashlib.sha1(data_file.read_bytes()).hexdigest()
+if len(conversations) < 2:
+    raise InputError(f"{data_file}: {len(conversations)} conversation; need at least 2 (train and eval)")
+# run.json is written first and marks the folder as ours: --overwrite never deletes a folder 05 did not make.
+check_own_folder(out, "run.json", "data_sha1")
+
 accelerator = Accelerator()
 say = accelerator.print  # only the main process prints
 main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
 RECIPE["PROCESSES"] = world  # steps and batches depend on it too
 RECIPE = json.loads(json.dumps(RECIPE))  # as run.json stores it (tuples become lists)
-out = path(ADAPTER)
 ckpt_dir = out / "checkpoints"
-
-# -----------------------------------------------------------------------------
-# The conversations, and what is already in out/05_adapter
-
-data_file = path(DATA)
-conversations = read_conversations(data_file)
-data_sha1 = hashlib.sha1(data_file.read_bytes()).hexdigest()
-if len(conversations) < 2:
-    raise InputError(f"{data_file}: {len(conversations)} conversation; need at least 2 (train and eval)")
 say(f"read {len(conversations):,} conversations from {data_file}")
 
 run_file = out / "run.json"
 previous = None
 if run_file.exists() and not OVERWRITE:
+    previous = read_json(run_file)
     try:
-        previous = json.loads(run_file.read_text())
         changed = [k.lower() for k in RECIPE if previous["recipe"].get(k) != RECIPE[k]]
         changed += ["data"] if previous["data_sha1"] != data_sha1 else []
-    except (ValueError, KeyError, AttributeError, TypeError):
+    except (KeyError, AttributeError, TypeError):
         raise InputError(f"{run_file} is unreadable: rerun with --overwrite to start afresh") from None
     if changed:
         raise InputError(f"{out} holds a run with other {', '.join(changed)}: rerun with --overwrite to start afresh")
-    target = min(previous["steps_per_epoch"] * EPOCHS, MAX_STEPS or math.inf)
-    if previous.get("steps_done", 0) >= target and (out / "adapter_config.json").exists():
+    # `finished` is written last, once the adapter, tokenizer and loss.png of the folder are whole. Without
+    # it (a kill during the final save) the run goes on from its last checkpoint, here the last step, and
+    # saves them again.
+    target = min(previous.get("steps_per_epoch", math.inf) * EPOCHS, MAX_STEPS or math.inf)
+    if "finished" in previous and previous["steps_done"] >= target:
         say(f"{out} is already trained to step {previous['steps_done']:,}: nothing to do (--overwrite to retrain)")
         raise SystemExit(0)
-if OVERWRITE and main and out.exists():
-    shutil.rmtree(out)
-accelerator.wait_for_everyone()
 
 # The split is a function of the data and the seed, so a resumed run recomputes the same one.
 order = sorted(conversations, key=lambda r: r["id"])
 random.Random(SEED).shuffle(order)
 n_eval = max(1, round(len(order) * EVAL_FRACTION)) if EVAL_FRACTION > 0 else 0
 eval_set, train_set = order[:n_eval], order[n_eval:]
-if main:
-    write_jsonl_atomic(out / "train.jsonl", train_set)
-    write_jsonl_atomic(out / "eval.jsonl", eval_set)
 say(f"split: {len(train_set):,} train, {len(eval_set):,} eval (seed {SEED})")
 
 # -----------------------------------------------------------------------------
@@ -155,7 +156,10 @@ def encode(records):
     """ChatML ids and labels, cut to MAX_LENGTH; drops conversations left with nothing to learn."""
     examples, cut = [], 0
     for r in records:
-        e = tokenize_chat(tokenizer, r["messages"], train_on_header=TRAIN_ON_HEADER)
+        try:
+            e = tokenize_chat(tokenizer, r["messages"], train_on_header=TRAIN_ON_HEADER)
+        except InputError as err:  # a special token of this student's own (read_conversations knows the usual ones)
+            raise InputError(f"{data_file}: conversation {r['id']}: {err}") from None
         if len(e["input_ids"]) > MAX_LENGTH:
             cut += 1
             e = {k: v[:MAX_LENGTH] for k, v in e.items()}
@@ -185,6 +189,18 @@ say(f"{len(train_batches):,} micro-batches of <= {TOKENS_PER_BATCH:,} tokens ({f
     f"{world} process(es) x {GRAD_ACCUM} per step: {steps_per_epoch:,} steps/epoch, "
     f"{total_steps:,} in {EPOCHS} epochs, running to step {last_step:,}")
 
+# Everything is checked (inputs, student, LoRA targets, tokenization): only now is the folder written, so a
+# failed start leaves it as it was. run.json first: it marks the folder as 05's (check_own_folder).
+if main:
+    if OVERWRITE and out.exists():
+        shutil.rmtree(out)  # ours: checked above
+    if previous is None:
+        write_json_atomic(run_file, {"student": STUDENT, "data": DATA, "data_sha1": data_sha1, "recipe": RECIPE,
+                                     "steps_done": 0})
+    write_jsonl_atomic(out / "train.jsonl", train_set)
+    write_jsonl_atomic(out / "eval.jsonl", eval_set)
+accelerator.wait_for_everyone()
+
 # -----------------------------------------------------------------------------
 # Optimizer, resume, the training loop
 
@@ -203,8 +219,12 @@ unwrapped = accelerator.unwrap_model(model)
 start = 0
 checkpoints = sorted(ckpt_dir.glob("step-[0-9]*[0-9]"))  # zero-padded: name order is step order
 if checkpoints:
-    state = torch.load(checkpoints[-1] / "state.pt", map_location=accelerator.device, weights_only=True)
-    missing = {n for n, _ in trainable} - set(state["trainable"])
+    try:  # weights_only: a checkpoint is data, never code to run
+        state = torch.load(checkpoints[-1] / "state.pt", map_location=accelerator.device, weights_only=True)
+        missing = {n for n, _ in trainable} - set(state["trainable"])
+    except Exception as e:  # truncated or damaged (a kill cannot do it: checkpoints are renamed into place whole)
+        raise InputError(f"{checkpoints[-1]}/state.pt is unreadable ({type(e).__name__}): delete that folder to "
+                         f"resume from the checkpoint before it, or rerun with --overwrite") from None
     if missing:
         raise InputError(f"{checkpoints[-1]}: checkpoint lacks {sorted(missing)[0]}: rerun with --overwrite")
     unwrapped.load_state_dict(state["trainable"], strict=False)
@@ -215,10 +235,10 @@ if checkpoints:
 
 log_file = out / "log.jsonl"
 if main:
-    # Records past the checkpoint belong to steps that will run again; a torn last line (a kill
-    # mid-write) is dropped as the data stages drop theirs.
+    # Records past the checkpoint belong to steps that will run again (from scratch: all, step 0's eval
+    # too); a torn last line (a kill mid-write) is dropped as the data stages drop theirs.
     log = Appender(log_file, key="step")
-    old = read_jsonl(log_file) if log.done else []
+    old = read_jsonl(log_file) if log.done and start else []
     log.close()
     write_jsonl_atomic(log_file, [r for r in old if r["step"] <= start])
     log = Appender(log_file, key="step")
@@ -328,18 +348,24 @@ for epoch in range(start // steps_per_epoch, EPOCHS):
 
 seconds = time.time() - t0
 first = last = float("nan")
+final = max(start, last_step)  # the checkpoint's step when there was nothing left to train
 if main:
     log.close()
+    # run.json was rewritten without `finished` when this run started: 06 refuses the folder, and a rerun
+    # saves again, until the line below marks these files whole.
     unwrapped.save_pretrained(out)
     tokenizer.save_pretrained(out)  # with chat_template.jinja: the ChatML that training used
     train_log, eval_log = read_train_log(log_file)
     if eval_log:
         first, last = eval_log[0][2], eval_log[-1][2]
     plot_loss(train_log, eval_log, out / "loss.png")  # the picture 07 shows too
-    run.update(steps_done=last_step, finished=last_step == total_steps, seconds=round(seconds, 1),
+    run.update(steps_done=final, finished=final >= total_steps, seconds=round(seconds, 1),
                tokens_per_second=round(seen / max(seconds, 1e-9)))
     write_json_atomic(run_file, run)
 accelerator.end_training()
-say(f"05: trained steps {start + 1:,}-{last_step:,} of {total_steps:,} ({last_step / steps_per_epoch:.2f} epochs) "
-    f"on {len(train_ex):,} conversations in {seconds:,.0f} s ({seen / max(seconds, 1e-9):,.0f} tok/s); "
-    f"eval loss {first:.4f} -> {last:.4f}; adapter in {out}")
+if start >= last_step:
+    say(f"05: nothing left to train; saved the adapter of step {final:,} in {out}")
+else:
+    say(f"05: trained steps {start + 1:,}-{last_step:,} of {total_steps:,} ({last_step / steps_per_epoch:.2f} epochs) "
+        f"on {len(train_ex):,} conversations in {seconds:,.0f} s ({seen / max(seconds, 1e-9):,.0f} tok/s); "
+        f"eval loss {first:.4f} -> {last:.4f}; adapter in {out}")

@@ -22,7 +22,6 @@ Runtime: merging phi-2 ~1-2 min (GPU or CPU, mostly loading; fp32 needs ~11 GB);
 """
 
 import hashlib
-import json
 import shutil
 import time
 
@@ -30,8 +29,9 @@ import torch
 from peft import PeftModel
 from transformers import TextStreamer
 
-from common import (InputError, best_device, chat_replies, configure, default_dtype, load_model, load_tokenizer, path,
-                    read_conversations, require_stage, seed_of, setup_chat_tokenizer, write_json_atomic)
+from common import (InputError, best_device, chat_replies, check_own_folder, configure, control_string, default_dtype,
+                    load_model, load_tokenizer, path, read_conversations, read_json, require_stage, seed_of,
+                    setup_chat_tokenizer, write_json_atomic)
 
 # -----------------------------------------------------------------------------
 ADAPTER = "out/05_adapter"   # stage 05's output folder
@@ -52,11 +52,20 @@ configure(globals())
 
 adapter, out = path(ADAPTER), path(MERGED)
 require_stage(adapter / "adapter_config.json", "05_finetune_phi2.py")
-run = json.loads((adapter / "run.json").read_text()) if (adapter / "run.json").exists() else {}
-student = STUDENT or run.get("student") or json.loads((adapter / "adapter_config.json").read_text())[
-    "base_model_name_or_path"]
+require_stage(adapter / "adapter_model.safetensors", "05_finetune_phi2.py")
+run = read_json(adapter / "run.json") if (adapter / "run.json").exists() else {}  # none: an adapter from elsewhere
+if "steps_done" in run and "finished" not in run:  # 05 writes `finished` once its final save is whole
+    raise InputError(f"{adapter}: stage 05 has not finished saving this adapter (stopped or still running): "
+                     f"rerun 05_finetune_phi2.py to finish it")
+adapter_config = read_json(adapter / "adapter_config.json")
+student = STUDENT or run.get("student") or adapter_config.get("base_model_name_or_path")
+if not student:
+    raise InputError(f"{adapter}: no student named in run.json or adapter_config.json: pass --student")
 fingerprint = hashlib.sha1(b"".join((adapter / f).read_bytes() for f in ("adapter_config.json",
                                                                         "adapter_model.safetensors"))).hexdigest()
+check_own_folder(out, "merge.json", "adapter_sha1")  # a merge replaces the folder: never someone else's
+if control_string(PROMPT):  # before minutes of merging (the student's own special tokens are checked at chat)
+    raise InputError(f"--prompt holds {control_string(PROMPT)!r}, a chat control token; text must stay text")
 device = best_device()
 dtypes = {"auto": default_dtype(device), "bfloat16": torch.bfloat16, "float32": torch.float32}
 if DTYPE not in dtypes:
@@ -67,7 +76,7 @@ dtype = dtypes[DTYPE]
 # Merge: base + adapter -> one plain model, checked
 
 merge_file = out / "merge.json"
-current = merge_file.exists() and json.loads(merge_file.read_text()).get("adapter_sha1") == fingerprint
+current = merge_file.exists() and read_json(merge_file).get("adapter_sha1") == fingerprint
 if current and not OVERWRITE:
     print(f"{out} is current (merged from this adapter): skipping the merge (--overwrite to redo)")
 else:
@@ -76,7 +85,7 @@ else:
     base = load_model(student, device, torch.float32)
     setup_chat_tokenizer(tokenizer, base)  # the same rows, eos and pad as in training
     # What a merge may change: the adapted weights, and the embedding rows of new tokens.
-    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    targets = adapter_config.get("target_modules") or []
     embeddings = {base.get_input_embeddings(), base.get_output_embeddings()}
     watched = {f"{name}.weight" for name, m in base.named_modules()
                if name.rsplit(".", 1)[-1] in targets or m in embeddings}
@@ -126,8 +135,13 @@ else:
             "probe_tokens": ids.shape[1], "max_logit_diff_rel": diff, "tolerance": MERGE_TOLERANCE,
             "saved_dtype_logit_diff_rel": rounding}
     write_json_atomic(tmp / "merge.json", info)
-    shutil.rmtree(out, ignore_errors=True)
+    # Swapped in by renames: a kill at any moment leaves the old folder, the new one, or none (a rerun merges).
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     print(f"06: merged {adapter} into {student} -> {out} in {time.time() - t0:.0f} s")
     del model, merged_model, base, before, after
 
@@ -159,7 +173,7 @@ def reply(messages):
 
 
 if PROMPT:
-    reply([{"role": "user", "content": PROMPT}])
+    reply([{"role": "user", "content": PROMPT}])  # a control token in it: one line, exit 2
     raise SystemExit(0)
 
 print(f"chatting with {out} ({device}); /reset starts over, /exit (or Ctrl-D) quits")
@@ -177,6 +191,10 @@ while True:
         print("(new conversation)")
         continue
     if not text:
+        continue
+    found = control_string(text, tokenizer)
+    if found:  # it would end the turn or open another: not sent, the chat goes on
+        print(f"(not sent: {found!r} is a control token; text must stay text)")
         continue
     messages.append({"role": "user", "content": text})
     print("bot> ", end="", flush=True)

@@ -31,7 +31,6 @@ Runtime: the CPU demo (smollm2 on both sides, --limit=20 --samples=2 --max-new-t
 """
 
 import gc
-import json
 import os
 import random
 import re
@@ -39,7 +38,7 @@ import socket
 import time
 from urllib.parse import urlparse
 
-from common import (InputError, chat_replies, configure, load_model, load_tokenizer, path, read_conversations,
+from common import (chat_replies, check_output, configure, load_model, load_tokenizer, path, read_conversations, read_json,
                     require_stage, seed_of, write_json_atomic)
 from evaluation import (best_eval, compare_scores, lm_eval_scores, plot_loss, read_train_log, riddle_docs,
                         write_riddle_tasks)
@@ -75,11 +74,8 @@ print(f"held-out conversations: {len(held_out):,}; log: {len(train_log):,} train
 base_name = STUDENT
 if not base_name:
     run_file = adapter / "run.json"
-    try:
-        base_name = json.loads(run_file.read_text()).get("student", "") if run_file.exists() else ""
-    except json.JSONDecodeError as e:
-        raise InputError(f"{run_file}: invalid JSON ({e.msg})") from None
-    base_name = base_name or "microsoft/phi-2"
+    base_name = (read_json(run_file).get("student") if run_file.exists() else "") or "microsoft/phi-2"
+check_output(out_dir, folder=True)
 
 
 if not path(MERGED).exists() and path(MERGED).parent.is_dir():  # meant as a local folder, not a hub id

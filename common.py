@@ -1,6 +1,6 @@
 """What every stage shares, in pipeline order: the pieces the numbered scripts import.
 
-- knobs (`configure`), paths, one-line errors (InputError);
+- knobs and one-line errors (`configure`, InputError: from knobs.py), project paths, ids;
 - JSONL records: line-numbered reading, crash-safe appending and resume, atomic writes;
 - model loading: hub ids, local folders, the bundled offline model (alias smollm2);
 - generation: one path from chat prompts to replies (generate_ids), local or over HTTP;
@@ -30,6 +30,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from engine import SLOT_MODEL_TYPES, RowSampler, slot_generate
+from knobs import InputError, check_template, configure  # noqa: F401 (the stages import them from here)
 
 # transformers and peft are imported inside the functions that load models: importing them
 # imports huggingface_hub, which reads HF_HUB_OFFLINE once, and stage 07 sets that only after
@@ -38,93 +39,7 @@ from engine import SLOT_MODEL_TYPES, RowSampler, slot_generate
 ROOT = Path(__file__).resolve().parent
 
 # -----------------------------------------------------------------------------
-# Knobs, paths, errors
-
-
-class InputError(Exception):
-    """Bad input or setup: reported as one line and exit code 2, no traceback."""
-
-
-def _excepthook(kind, err, tb, _default=sys.excepthook):
-    if issubclass(kind, InputError):
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    _default(kind, err, tb)
-
-
-def _parse_value(name, text, default):
-    """Turn the command-line text into the type of the knob's default."""
-    if isinstance(default, bool):
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise InputError(f"--{name.lower().replace('_', '-')} wants true or false, got {text!r}")
-    try:
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float):
-            return float(text)
-    except ValueError:
-        kind = "an int" if isinstance(default, int) else "a float"
-        raise InputError(f"--{name.lower().replace('_', '-')} wants {kind}, got {text!r}") from None
-    if isinstance(default, (list, tuple)):
-        return type(default)(x.strip() for x in text.split(",") if x.strip())
-    if default is None and text.lower() == "none":
-        return None
-    return text
-
-
-def _knob_comments(path):
-    """Map knob name -> (source text of its default, trailing comment)."""
-    found = {}
-    for line in Path(path).read_text().splitlines():
-        m = re.match(r"^([A-Z][A-Z0-9_]*)\s*=\s*(.*?)\s*(?:#\s*(.*))?$", line)
-        if m:
-            found[m.group(1)] = (m.group(2), m.group(3) or "")
-    return found
-
-
-def configure(knobs, argv=None):
-    """Apply `--name=value` (or `--name value`) overrides to a script's UPPER_CASE knobs.
-
-    Call as `configure(globals())` right after the knob block. `--help` lists the knobs;
-    unknown names and wrong types are errors; a bare `--flag` sets a boolean knob true.
-    """
-    sys.excepthook = _excepthook
-    argv = sys.argv[1:] if argv is None else list(argv)
-    names = [k for k, v in knobs.items() if k.isupper() and not k.startswith("_")
-             and (v is None or isinstance(v, (bool, int, float, str, list, tuple)))]
-    script = knobs.get("__file__", "script")
-    if "-h" in argv or "--help" in argv:
-        print((knobs.get("__doc__") or "").strip() + "\n\nknobs (--name=value):")
-        comments = _knob_comments(script) if Path(script).exists() else {}
-        for k in names:
-            source, comment = comments.get(k, (repr(knobs[k]), ""))
-            flag = "--" + k.lower().replace("_", "-")
-            print(f"  {flag:<28} {source:<28} {comment}")
-        sys.exit(0)
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if not arg.startswith("--"):
-            raise InputError(f"unexpected argument {arg!r}: knobs are set as --name=value (see --help)")
-        flag, eq, text = arg[2:].partition("=")
-        name = flag.upper().replace("-", "_")
-        if name not in names:
-            raise InputError(f"unknown knob --{flag} (see --help)")
-        default = knobs[name]
-        if not eq:
-            if isinstance(default, bool):
-                text = "true"
-            elif i < len(argv):
-                text, i = argv[i], i + 1
-            else:
-                raise InputError(f"--{flag} needs a value")
-        knobs[name] = _parse_value(name, text, default)
-        print(f"override: {name} = {knobs[name]!r}")
+# Paths and ids
 
 
 def path(p):
@@ -145,29 +60,89 @@ def seed_of(*parts):
 
 
 # -----------------------------------------------------------------------------
-# JSONL records: read with line-numbered errors, append with resume
+# Text and JSONL records: read with line-numbered errors, append with resume, write atomically
+
+# The most characters one record may hold (a JSONL line, a seed riddle), checked before any parsing or
+# tokenizing: far above any riddle conversation, far below what stalls a tokenizer (a 50 MB line once took
+# 25 s and 5.6 GB, then a panic).
+MAX_RECORD_CHARS = 100_000
+
+# Strings that chat tokenizers read as control tokens: ChatML's <|im_start|> <|im_end|> and the other <|...|>
+# markers (<|endoftext|>, <|eot_id|>), Llama and Mistral's <s> </s> <unk>. Inside a message one would end the
+# turn or open another (an injected system turn, supervised in training), so such text is refused where
+# records are read and rejected where the generator writes it.
+CONTROL_STRINGS = re.compile(r"<\|[^|\s]{1,40}\|>|</?s>|<unk>")
+
+
+def control_string(text, tokenizer=None):
+    """The first control-token string in text, or None: CONTROL_STRINGS, and with a tokenizer also its own
+    special tokens (SmolLM2's <filename>, say), which it would read as control tokens too."""
+    found = CONTROL_STRINGS.search(text)
+    if found:
+        return found.group()
+    if tokenizer is not None:
+        specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+        return next((t for t in specials if t in text), None)
+    return None
+
+
+def read_text(file):
+    """A whole UTF-8 text file (a leading BOM dropped). Missing or unreadable, or bytes that are not UTF-8:
+    InputError naming the file and line. Every input file is read through this."""
+    file = Path(file)
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{file}: file not found") from None
+    except OSError as e:
+        raise InputError(f"{file}: cannot read ({e.strerror})") from None
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{file}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
+
+
+def _json_line(file, n, line):
+    if len(line) > MAX_RECORD_CHARS:
+        raise InputError(f"{file}:{n}: record of {len(line):,} characters, over the limit of {MAX_RECORD_CHARS:,} "
+                         f"(MAX_RECORD_CHARS in common.py)")
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{file}:{n}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise InputError(f"{file}:{n}: invalid JSON (nested too deep)") from None
+
+
+def read_json(file):
+    """The JSON object in a file (run.json, adapter_config.json); anything else is an InputError naming it."""
+    text = read_text(file)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise InputError(f"{file}: invalid JSON (nested too deep)") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{file}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def read_jsonl(file, need=()):
     """All records of a JSONL file; any problem raises InputError naming file and line."""
-    file = Path(file)
-    if not file.exists():
-        raise InputError(f"{file}: file not found")
     records = []
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{file}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise InputError(f"{file}:{n}: expected a JSON object, got {type(rec).__name__}")
-            missing = [k for k in need if k not in rec]
-            if missing:
-                raise InputError(f"{file}:{n}: record has no field {', '.join(map(repr, missing))}")
-            records.append(rec)
+    for n, line in enumerate(read_text(file).split("\n"), 1):
+        if not line.strip():
+            continue
+        rec = _json_line(file, n, line)
+        if not isinstance(rec, dict):
+            raise InputError(f"{file}:{n}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in need if k not in rec]
+        if missing:
+            raise InputError(f"{file}:{n}: record has no field {', '.join(map(repr, missing))}")
+        records.append(rec)
     if not records:
         raise InputError(f"{file}: no records (empty file)")
     return records
@@ -175,8 +150,7 @@ def read_jsonl(file, need=()):
 
 def nonblank_line_numbers(file):
     """Line numbers of the records read_jsonl returns (it skips blank lines)."""
-    with open(file, encoding="utf-8") as f:
-        return [n for n, line in enumerate(f, 1) if line.strip()]
+    return [n for n, line in enumerate(read_text(file).split("\n"), 1) if line.strip()]
 
 
 def read_conversations(file, roles_end="assistant"):
@@ -184,7 +158,8 @@ def read_conversations(file, roles_end="assistant"):
 
     Also accepts the `riddles_evolved` shape (messages as plain strings, user first). Contents
     come back stripped: a reply starting with "\n\n" or "  " merges with the header's "\n" in
-    byte-level BPE, and chat's prompt would no longer be a prefix of the training ids.
+    byte-level BPE, and chat's prompt would no longer be a prefix of the training ids. A message
+    holding a control string (CONTROL_STRINGS) is refused: text must stay text.
     """
     out = []
     records = read_jsonl(file, need=("messages",))
@@ -198,6 +173,10 @@ def read_conversations(file, roles_end="assistant"):
             ok = isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
             if not ok:
                 raise InputError(f"{file}:{line}: message {i} needs a role (system/user/assistant) and string content")
+            found = control_string(m["content"])
+            if found:
+                raise InputError(f"{file}:{line}: message {i} holds {found!r}, a chat control token; text must "
+                                 f"stay text, so remove the record or the string")
         if roles_end and msgs[-1]["role"] != roles_end:
             raise InputError(f"{file}:{line}: last message should be from the {roles_end}")
         rid = rec.get("id", rec.get("number", n))
@@ -205,26 +184,53 @@ def read_conversations(file, roles_end="assistant"):
     return out
 
 
+def check_output(target, folder=False):
+    """Refuse, before any work, an output path that cannot be written: below a regular file, a folder where a
+    file belongs (or the reverse), or in a folder this user may not write. Creates nothing."""
+    target = Path(target)
+    if target.exists() and target.is_dir() != folder:
+        want, got = ("folder", "file") if folder else ("file", "folder")
+        raise InputError(f"{target}: is a {got}, but this output is a {want}")
+    near = next(p for p in target.parents if p.exists())  # the folder it will be made in
+    if not near.is_dir():
+        raise InputError(f"{target}: cannot be made, {near} is a file")
+    if not os.access(near, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise InputError(f"{target}: cannot be written (permission denied)")
+
+
+def check_own_folder(folder, marker, key):
+    """A stage's output folder must be missing, empty, or hold the stage's marker file (a JSON object with
+    `key`): --overwrite and re-saves then never delete files the stage did not write."""
+    folder = Path(folder)
+    check_output(folder, folder=True)
+    if not folder.exists() or not any(folder.iterdir()):
+        return
+    try:
+        ours = key in json.loads((folder / marker).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, RecursionError):
+        ours = False
+    if not ours:
+        raise InputError(f"{folder} is not a folder this stage made (no readable {marker} with {key!r}): name a new "
+                         f"or empty folder, or empty this one yourself")
+
+
 class Appender:
     """Append-only JSONL output that survives a crash at any moment.
 
     On open it repairs a torn last line (the write that a kill interrupted) and
     collects the ids already written; `write` appends and flushes whole records.
+    The file is opened (with overwrite: emptied) only at the first write, so a start
+    that fails before it (a bad input, a server that is down) creates and changes nothing.
     Under several processes (see generate_all) only the first one writes: the others
     read the same ids (a torn last line counts for none) and never touch the file.
     """
 
     def __init__(self, file, overwrite=False, key="id"):
         self.file, self.key, self.writer = Path(file), key, process_share()[0] == 0
-        self.done, self._f = set(), None
-        if self.writer:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            if overwrite and self.file.exists():
-                self.file.unlink()
+        check_output(self.file)
+        self.done, self._f, self._mode = set(), None, "w" if overwrite else "a"
         if self.file.exists() and not overwrite:
             self._repair_and_scan()
-        if self.writer:
-            self._f = open(self.file, "a", encoding="utf-8")
 
     def _repair_and_scan(self):
         data = self.file.read_bytes()
@@ -233,7 +239,7 @@ class Appender:
             try:
                 rec = json.loads(line)
                 ok = line.endswith(b"\n") and isinstance(rec, dict) and self.key in rec
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # a kill can cut a line inside a UTF-8 character, too
                 ok = False
             if not ok:
                 if good + len(line) < len(data):
@@ -248,13 +254,16 @@ class Appender:
             good += len(line)
 
     def write(self, records):
-        if self._f:
+        if self.writer:
+            if self._f is None:
+                self.file.parent.mkdir(parents=True, exist_ok=True)
+                self._f = open(self.file, self._mode, encoding="utf-8")
             self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             self._f.flush()
         self.done.update(r[self.key] for r in records)
 
     def close(self):
-        if self._f:
+        if self._f is not None:
             self._f.close()
 
 
@@ -340,10 +349,10 @@ def from_pretrained(loader, name, **kwargs):
     source = resolve_model(name)
     try:
         return loader.from_pretrained(source, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a corrupt or half-written file in a local folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot load model {name!r} ({first[:160]}); offline, use the bundled "
-                         f"alias 'smollm2' or a local folder path") from None
+        hint = "" if Path(source).is_dir() else "; offline, use the bundled alias 'smollm2' or a local folder path"
+        raise InputError(f"cannot load model {name!r} ({first[:160]}){hint}") from None
 
 
 def load_tokenizer(name):
@@ -421,10 +430,12 @@ def chat_replies(model, tokenizer, prompts, seeds, *, max_new_tokens, temperatur
     """One reply per conversation, prompts rendered with CHATML_TEMPLATE whatever the model's own.
 
     Returns (text, ended) pairs: ended is False where the turn did not end (<|im_end|>, or the
-    tokenizer's eos) within max_new_tokens. Stages 06 and 07 chat through this.
+    tokenizer's eos) within max_new_tokens. Stages 06 and 07 chat through this. A message holding a
+    control token is refused (InputError): it would end the turn or open another.
     """
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_text_stays_text(tokenizer, [m for p in prompts for m in p])
     texts = [render_chatml(p, add_generation_prompt=True)[0] for p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     stop = {"eos_ids": [tokenizer.eos_token_id]}
@@ -546,6 +557,12 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
     one writer, the same files as one process (each row samples from its own seed). The
     other processes exit here when all is done.
     """
+    tokenizer = getattr(backend, "tokenizer", None)  # the hf backend's: its own special tokens count too
+    for j in jobs:
+        found = next((f for m in j["prompt"] if (f := control_string(m["content"], tokenizer))), None)
+        if found:
+            raise InputError(f"{desc}: the prompt of {j['id']} holds {found!r}, a control token of the generator; "
+                             f"text must stay text")
     rank, world = process_share()
     if world > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
@@ -589,7 +606,8 @@ class MessageStage:
     """Stages 02-04: append one generated message to each record, resumably.
 
     clean(text) -> (content, reason): a kept reply becomes the record's next message in
-    out_file, a rejected one goes to rejected_file as {"id", "reason", "text"}. Ids in
+    out_file, a rejected one goes to rejected_file as {"id", "reason", "text"} (also a reply
+    holding a chat control string: "control_token"). Ids in
     either file are done, so a rerun skips them; a failed request (None) is retried.
     """
 
@@ -609,6 +627,8 @@ class MessageStage:
                 self.counts["failed"] += 1
                 continue
             content, reason = self.clean(text)
+            if not reason and control_string(content):
+                reason = "control_token"  # as cleaned and stored: NFKC could have made one of full-width signs
             if reason:
                 self.counts[reason] += 1
                 bad.append({"id": job["id"], "reason": reason, "text": text})
@@ -676,6 +696,15 @@ def render_chatml(messages, add_generation_prompt=False):
     return text, spans
 
 
+def check_text_stays_text(tokenizer, messages):
+    """Refuse (InputError) messages holding a control token of the tokenizer: rendered into the template,
+    "<|im_end|>\\n<|im_start|>system" in a riddle would become real turn markers."""
+    for i, m in enumerate(messages):
+        found = control_string(m["content"], tokenizer)
+        if found:
+            raise InputError(f"message {i} holds {found!r}, a control token; text must stay text")
+
+
 def setup_chat_tokenizer(tokenizer, model=None):
     """Make a tokenizer (and model) speak ChatML with <|im_end|> as eos and a distinct pad.
 
@@ -711,8 +740,10 @@ def tokenize_chat(tokenizer, messages, max_length=None, train_on_header=False):
 
     Labels are -100 except on assistant turns: their content and <|im_end|> (and the
     `<|im_start|>assistant\\n` header if train_on_header). The text is tokenized in one
-    piece, so the ids equal apply_chat_template's; the mask comes from the offsets.
+    piece, so the ids equal apply_chat_template's; the mask comes from the offsets. A message
+    holding a control token is refused (InputError), as the template would let it act as one.
     """
+    check_text_stays_text(tokenizer, messages)
     text, spans = render_chatml(messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     supervised = [(s if train_on_header else b, e) for role, s, b, e in spans if role == "assistant"]

@@ -7,11 +7,13 @@ of stages 02 and 03.
 """
 
 import csv
+import io
 import json
 import re
 import unicodedata
 
-from common import InputError, nonblank_line_numbers, path, read_jsonl, stable_id
+from common import (MAX_RECORD_CHARS, InputError, control_string, nonblank_line_numbers, path, read_jsonl, read_text,
+                    stable_id)
 
 # -----------------------------------------------------------------------------
 # Stage 01: generated lines -> riddles (cleaning, exact and near-duplicate dedup)
@@ -59,6 +61,8 @@ def clean_riddle(line, min_words=5, max_chars=300):
     text = normalize_text(line)
     if not text:
         return "", "empty"
+    if control_string(text):  # after NFKC, which makes "<|" of full-width signs
+        return text, "control_token"
     if text.startswith("#") and not re.match(r"#\d", text):
         return text, "header"
     text = re.sub(r"\*\*|__", "", text).strip()
@@ -170,10 +174,22 @@ def filter_riddles(raw, seeds, min_words=5, max_chars=300, threshold=0.5, n=2):
 
 
 def _riddle_of(rec, where):
+    if isinstance(rec, str):  # a line of a .txt, an item of a .json list; blank ones are skipped
+        if not rec.strip():
+            return ""
+        rec = {"text": rec}
     for field in RIDDLE_FIELDS:
-        value = rec.get(field)
+        value = rec.get(field) if isinstance(rec, dict) else None
         if isinstance(value, str) and value.strip():
-            return normalize_text(value)
+            if len(value) > MAX_RECORD_CHARS:
+                raise InputError(f"{where}: riddle of {len(value):,} characters, over the limit of "
+                                 f"{MAX_RECORD_CHARS:,} (MAX_RECORD_CHARS in common.py)")
+            text = normalize_text(value)
+            found = control_string(text)  # after NFKC, as stored
+            if found:
+                raise InputError(f"{where}: riddle holds {found!r}, a chat control token; text must stay text, "
+                                 f"so remove the record or the string")
+            return text
     raise InputError(f"{where}: record has no riddle field ({', '.join(RIDDLE_FIELDS)}) with text")
 
 
@@ -191,26 +207,29 @@ def load_seed_riddles(source):
         if suffix == ".jsonl":
             lines = nonblank_line_numbers(file)
             return [_riddle_of(r, f"{file}:{n}") for r, n in zip(read_jsonl(file), lines)]
+        text = read_text(file)  # UTF-8 checked here, with the line of a bad byte
         if suffix == ".txt":
-            riddles = [normalize_text(x) for x in file.read_text(encoding="utf-8").splitlines() if x.strip()]
+            riddles = [_riddle_of(x, f"{file}:{n}") for n, x in enumerate(text.split("\n"), 1)]
         elif suffix == ".json":
             try:
-                data = json.loads(file.read_text(encoding="utf-8"))
+                data = json.loads(text)
             except json.JSONDecodeError as e:
                 raise InputError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise InputError(f"{file}: invalid JSON (nested too deep)") from None
             if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
                 data = next((v for v in data.values() if isinstance(v, list)), None)
             if not isinstance(data, list):
                 raise InputError(f"{file}: expected a JSON list of records")
-            riddles = [normalize_text(r) if isinstance(r, str) else
-                       _riddle_of(r if isinstance(r, dict) else {}, f"{file}: record {i}")
-                       for i, r in enumerate(data, 1)]
+            riddles = [_riddle_of(r, f"{file}: record {i}") for i, r in enumerate(data, 1)]
         else:
-            with open(file, encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f)
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            try:
                 if not set(reader.fieldnames or ()) & set(RIDDLE_FIELDS):
                     raise InputError(f"{file}:1: no riddle column ({', '.join(RIDDLE_FIELDS)}) in the header")
                 riddles = [_riddle_of(row, f"{file}:{reader.line_num}") for row in reader]
+            except csv.Error as e:  # a field over csv's own limit (131,072 characters), a stray NUL, ...
+                raise InputError(f"{file}:{reader.line_num}: invalid CSV ({e})") from None
         riddles = [r for r in riddles if r]
         if not riddles:
             raise InputError(f"{file}: no records (empty file)")

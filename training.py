@@ -88,7 +88,10 @@ def add_lora(model, r=32, alpha=32, dropout=0.1, targets=None, new_token_ids=(),
         extra["trainable_token_indices"] = {embed: ids, head: ids}  # a tied head shares the rows
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                         bias="none", task_type="CAUSAL_LM", **extra)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. no module of that name in this model
+        raise InputError(f"--lora-targets {','.join(targets)}: {str(e).strip().splitlines()[0][:200]}") from None
 
 
 def micro_batches(examples, max_tokens, packed=True, pad_id=None, seed=0):
