@@ -142,7 +142,7 @@ def test_dead_server_creates_nothing_and_prints_no_secret(tmp_path, monkeypatch,
 
     def no_retries(*args):
         backend = real(*args)
-        backend.client = backend.client.with_options(max_retries=0)  # the first refusal is the answer
+        backend.clients = [c.with_options(max_retries=0) for c in backend.clients]  # the first refusal is the answer
         return backend
 
     monkeypatch.setattr(common, "load_backend", no_retries)
