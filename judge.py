@@ -19,14 +19,14 @@ POINTS = ("answer", "follow_up", "second_answer")
 # "Assistant's answer: 4 legs" is not read as a score. Longer labels come first: "follow-up answer" and
 # "answer 2" are the second answer, not the answer or the follow-up.
 _LABELS = {
-    "second_answer": r"second[\s-]*answer|2nd[\s-]*answer|answer[\s-]*(?:2|two)|follow[\s-]*up[\s-]*answer",
-    "follow_up": r"(?:child'?s[\s-]*)?follow[\s-]*up(?:[\s-]*question)?|(?:child'?s[\s-]*)?question",
-    "answer": r"(?:first[\s-]*|1st[\s-]*)?answer(?:[\s-]*1)?",
+    "second_answer": r"second[\s_-]*answer|2nd[\s_-]*answer|answer[\s_-]*(?:2|two)|follow[\s_-]*up[\s_-]*answer",
+    "follow_up": r"(?:child'?s[\s_-]*)?follow[\s_-]*up(?:[\s_-]*question)?|(?:child'?s[\s_-]*)?question",
+    "answer": r"(?:first[\s_-]*|1st[\s_-]*)?answer(?:[\s_-]*1)?",
 }
 _START = r"(?:^|[,;|.]\s*)[\[{(]?\s*[\"']?"
 _SEP = r"[\"']?\s*(?:\([^)\n]{0,60}\)\s*)?(?:score|rating)?\s*[:=\-\u2013]\s*"
-_SCORE = {key: re.compile(_START + r"(?:" + label + r")" + _SEP + r"[\"'\[(]?([1-5])(?:\.0)?(?:\s*(?:/|out\s+of)\s*5)?"
-                          r"(?![\d.]*\d)", re.I | re.M)
+_VALUE = r"[\"'\[(]?(?P<score>[1-5])(?:\.0)?(?:\s*(?:/|out\s+of)\s*5)?(?![\d.]*\d)"  # 4, "4", [4], 4/5, 4.0
+_SCORE = {key: re.compile(_START + r"(?P<label>" + label + r")" + _SEP + _VALUE, re.I | re.M)
           for key, label in _LABELS.items()}
 _REASON = re.compile(_START + r"(?:reasons?|explanation|justification|why|comments?)" + _SEP, re.I | re.M)
 _MARKUP = re.compile(r"\*\*?|`|__|^\s*#+\s*|^\s*(?:[-+\u2022]|\d{1,2}[.)])\s+", re.M)
@@ -40,12 +40,12 @@ def parse_judgement(text):
     found = {key: pattern.search(text) for key, pattern in _SCORE.items()}
     if not all(found.values()):
         return None
-    scores = {key: int(found[key].group(1)) for key in POINTS}
+    scores = {key: int(found[key].group("score")) for key in POINTS}
     reason = ""
     label = _REASON.search(text)
     if label:
-        later = [m.start() for p in _SCORE.values() for m in p.finditer(text, label.end())]
-        reason = " ".join(text[label.end():min(later, default=len(text))].split()).strip("\"',;|}] ")
+        later = [m.start("label") for p in _SCORE.values() for m in p.finditer(text, label.end())]
+        reason = " ".join(text[label.end():min(later, default=len(text))].split()).strip("\"',;|{}[ ")
     return scores, reason
 
 
