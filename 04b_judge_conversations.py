@@ -1,0 +1,72 @@
+"""Stage 04b (optional): the generator judges each finished conversation; low scores are dropped.
+
+For each conversation the generator scores three points from 1 to 5 (is the answer right and
+simple, is the follow-up a child's question, is the second answer on topic) and gives a reason,
+in a fixed format (PROMPT) that judge.parse_judgement reads. The conversation's score is the
+lowest of the three (a conversation is as good as its worst part). Records scoring MIN_SCORE or
+more are kept with the judgement; the others, and replies that cannot be read, are rejected.
+
+Reads:  data/04_conversations.jsonl  {"id", "messages": [user, assistant, user, assistant]}
+Writes: data/04b_judged.jsonl        the record unchanged plus "judge": {"scores": {"answer",
+                                     "follow_up", "second_answer"}, "score": the lowest, "reason"}
+        data/04b_rejected.jsonl      {"id", "reason": "low_score", "score", "scores", "judge_reason", "text"}
+                                     or {"id", "reason": "unparsed", "text"} (text: the judge's reply)
+
+    python 04b_judge_conversations.py
+    python 04b_judge_conversations.py --min-score=4   # stricter
+    python 05_finetune_phi2.py --data=data/04b_judged.jsonl
+
+Resume: finished batches are appended to both files; a rerun skips ids found in either (also
+unparsed ones: --overwrite judges them again). A request that failed (openai backend) is written
+nowhere, so a rerun retries it. A new MIN_SCORE applies only to records judged after it: rerun
+with --overwrite to apply it to all. Runtime: about a third of stage 04's (the prompt holds the
+whole conversation, the reply is ~40 tokens).
+"""
+
+from common import (InputError, check_template, check_unique_ids, configure, generate_all, load_backend,
+                    nonblank_line_numbers, path, read_conversations, read_jsonl, require_stage)
+from judge import JudgeStage
+
+# -----------------------------------------------------------------------------
+GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the offline alias smollm2
+BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible server)
+BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1; several, comma-separated, share the requests
+API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
+PROMPT = "A curious 10-year-old asked an assistant a riddle, then a follow-up question. Judge the conversation.\n\nRiddle: {riddle}\n\nAssistant: {answer}\n\nChild: {followup}\n\nAssistant: {second_answer}\n\nScore each point from 1 (bad) to 5 (good):\n- answer: is the answer to the riddle right, and explained simply enough for a child?\n- follow-up: is the follow-up a short question a child would ask about the answer?\n- second answer: does the second answer reply to the follow-up, on topic and simply?\n\nReply with exactly these four lines and nothing else:\nanswer: N\nfollow-up: N\nsecond answer: N\nreason: one short sentence"  # {riddle} {answer} {followup} {second_answer}
+BATCH_SIZE = 512  # conversations per call (GPU: 256 decode at once, refilled as rows end; openai: concurrent requests)
+MAX_NEW_TOKENS = 96  # tokens per judgement: three scores and a one-sentence reason
+TEMPERATURE = 0.0  # 0 = greedy: a judgement should not depend on a draw
+TOP_P = 1.0  # nucleus sampling, 1.0 = off
+SEED = 0  # sampling (when TEMPERATURE > 0): same seed, same judgements
+MIN_SCORE = 3  # 1-5: conversations whose lowest score is below this are rejected as low_score
+IN_FILE = "data/04_conversations.jsonl"  # stage 04's output
+OUT_FILE = "data/04b_judged.jsonl"  # kept conversations with their judgement; 05 takes it with --data=
+REJECTED_FILE = "data/04b_rejected.jsonl"  # low scores and unreadable judgements, with the judge's reply
+OVERWRITE = False  # start over instead of resuming
+# -----------------------------------------------------------------------------
+configure(globals())
+check_template("prompt", PROMPT, "riddle", "answer", "followup", "second_answer")
+
+# %% Conversations -> one prompt each; the records are written back unchanged (any extra fields kept)
+require_stage(path(IN_FILE), "04_followup_answers.py")
+checked = read_conversations(path(IN_FILE), roles_end="assistant")
+check_unique_ids(checked, path(IN_FILE))
+records, jobs = [], []
+for raw, rec, line in zip(read_jsonl(path(IN_FILE)), checked, nonblank_line_numbers(path(IN_FILE))):
+    turns = [m["content"] for m in rec["messages"] if m["role"] != "system"]
+    if [m["role"] for m in rec["messages"] if m["role"] != "system"] != ["user", "assistant"] * 2:
+        raise InputError(f"{path(IN_FILE)}:{line}: expected a two-turn conversation (user, assistant, user, "
+                         f"assistant), got {len(turns)} messages")
+    records.append(dict(raw, id=rec["id"]))
+    prompt = PROMPT.format(riddle=turns[0], answer=turns[1], followup=turns[2], second_answer=turns[3])
+    jobs.append({"id": rec["id"], "prompt": [{"role": "user", "content": prompt}]})
+print(f"{len(records):,} conversations from {IN_FILE}")
+
+# %% Judge the missing ones, appending each finished batch
+stage = JudgeStage(records, MIN_SCORE, path(OUT_FILE), path(REJECTED_FILE), OVERWRITE)
+if stage.skipped < len(records):
+    print(f"{stage.skipped:,} already judged; judging {len(records) - stage.skipped:,} with {GENERATOR}")
+    backend = load_backend(BACKEND, GENERATOR, BASE_URL, API_KEY)
+    generate_all(backend, jobs, stage.done, stage.save, batch_size=BATCH_SIZE, seed=SEED,
+                 max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, desc="04b judge")
+stage.finish("04b")
