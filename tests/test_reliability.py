@@ -27,7 +27,7 @@ from common import MAX_RECORD_CHARS, InputError
 from knobs import KNOB_RANGES, _knob_comments
 from riddles import clean_followup, clean_riddle
 
-STAGES = sorted(p.name for p in ROOT.glob("0[1-7]_*.py"))
+STAGES = sorted(p.name for p in ROOT.glob("0[1-7]*_*.py"))
 
 
 def refused(monkeypatch, script, *args, match):
