@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import BertConfig, BertModel
 
 import dedup
 from common import CACHE, InputError
 from dedup import answers_match, mask_answer, short_answer, swapped_words
+from helpers import make_tokenizer
 
 PAIRS = Path(__file__).resolve().parent / "data" / "riddle_pairs.jsonl"
 
@@ -75,9 +77,6 @@ def test_mask_answer_hides_the_answer_and_its_compounds():
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    from conftest import make_tokenizer
-    from transformers import BertConfig, BertModel
-
     folder = tmp_path_factory.mktemp("tiny_bert")
     tok = make_tokenizer()
     config = BertConfig(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
