@@ -640,6 +640,13 @@ class MessageStage:
         self.rejected.write(bad)
         self.counts["kept"] += len(good)
 
+    def reject(self, records):
+        """Write rejects decided before generation (stage 03's reworded duplicates), except ids already done."""
+        fresh = [r for r in records if r["id"] not in self.done]
+        self.rejected.write(fresh)
+        self.done.update(r["id"] for r in fresh)
+        self.counts.update(r["reason"] for r in fresh)
+
     def finish(self, stage, what):
         """Close the files and print the summary line; exit 1 if requests failed (rerun retries)."""
         self.out.close()
