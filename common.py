@@ -355,11 +355,11 @@ def from_pretrained(loader, name, **kwargs):
         raise InputError(f"cannot load model {name!r} ({first[:160]}){hint}") from None
 
 
-def load_tokenizer(name):
-    """Tokenizer of a model name (alias, local folder or hub id)."""
+def load_tokenizer(name, **kwargs):
+    """Tokenizer of a model name (alias, local folder or hub id); kwargs go to from_pretrained."""
     from transformers import AutoTokenizer
 
-    return from_pretrained(AutoTokenizer, name)
+    return from_pretrained(AutoTokenizer, name, **kwargs)
 
 
 def best_device():

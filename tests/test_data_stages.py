@@ -316,7 +316,9 @@ def test_chain_01_to_04(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(common, "load_backend", lambda *a, **k: Scripted())
     d = tmp_path
-    f = {n: d / f"{n}.jsonl" for n in ("raw", "01", "01r", "02", "02r", "03", "03r", "04", "04r")}
+    names = {"raw": "01_raw", "01": "01_riddles", "01r": "01_rejected", "02": "02_answers", "02r": "02_rejected",
+             "03": "03_followups", "03r": "03_rejected", "04": "04_conversations", "04r": "04_rejected"}
+    f = {k: d / f"{n}.jsonl" for k, n in names.items()}  # the stages' own names: 04's data card reads them
     run_stage(monkeypatch, "01_generate_riddles.py", f"--seed-file={write_seeds(d)}", "--num-prompts=8", "--k=3",
               "--batch-size=3", f"--raw-file={f['raw']}", f"--out-file={f['01']}", f"--rejected-file={f['01r']}")
     out = capsys.readouterr().out
@@ -360,6 +362,9 @@ def test_chain_01_to_04(tmp_path, monkeypatch, capsys):
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant", "user", "assistant"] for r in final)
     ds = datasets.load_dataset("json", data_files=str(f["04"]), split="train")
     assert ds.num_rows == len(final) and ds[0]["messages"] == final[0]["messages"]
+    card = (d / "report.md").read_text()
+    assert f"| 04 conversations | {len(followups)} | {len(final)} | 0 | 0 | none |" in card
+    assert (d / "report_stages.png").exists() and "in words" in card  # the scripted backend has no tokenizer
     # Every stage resumes to a no-op: nothing generated, nothing written twice.
     before = {k: v.read_bytes() for k, v in f.items()}
     capsys.readouterr()
