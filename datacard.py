@@ -95,8 +95,9 @@ def _save(fig, file):
 
 def plot_stages(rows, file):
     """One bar chart per stage: kept, each rejection reason, and the records not done yet."""
-    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.2 + 0.32 * sum(2 + len(r["reasons"]) for r in rows)),
-                             dpi=110, squeeze=False)
+    heights = [2 + len(r["reasons"]) + bool(r["open"]) for r in rows]  # bars of each chart, its title
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 0.8 + 0.3 * sum(heights)), dpi=110, squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     for ax, row in zip(axes[:, 0], rows):
         bars = [(f"kept ({row['what']})", row["kept"], "tab:green")]
         bars += [(reason, n, "tab:orange" if reason in REWORDED else "tab:gray") for reason, n in row["reasons"].most_common()]
@@ -148,6 +149,10 @@ def _one_line(text, limit=160):
     return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
+def _answers(pair):
+    return " / ".join(_one_line(a, 30) or "?" for a in pair["answers"])
+
+
 def write_card(folder="data", tokenizer=None, tokenizer_name="", samples=5, seed=0, top=10):
     """Write report.md and its PNGs into `folder` from the stage files there; returns the report's path.
 
@@ -194,27 +199,27 @@ def write_card(folder="data", tokenizer=None, tokenizer_name="", samples=5, seed
     if reworded or closest:
         groups = clusters(reworded)
         on_seed = sum(r["reason"] == "reworded_seed" for r in reworded)
+        removed = (f"{len(reworded):,} riddles removed as rewordings: {on_seed:,} of a seed, "
+                   f"{len(reworded) - on_seed:,} of an earlier riddle, in {len(groups):,} clusters (a seed or kept "
+                   "riddle and its removed rewordings)." if reworded else "No riddle was removed as a rewording.")
         card += ["## Reworded duplicates (stage 03, dedup.py)", "",
-                 f"{len(reworded):,} riddles removed as rewordings: {on_seed:,} of a seed, "
-                 f"{len(reworded) - on_seed:,} of an earlier riddle, in {len(groups):,} clusters (a seed or kept "
-                 "riddle and its removed rewordings). Cosines: trick = riddle + explanation with the answer hidden, "
-                 "riddle = the riddle alone.", ""]
+                 f"{removed} Cosines: trick = riddle + explanation with the answer hidden, riddle = the riddle "
+                 "alone; answers: the short answers found in the replies (? where none was found).", ""]
         if groups:
             card += [f"### Largest clusters (of {len(groups):,})", ""]
             for head, members in groups[:5]:
                 card.append(f"- {'seed' if head['seed'] else 'kept'}: {_one_line(head['text'])}")
-                card += [f"  - removed (trick {m['scores']['trick']:.2f}, answers {m['answers'][0]!r} / "
-                         f"{m['answers'][1]!r}): {_one_line(m['text'])}" for m in members]
+                card += [f"  - removed (trick {m['scores']['trick']:.2f}, answers {_answers(m)}): "
+                         f"{_one_line(m['text'])}" for m in members]
             card.append("")
         if closest:
             near = sorted(closest, key=lambda c: (-c["scores"]["trick"], c["id"]))[:top]
             card += [f"### Closest pairs kept (top {len(near)} of {len(closest):,} by trick cosine)", "",
                      "| riddle | closest (seed or kept) | trick | riddle cos | answers | kept because |",
                      "|---|---|---:|---:|---|---|"]
-            card += [f"| {_one_line(c['text'], 100)} | {_one_line(c['closest']['text'], 100)} "
-                     f"{'(seed)' if c['closest']['seed'] else ''} | {c['scores']['trick']:.2f} | "
-                     f"{c['scores']['question']:.2f} | {_one_line(' / '.join(c['answers']), 60)} | "
-                     f"{c['kept_because']} |" for c in near]
+            card += [f"| {_one_line(c['text'], 100)} | {_one_line(c['closest']['text'], 100)}"
+                     f"{' (seed)' if c['closest']['seed'] else ''} | {c['scores']['trick']:.2f} | "
+                     f"{c['scores']['question']:.2f} | {_answers(c)} | {c['kept_because']} |" for c in near]
             card.append("")
         plot_similarity(reworded, closest, folder / "report_similarity.png")
         card += ["![trick cosines: removed rewordings and closest kept pairs](report_similarity.png)", ""]

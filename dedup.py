@@ -282,7 +282,11 @@ def _compare(pool, v, i, kept, trick_min, answer_min):
     if tricks[order[0]] < trick_min:
         return j, f"trick cosine below {trick_min}"
     swapped = swapped_words(pool[i]["riddle"], pool[j]["riddle"])
-    return j, f"swapped words: {', '.join(swapped)}" if swapped else "answers differ"
+    if swapped:
+        return j, f"swapped words: {', '.join(swapped)}"
+    if not (answer_words(v["answers"][i]) and answer_words(v["answers"][j])):
+        return j, "no short answer found"
+    return j, "answers differ"
 
 
 def drop_duplicates(embedder, records, seeds=(), **knobs):

@@ -44,7 +44,7 @@ def data(tmp_path):
                                            {"id": "r9", "reason": "not_a_question", "text": "A towel."}])
     write(tmp_path, "03_closest.jsonl", [
         {"id": f"r{i}", "text": f"Riddle {i}?", "closest": {"id": "s1", "text": "Seed?", "seed": True},
-         "scores": {"question": 0.3, "trick": t, "answer": 0.2}, "answers": ["a towel", "a map"],
+         "scores": {"question": 0.3, "trick": t, "answer": 0.2}, "answers": ["a towel", "a map" if i else ""],
          "kept_because": "answers differ"} for i, t in enumerate([0.4, 0.62, 0.5])])
     write(tmp_path, "04_conversations.jsonl", convs[:3])
     (tmp_path / "04_rejected.jsonl").write_text("")  # a stage that rejected nothing leaves an empty file
@@ -69,6 +69,7 @@ def test_card_counts_clusters_and_pictures(data):
     assert "### Closest pairs kept (top 3 of 3 by trick cosine)" in text
     rows = [line for line in text.splitlines() if line.startswith("| Riddle ") and "(seed)" in line]
     assert [r.split(" | ")[2] for r in rows] == ["0.62", "0.50", "0.40"]  # closest first
+    assert rows[2].endswith("| 0.40 | 0.30 | a towel / ? | answers differ |")  # ?: no short answer found
     assert text.count("\n### r") == 2 and "> **assistant:** Step 1: it dries you.\n> So it is a towel." in text
     assert "judge" not in text.lower()  # no judge exists yet: no section for one
     for name in ("report_stages.png", "report_lengths.png", "report_similarity.png"):
@@ -91,6 +92,12 @@ def test_card_counts_tokens_and_leaves_out_missing_stages(data, tokenizer):
     answer = len(tokenizer(conversation(0)["messages"][1]["content"], add_special_tokens=False)["input_ids"])
     assert f"| answer | 3 | {answer} | {answer} | {answer} |" in text and answer != 10
     assert "### Closest pairs kept" not in text and "3 riddles removed as rewordings" in text
+    write(data, "03_rejected.jsonl", [])
+    write(data, "03_closest.jsonl", [{"id": "r1", "text": "Riddle?", "closest": {"id": "r0", "text": "R?", "seed": False},
+                                       "scores": {"question": 0.1, "trick": 0.2, "answer": 0.0}, "answers": ["a", "b"],
+                                       "kept_because": "trick cosine below 0.55"}])
+    text = datacard.write_card(data).read_text()
+    assert "No riddle was removed as a rewording." in text and "### Largest clusters" not in text
 
 
 def test_clusters_largest_first():

@@ -140,9 +140,10 @@ def test_drop_duplicates_names_what_each_duplicates(monkeypatch):
         record("r4", "What has a bark, but no bite?", "A tree! A tree has bark and no bite."),
         record("r5", "What has a bark but no bite?", "The answer is a dog. A dog has bark and no bite."),  # new answer
         record("r6", "What has a bark, but no bite at all?", "The answer is a dog. A dog has bark and no bite."),
+        record("r7", "What has a bark but no bite?", "Let's think about a bark and no bite very slowly."),  # no answer
     ]
     kept, rejected, closest = dedup.drop_duplicates(None, records, seeds)
-    assert [r["id"] for r in kept] == ["r2", "r3", "r5"]
+    assert [r["id"] for r in kept] == ["r2", "r3", "r5", "r7"]
     assert [(r["id"], r["reason"], r["duplicate_of"]["id"], r["answers"]) for r in rejected] == [
         ("r1", "reworded_seed", s1, ["a piano", "A piano"]),
         ("r4", "reworded_duplicate", "r2", ["A tree", "a tree"]),
@@ -158,6 +159,7 @@ def test_drop_duplicates_names_what_each_duplicates(monkeypatch):
         ("r2", s1, True, f"trick cosine below {dedup.TRICK_MIN}"),
         ("r3", "r2", False, "swapped words: bark, bit"),
         ("r5", "r2", False, "answers differ"),
+        ("r7", "r2", False, "no short answer found"),  # matches nothing
     ]
     assert closest[1]["scores"]["trick"] >= dedup.TRICK_MIN and closest[1]["answers"] == ["a tree", "a tree"]
 
