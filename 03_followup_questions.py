@@ -24,8 +24,8 @@ Runtime: ~1.5 min for ~1.7k conversations of Mistral-7B on one H200 (the rehears
 the CPU demo above: ~25 s on 2 cores, plus ~20 s for the dedup (MiniLM over 265 seeds and ~45 riddles).
 """
 
-from common import (MessageStage, check_template, check_unique_ids, configure, generate_all, load_backend, path,
-                    read_conversations, require_stage, write_jsonl_atomic)
+from common import (MessageStage, check_output, check_template, check_unique_ids, configure, generate_all, load_backend,
+                    path, read_conversations, require_stage, write_jsonl_atomic)
 from dedup import drop_duplicates, load_embedder, seed_item
 from riddles import clean_followup, load_seed_rows
 
@@ -61,6 +61,7 @@ records = read_conversations(path(IN_FILE), roles_end="assistant")
 check_unique_ids(records, path(IN_FILE))
 print(f"{len(records):,} conversations from {IN_FILE}")
 stage = MessageStage(records, "user", lambda text: clean_followup(text, MAX_WORDS), path(OUT_FILE), path(REJECTED_FILE), OVERWRITE)
+check_output(path(CLOSEST_FILE))
 
 # %% Reworded duplicates: compared with the seeds and the riddles kept before them, in input order
 kept = records
