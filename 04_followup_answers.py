@@ -20,9 +20,9 @@ The data card is rewritten from the stage files at the end of each run that fini
 30 s for 512, answers of 60-300 tokens); the CPU demo above: ~25 s on 2 cores.
 """
 
-from common import (InputError, MessageStage, check_unique_ids, configure, generate_all, load_backend, load_tokenizer,
-                    path, read_conversations, require_stage)
-from datacard import write_card
+from common import (MessageStage, check_unique_ids, configure, generate_all, load_backend, path, read_conversations,
+                    require_stage)
+from datacard import generator_tokenizer, write_card
 from riddles import clean_answer
 
 # -----------------------------------------------------------------------------
@@ -62,11 +62,6 @@ stage.finish("04", "conversations")
 
 # %% The data card: lengths in the generator's tokens when its tokenizer is at hand, else in words
 if DATA_CARD:
-    tokenizer = getattr(backend, "tokenizer", None)
-    if tokenizer is None and BACKEND == "hf":
-        try:  # from local files only: a card never waits on the network
-            tokenizer = load_tokenizer(GENERATOR, local_files_only=True)
-        except InputError:
-            pass
+    tokenizer = generator_tokenizer(backend, BACKEND, GENERATOR)
     card = write_card(path(OUT_FILE).parent, tokenizer=tokenizer, tokenizer_name=GENERATOR)
     print(f"data card: {card} (lengths in {'tokens' if tokenizer is not None else 'words'})")

@@ -1,11 +1,13 @@
-"""The data card: what stages 01-04 kept and rejected, and what the finished conversations look like.
+"""The data card: what stages 01-04 (and the optional judge, 04b) kept and rejected, and what the
+finished conversations look like.
 
 write_card(folder) reads the stage files of `folder` by their fixed names (01_riddles.jsonl ...
-04_rejected.jsonl, and 03_closest.jsonl from stage 03's dedup) and writes report.md beside them,
+04b_rejected.jsonl, and 03_closest.jsonl from stage 03's dedup) and writes report.md beside them,
 with pictures where looking beats reading: report_stages.png (records kept and rejected per stage
-and reason), report_lengths.png (lengths of the four turns) and report_similarity.png (how close
-the removed rewordings and the closest kept pairs were). Stage 04 calls it once it is done; a stage
-whose files are absent is left out. Deterministic: the same files give the same card.
+and reason), report_lengths.png (lengths of the four turns), report_similarity.png (how close the
+removed rewordings and the closest kept pairs were) and report_judge.png (04b's scores, once it
+ran). Stages 04 and 04b call it when they are done; a stage whose files are absent is left out.
+Deterministic: the same files give the same card.
 
     python datacard.py              # data/report.md, lengths in words
     python datacard.py data smollm2 # lengths in tokens of a model's tokenizer (alias, folder or hub id)
@@ -23,15 +25,17 @@ import numpy as np
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import load_tokenizer, path, read_jsonl  # noqa: E402
+from common import InputError, load_tokenizer, path, read_jsonl  # noqa: E402
 
 STAGES = [  # stage, what it keeps, kept file, rejected file
     ("01", "riddles", "01_riddles.jsonl", "01_rejected.jsonl"),
     ("02", "answers", "02_answers.jsonl", "02_rejected.jsonl"),
     ("03", "follow-ups", "03_followups.jsonl", "03_rejected.jsonl"),
     ("04", "conversations", "04_conversations.jsonl", "04_rejected.jsonl"),
+    ("04b", "judged conversations", "04b_judged.jsonl", "04b_rejected.jsonl"),  # the optional quality gate
 ]
 TURNS = ("riddle", "answer", "follow-up", "follow-up answer")
+JUDGED = (("score", "lowest"), ("answer", "answer"), ("follow_up", "follow-up"), ("second_answer", "second answer"))
 REWORDED = ("reworded_seed", "reworded_duplicate")
 
 
@@ -70,6 +74,13 @@ def turn_lengths(conversations, tokenizer=None):
         else:
             lengths[name] = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
     return lengths
+
+
+def judgements(judged, rejected):
+    """{id: (kept, scores with "score" the lowest)} of 04b's judged records, kept or rejected as low_score."""
+    found = {r["id"]: (True, {**r["judge"]["scores"], "score": r["judge"]["score"]}) for r in judged}
+    found.update({r["id"]: (False, {**r["scores"], "score": r["score"]}) for r in rejected if r["reason"] == "low_score"})
+    return found
 
 
 def clusters(reworded):
@@ -140,6 +151,23 @@ def plot_similarity(reworded, closest, file):
     _save(fig, file)
 
 
+def plot_judge(found, file):
+    """Bars of the scores 1-5, kept and rejected by 04b stacked: the lowest, then each of the three points."""
+    fig, axes = plt.subplots(1, len(JUDGED), figsize=(11, 3), dpi=110, sharey=True)
+    values = range(1, 6)
+    for ax, (key, name) in zip(axes, JUDGED):
+        kept = Counter(s[key] for k, s in found.values() if k)
+        dropped = Counter(s[key] for k, s in found.values() if not k)
+        ax.bar(values, [kept[v] for v in values], color="tab:green", label="kept")
+        ax.bar(values, [dropped[v] for v in values], bottom=[kept[v] for v in values], color="tab:gray",
+               label="rejected")
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(values)
+    axes[0].legend(fontsize=8)
+    axes[0].set_ylabel("conversations")
+    _save(fig, file)
+
+
 # -----------------------------------------------------------------------------
 # The card
 
@@ -153,6 +181,18 @@ def _answers(pair):
     return " / ".join(_one_line(a, 30) or "?" for a in pair["answers"])
 
 
+def generator_tokenizer(backend, kind, name):
+    """The generator's tokenizer for the card's lengths: the loaded hf backend's, else from local files only
+    (a card never waits on the network); None (lengths in words) for a server or a tokenizer not at hand."""
+    tokenizer = getattr(backend, "tokenizer", None)
+    if tokenizer is None and kind == "hf":
+        try:
+            tokenizer = load_tokenizer(name, local_files_only=True)
+        except InputError:
+            pass
+    return tokenizer
+
+
 def write_card(folder="data", tokenizer=None, tokenizer_name="", samples=5, seed=0, top=10):
     """Write report.md and its PNGs into `folder` from the stage files there; returns the report's path.
 
@@ -164,6 +204,7 @@ def write_card(folder="data", tokenizer=None, tokenizer_name="", samples=5, seed
     rejected_03 = _records(folder / "03_rejected.jsonl")
     reworded = [r for r in rejected_03 if r["reason"] in REWORDED]
     closest = _records(folder / "03_closest.jsonl")
+    judged = judgements(_records(folder / "04b_judged.jsonl"), _records(folder / "04b_rejected.jsonl"))
     unit = f"tokens ({tokenizer_name or 'given'} tokenizer)" if tokenizer is not None else "words"
 
     card = [f"# Data card: {folder.name}/", ""]
@@ -179,7 +220,7 @@ def write_card(folder="data", tokenizer=None, tokenizer_name="", samples=5, seed
         reasons = ", ".join(f"{k} {v:,}" for k, v in r["reasons"].most_common()) or "none"
         card.append(f"| {r['stage']} {r['what']} | {r['in']:,} | {r['kept']:,} | {sum(r['reasons'].values()):,} | "
                     f"{r['open']:,} | {reasons} |")
-    missing = [kept for _, _, kept, _ in STAGES if not (folder / kept).exists()]
+    missing = [kept for stage, _, kept, _ in STAGES if stage != "04b" and not (folder / kept).exists()]
     card += [""] + ([f"Not found, left out: {', '.join(missing)}.", ""] if missing else [])
     if rows:
         plot_stages(rows, folder / "report_stages.png")
@@ -224,6 +265,17 @@ def write_card(folder="data", tokenizer=None, tokenizer_name="", samples=5, seed
         plot_similarity(reworded, closest, folder / "report_similarity.png")
         card += ["![trick cosines: removed rewordings and closest kept pairs](report_similarity.png)", ""]
 
+    if judged:
+        card += ["## Judge scores (stage 04b)", "",
+                 f"{len(judged):,} conversations judged (unreadable judgements left out: see 04b's row above); "
+                 "each point scored 1-5, the conversation's score is the lowest.", "",
+                 "| score | " + " | ".join(name for _, name in JUDGED) + " |", "|---:|" + "---:|" * len(JUDGED)]
+        for v in range(5, 0, -1):
+            card.append(f"| {v} | " + " | ".join(f"{sum(s[key] == v for _, s in judged.values()):,}"
+                                                  for key, _ in JUDGED) + " |")
+        plot_judge(judged, folder / "report_judge.png")
+        card += ["", "![judge scores](report_judge.png)", ""]
+
     if conversations:
         shown = random.Random(seed).sample(sorted(conversations, key=lambda c: c["id"]), min(samples, len(conversations)))
         card += [f"## {len(shown)} random conversations (seed {seed})", ""]
@@ -232,6 +284,10 @@ def write_card(folder="data", tokenizer=None, tokenizer_name="", samples=5, seed
             for m in c["messages"]:
                 card += [f"> **{m['role']}:** " + "\n> ".join(m["content"].splitlines()), ">"]
             card[-1] = ""
+            if c["id"] in judged:
+                kept, s = judged[c["id"]]
+                card += [f"Judge: {s['score']} ({', '.join(f'{name} {s[key]}' for key, name in JUDGED[1:])}), "
+                         f"{'kept' if kept else 'rejected'}.", ""]
 
     file = folder / "report.md"
     (folder / "report.md.tmp").write_text("\n".join(card), encoding="utf-8")

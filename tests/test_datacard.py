@@ -22,6 +22,10 @@ def write(folder, name, records):
     (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def lines(file):
+    return [json.loads(x) for x in file.read_text().splitlines()]
+
+
 def reworded(rid, of, reason, trick):
     return {"id": rid, "reason": reason, "text": f"Reworded {rid}?", "duplicate_of": {"id": of, "text": f"Riddle {of}?"},
             "scores": {"question": 0.5, "trick": trick, "answer": 1.0}, "answers": ["a towel", "A towel"]}
@@ -71,7 +75,7 @@ def test_card_counts_clusters_and_pictures(data):
     assert [r.split(" | ")[2] for r in rows] == ["0.62", "0.50", "0.40"]  # closest first
     assert rows[2].endswith("| 0.40 | 0.30 | a towel / ? | answers differ |")  # ?: no short answer found
     assert text.count("\n### r") == 2 and "> **assistant:** Step 1: it dries you.\n> So it is a towel." in text
-    assert "judge" not in text.lower()  # no judge exists yet: no section for one
+    assert "judge" not in text.lower() and not (data / "report_judge.png").exists()  # 04b did not run: no section
     for name in ("report_stages.png", "report_lengths.png", "report_similarity.png"):
         png = data / name
         assert png.read_bytes()[:8] == PNG_SIGNATURE, name
@@ -98,6 +102,27 @@ def test_card_counts_tokens_and_leaves_out_missing_stages(data, tokenizer):
                                        "kept_because": "trick cosine below 0.55"}])
     text = datacard.write_card(data).read_text()
     assert "No riddle was removed as a rewording." in text and "### Largest clusters" not in text
+
+
+def test_card_shows_the_judge_scores_once_04b_ran(data):
+    convs = lines(data / "04_conversations.jsonl")
+    write(data, "04b_judged.jsonl", [dict(convs[0], judge={"scores": {"answer": 4, "follow_up": 5, "second_answer": 4},
+                                                         "score": 4, "reason": "Fine."})])
+    write(data, "04b_rejected.jsonl", [
+        {"id": "r1", "reason": "low_score", "score": 2, "scores": {"answer": 2, "follow_up": 3, "second_answer": 5},
+         "judge_reason": "Wrong answer.", "text": "answer: 2 ..."},
+        {"id": "r2", "reason": "unparsed", "text": "What a nice riddle!"}])
+    text = datacard.write_card(data, samples=5).read_text()
+    assert "1 judged conversations (stage 04b) from 12 candidate lines (stage 01)." in text
+    assert "| 04b judged conversations | 3 | 1 | 2 | 0 | low_score 1, unparsed 1 |" in text
+    assert "2 conversations judged (unreadable judgements left out" in text
+    table = text[text.index("| score | lowest | answer | follow-up | second answer |"):].splitlines()[2:7]
+    assert table == ["| 5 | 0 | 0 | 1 | 1 |", "| 4 | 1 | 1 | 0 | 1 |", "| 3 | 0 | 0 | 1 | 0 |",
+                     "| 2 | 1 | 1 | 0 | 0 |", "| 1 | 0 | 0 | 0 | 0 |"]
+    assert "Judge: 4 (answer 4, follow-up 5, second answer 4), kept." in text
+    assert "Judge: 2 (answer 2, follow-up 3, second answer 5), rejected." in text
+    assert text.count("Judge: ") == 2  # r2's judgement could not be read
+    assert (data / "report_judge.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_clusters_largest_first():
