@@ -7,18 +7,22 @@ rejected with their reason.
 Reads:  data/03_followups.jsonl      {"id", "messages": [user, assistant, user]}
 Writes: data/04_conversations.jsonl  {"id", "messages": [user, assistant, user, assistant]}
         data/04_rejected.jsonl       {"id", "reason", "text"}
+        data/report.md, report_*.png the data card (datacard.py): records kept and rejected per stage
+                                     and reason, turn lengths, reworded duplicates, random samples
 
     python 04_followup_answers.py
     python 04_followup_answers.py --generator=smollm2 --max-new-tokens=128   # CPU demo
 
 Load the result with datasets.load_dataset("json", data_files="data/04_conversations.jsonl").
 Resume: finished batches are appended to both files; a rerun skips ids found in either.
+The data card is rewritten from the stage files at the end of each run that finishes.
 --overwrite starts over. Runtime: ~2 min for ~1.7k conversations of Mistral-7B on one H200 (the rehearsal:
 30 s for 512, answers of 60-300 tokens); the CPU demo above: ~25 s on 2 cores.
 """
 
 from common import (MessageStage, check_unique_ids, configure, generate_all, load_backend, path, read_conversations,
                     require_stage)
+from datacard import generator_tokenizer, write_card
 from riddles import clean_answer
 
 # -----------------------------------------------------------------------------
@@ -34,6 +38,7 @@ SEED = 0  # sampling: same seed, same answers
 IN_FILE = "data/03_followups.jsonl"  # stage 03's output
 OUT_FILE = "data/04_conversations.jsonl"  # the final dataset
 REJECTED_FILE = "data/04_rejected.jsonl"  # rejected answers with their reason
+DATA_CARD = True  # write report.md + report_*.png beside OUT_FILE from the stage files there (datacard.py)
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -47,9 +52,16 @@ print(f"{len(records):,} conversations from {IN_FILE}")
 
 # %% Answer the missing ones, appending each finished batch
 stage = MessageStage(records, "assistant", clean_answer, path(OUT_FILE), path(REJECTED_FILE), OVERWRITE)
+backend = None
 if stage.skipped < len(records):
     print(f"{stage.skipped:,} already answered or rejected; answering {len(records) - stage.skipped:,} with {GENERATOR}")
     backend = load_backend(BACKEND, GENERATOR, BASE_URL, API_KEY)
     generate_all(backend, jobs, stage.done, stage.save, batch_size=BATCH_SIZE, seed=SEED,
                  max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, desc="04 answers")
 stage.finish("04", "conversations")
+
+# %% The data card: lengths in the generator's tokens when its tokenizer is at hand, else in words
+if DATA_CARD:
+    tokenizer = generator_tokenizer(backend, BACKEND, GENERATOR)
+    card = write_card(path(OUT_FILE).parent, tokenizer=tokenizer, tokenizer_name=GENERATOR)
+    print(f"data card: {card} (lengths in {'tokens' if tokenizer is not None else 'words'})")

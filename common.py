@@ -355,11 +355,11 @@ def from_pretrained(loader, name, **kwargs):
         raise InputError(f"cannot load model {name!r} ({first[:160]}){hint}") from None
 
 
-def load_tokenizer(name):
-    """Tokenizer of a model name (alias, local folder or hub id)."""
+def load_tokenizer(name, **kwargs):
+    """Tokenizer of a model name (alias, local folder or hub id); kwargs go to from_pretrained."""
     from transformers import AutoTokenizer
 
-    return from_pretrained(AutoTokenizer, name)
+    return from_pretrained(AutoTokenizer, name, **kwargs)
 
 
 def best_device():
@@ -639,6 +639,13 @@ class MessageStage:
         self.out.write(good)
         self.rejected.write(bad)
         self.counts["kept"] += len(good)
+
+    def reject(self, records):
+        """Write rejects decided before generation (stage 03's reworded duplicates), except ids already done."""
+        fresh = [r for r in records if r["id"] not in self.done]
+        self.rejected.write(fresh)
+        self.done.update(r["id"] for r in fresh)
+        self.counts.update(r["reason"] for r in fresh)
 
     def finish(self, stage, what):
         """Close the files and print the summary line; exit 1 if requests failed (rerun retries)."""

@@ -11,9 +11,10 @@ G="--generator=smollm2 --batch-size=64 --overwrite"
 $PY 01_generate_riddles.py $G --num-prompts=24 --k=5 --max-new-tokens=160
 # 02: answer each riddle step by step
 $PY 02_answer_riddles.py $G --max-new-tokens=128
-# 03: a curious child's follow-up question (a 135M model often answers instead: rejected)
+# 03: riddles that reword a seed or an earlier one are dropped (dedup.py, the bundled MiniLM embedder),
+#     then a curious child's follow-up question (a 135M model often answers instead: rejected)
 $PY 03_followup_questions.py $G --max-new-tokens=32 --temperature=0.6
-# 04: answer the follow-up -> data/04_conversations.jsonl
+# 04: answer the follow-up -> data/04_conversations.jsonl, and the data card data/report.md
 $PY 04_followup_answers.py $G --max-new-tokens=128
 # 05: QLoRA on the bundled model, a few steps of 1k tokens (a higher LR so a few steps show)
 $PY 05_finetune_phi2.py --student=smollm2 --max-steps=4 --tokens-per-batch=1024 --max-length=512 \
@@ -23,4 +24,4 @@ $PY 06_merge_and_chat.py --prompt="What has keys but can't open locks?" --temper
 # 07: evaluation report, base vs fine-tuned (the benchmarks' data needs the hub: one line each offline)
 $PY 07_evaluate.py --limit=20 --samples=2 --max-new-tokens=48
 
-echo "demo: 01 -> 07 in $(( SECONDS - start )) s; report: out/07_eval/report.md"
+echo "demo: 01 -> 07 in $(( SECONDS - start )) s; data card: data/report.md; report: out/07_eval/report.md"

@@ -27,7 +27,8 @@ KNOB_RANGES = {
     "WARMUP_STEPS": "[0, inf)", "WEIGHT_DECAY": "[0, inf)", "GRAD_CLIP": "[0, inf)", "EPOCHS": "[1, inf)",
     "MAX_STEPS": "[0, inf)", "EVALS_PER_EPOCH": "[0, inf)", "SAVE_EVERY_STEPS": "[0, inf)",
     "KEEP_CHECKPOINTS": "[1, inf)", "LOG_EVERY": "[1, inf)", "MERGE_TOLERANCE": "(0, inf)", "LIMIT": "[0, inf)",
-    "N_CHOICES": "[2, inf)", "SAMPLES": "[0, inf)", "MIN_SCORE": "[1, 5]",
+    "N_CHOICES": "[2, inf)", "SAMPLES": "[0, inf)", "MIN_SCORE": "[1, 5]", "DEDUP_TRICK_MIN": "(0, 1]",
+    "DEDUP_ANSWER_MIN": "(0, 1]",
 }
 # Knobs whose value is never printed or written (API_KEY, HF_TOKEN, ...): the override line shows '***'.
 SECRET_KNOB = re.compile(r"(?:^|_)(?:KEY|TOKEN|SECRET|PASSWORD)$")

@@ -225,8 +225,10 @@ if "01" in STAGES:
     record("01", m, m["seconds"] * 300 / PROMPTS, note=f"{PROMPTS} prompts on {GPUS} GPU(s), projected to 300")
 for stage, source in (("02", "01_riddles"), ("03", "02_answers"), ("04", "03_followups")):
     if stage in STAGES:
+        # 03's dedup would drop every input riddle: they are copies of the seeds.
         m = run_stage(stage, [*G, f"--in-file={inputs / (source + '.jsonl')}", f"--out-file={d / (stage + '.jsonl')}",
-                              f"--rejected-file={d / (stage + '_rejected.jsonl')}"], GPUS)
+                              f"--rejected-file={d / (stage + '_rejected.jsonl')}",
+                              *(["--dedup=false"] if stage == "03" else [])], GPUS)
         record(stage, m, m["seconds"] * RECIPE_RIDDLES / RIDDLES,
                note=f"{RIDDLES:,} records on {GPUS} GPU(s), projected to {RECIPE_RIDDLES:,}")
 if "05" in STAGES:

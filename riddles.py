@@ -1,9 +1,9 @@
 """The riddle text rules of stages 01-04: seed files, cleaning, dedup, follow-up questions.
 
-Plain text in, plain text out (no models): load_seed_riddles reads the seed formats,
-clean_riddle / filter_riddles turn generated lines into new riddles (exact and near
-duplicates dropped, seeds included), clean_answer and clean_followup judge the replies
-of stages 02 and 03.
+Plain text in, plain text out (no models): load_seed_rows reads the seed formats (load_seed_riddles
+only their riddles), clean_riddle / filter_riddles turn generated lines into new riddles (exact and
+near duplicates dropped, seeds included), clean_answer and clean_followup judge the replies of
+stages 02 and 03. Reworded duplicates, which need embeddings, are dedup.py's.
 """
 
 import csv
@@ -193,8 +193,19 @@ def _riddle_of(rec, where):
     raise InputError(f"{where}: record has no riddle field ({', '.join(RIDDLE_FIELDS)}) with text")
 
 
+def _seed_row(rec, where):
+    riddle = _riddle_of(rec, where)
+    return dict(rec, riddle=riddle) if isinstance(rec, dict) else {"riddle": riddle}
+
+
 def load_seed_riddles(source):
     """Seed riddles (strings) from a local .jsonl/.json/.csv/.txt file or a hub dataset name."""
+    return [r["riddle"] for r in load_seed_rows(source)]
+
+
+def load_seed_rows(source):
+    """The seed records as dicts, each with its normalized riddle under "riddle" (other fields as given,
+    e.g. riddles_v1's answer and output); a .txt line or a JSON string becomes {"riddle": text}."""
     file = path(source)
     suffix = file.suffix.lower()
     if suffix in (".jsonl", ".json", ".csv", ".txt") or file.exists():
@@ -206,10 +217,10 @@ def load_seed_riddles(source):
             raise InputError(f"{file}: no records (empty file)")
         if suffix == ".jsonl":
             lines = nonblank_line_numbers(file)
-            return [_riddle_of(r, f"{file}:{n}") for r, n in zip(read_jsonl(file), lines)]
+            return [_seed_row(r, f"{file}:{n}") for r, n in zip(read_jsonl(file), lines)]
         text = read_text(file)  # UTF-8 checked here, with the line of a bad byte
         if suffix == ".txt":
-            riddles = [_riddle_of(x, f"{file}:{n}") for n, x in enumerate(text.split("\n"), 1)]
+            rows = [_seed_row(x, f"{file}:{n}") for n, x in enumerate(text.split("\n"), 1)]
         elif suffix == ".json":
             try:
                 data = json.loads(text)
@@ -221,28 +232,28 @@ def load_seed_riddles(source):
                 data = next((v for v in data.values() if isinstance(v, list)), None)
             if not isinstance(data, list):
                 raise InputError(f"{file}: expected a JSON list of records")
-            riddles = [_riddle_of(r, f"{file}: record {i}") for i, r in enumerate(data, 1)]
+            rows = [_seed_row(r, f"{file}: record {i}") for i, r in enumerate(data, 1)]
         else:
             reader = csv.DictReader(io.StringIO(text, newline=""))
             try:
                 if not set(reader.fieldnames or ()) & set(RIDDLE_FIELDS):
                     raise InputError(f"{file}:1: no riddle column ({', '.join(RIDDLE_FIELDS)}) in the header")
-                riddles = [_riddle_of(row, f"{file}:{reader.line_num}") for row in reader]
+                rows = [_seed_row(row, f"{file}:{reader.line_num}") for row in reader]
             except csv.Error as e:  # a field over csv's own limit (131,072 characters), a stray NUL, ...
                 raise InputError(f"{file}:{reader.line_num}: invalid CSV ({e})") from None
-        riddles = [r for r in riddles if r]
-        if not riddles:
+        rows = [r for r in rows if r["riddle"]]
+        if not rows:
             raise InputError(f"{file}: no records (empty file)")
-        return riddles
+        return rows
     try:
         import datasets  # only for a hub dataset: its import costs seconds
 
-        rows = datasets.load_dataset(source, split="train")
+        data = datasets.load_dataset(source, split="train")
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InputError(f"cannot load seed dataset {source!r} from the hub ({first[:160]}); "
                          f"offline, pass a local .jsonl/.json/.csv/.txt file") from None
-    return [_riddle_of(r, f"{source}: row {i}") for i, r in enumerate(rows, 1)]
+    return [_seed_row(r, f"{source}: row {i}") for i, r in enumerate(data, 1)]
 
 
 # -----------------------------------------------------------------------------

@@ -6,11 +6,14 @@ session fixtures. Nothing here touches the network.
 
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -102,6 +105,15 @@ def make_chatty_llama(folder):
                 p.normal_(0, 0.3)
     model.save_pretrained(folder)
     return str(folder)
+
+
+def bag_of_words(embedder, texts):
+    """A stand-in for dedup.embed: unit word-count vectors (crc32 buckets, the same in every process)."""
+    rows = np.zeros((len(texts), 512), np.float32)
+    for i, text in enumerate(texts):
+        for word in re.findall(r"\w+", text.lower()):
+            rows[i, zlib.crc32(word.encode()) % 512] += 1
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-9)
 
 
 def run_stage(monkeypatch, script, *args):

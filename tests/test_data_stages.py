@@ -15,10 +15,11 @@ import sys
 import pytest
 
 import common
+import dedup
 import riddles
 from common import InputError
-from helpers import ROOT, lines, run_stage
-from riddles import clean_followup, clean_riddle, filter_riddles, load_seed_riddles, riddle_id
+from helpers import ROOT, bag_of_words, lines, run_stage
+from riddles import clean_followup, clean_riddle, filter_riddles, load_seed_riddles, load_seed_rows, riddle_id
 
 PY = sys.executable
 
@@ -220,6 +221,10 @@ def test_seed_formats(tmp_path):
     for name in ("a.jsonl", "b.json", "c.csv"):
         assert load_seed_riddles(tmp_path / name) == expected, name
     assert load_seed_riddles(tmp_path / "d.txt") == [expected[0], '"What gets wetter the more it dries?"']
+    # Rows keep their other fields (stage 03 compares seeds by their answers).
+    assert load_seed_rows(tmp_path / "a.jsonl")[0] == {"instruction": expected[0], "answer": "A piano", "riddle": expected[0]}
+    assert [r.get("answer") for r in load_seed_rows(tmp_path / "c.csv")] == ["piano", "towel"]
+    assert load_seed_rows(tmp_path / "d.txt")[0] == {"riddle": expected[0]}
     # The shipped seeds: every record is read, in the riddles_v1 layout, and no two are the same riddle.
     shipped = ROOT / "data" / "seed_riddles.jsonl"
     records = lines(shipped)
@@ -311,7 +316,9 @@ def test_chain_01_to_04(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(common, "load_backend", lambda *a, **k: Scripted())
     d = tmp_path
-    f = {n: d / f"{n}.jsonl" for n in ("raw", "01", "01r", "02", "02r", "03", "03r", "04", "04r")}
+    names = {"raw": "01_raw", "01": "01_riddles", "01r": "01_rejected", "02": "02_answers", "02r": "02_rejected",
+             "03": "03_followups", "03r": "03_rejected", "04": "04_conversations", "04r": "04_rejected"}
+    f = {k: d / f"{n}.jsonl" for k, n in names.items()}  # the stages' own names: 04's data card reads them
     run_stage(monkeypatch, "01_generate_riddles.py", f"--seed-file={write_seeds(d)}", "--num-prompts=8", "--k=3",
               "--batch-size=3", f"--raw-file={f['raw']}", f"--out-file={f['01']}", f"--rejected-file={f['01r']}")
     out = capsys.readouterr().out
@@ -340,8 +347,9 @@ def test_chain_01_to_04(tmp_path, monkeypatch, capsys):
     assert answers[0]["messages"][0] == riddles[int(answers[0]["id"][1:])]["messages"][0]  # the bare riddle
     assert answers[0]["messages"][1] == {"role": "assistant", "content": "Step 1: it gets shorter. So it is a candle."}
 
+    # Every scripted answer is the same candle: dedup would keep one riddle (its own tests are below).
     run_stage(monkeypatch, "03_followup_questions.py", f"--in-file={f['02']}", f"--out-file={f['03']}",
-              f"--rejected-file={f['03r']}")
+              f"--rejected-file={f['03r']}", "--dedup=false")
     followups, rejected = lines(f["03"]), lines(f["03r"])
     assert len(followups) + len(rejected) == len(answers)
     assert {m["messages"][2]["content"] for m in followups} <= {"Why does wax melt?", "Is a candle alive?"}
@@ -354,6 +362,9 @@ def test_chain_01_to_04(tmp_path, monkeypatch, capsys):
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant", "user", "assistant"] for r in final)
     ds = datasets.load_dataset("json", data_files=str(f["04"]), split="train")
     assert ds.num_rows == len(final) and ds[0]["messages"] == final[0]["messages"]
+    card = (d / "report.md").read_text()
+    assert f"| 04 conversations | {len(followups)} | {len(final)} | 0 | 0 | none |" in card
+    assert (d / "report_stages.png").exists() and "in words" in card  # the scripted backend has no tokenizer
     # Every stage resumes to a no-op: nothing generated, nothing written twice.
     before = {k: v.read_bytes() for k, v in f.items()}
     capsys.readouterr()
@@ -363,7 +374,80 @@ def test_chain_01_to_04(tmp_path, monkeypatch, capsys):
     run_stage(monkeypatch, "02_answer_riddles.py", f"--in-file={f['01']}", f"--out-file={f['02']}",
               f"--rejected-file={f['02r']}")
     assert "kept 0 answers, rejected 0 (none), skipped 12 as existing" in capsys.readouterr().out
+    run_stage(monkeypatch, "03_followup_questions.py", f"--in-file={f['02']}", f"--out-file={f['03']}",
+              f"--rejected-file={f['03r']}")  # all done: the dedup is skipped too (no embedder here)
+    assert f"skipped {len(answers)} as existing" in capsys.readouterr().out
     assert {k: v.read_bytes() for k, v in f.items()} == before
+
+
+# -----------------------------------------------------------------------------
+# Stage 03's dedup of reworded riddles, with a bag-of-words stand-in for the embedder
+
+DEDUP_SEEDS = [
+    {"instruction": "What has plenty of keys but cannot open a single lock?", "answer": "A piano",
+     "output": "A piano's keys are pressed to make music, not turned in locks."},
+    {"instruction": "What can you catch but not throw?", "answer": "A cold",
+     "output": "You catch a cold, but you cannot throw one."},
+    {"instruction": "What has hands but cannot clap?"},  # no answer: not compared
+]
+ANSWERED = [  # stage 02's records: (id, riddle, answer)
+    ("n1", "What has plenty of keys but can never open one lock?",
+     "The answer is a piano. Its keys are pressed to make music, not turned in locks."),  # rewords a seed
+    ("n2", "What has a bark but no bite?", "The answer is a tree. A tree has bark and it cannot bite."),
+    ("n3", "What has a bite but no bark?", "The answer is a tree. A tree has bark and it cannot bite."),  # swapped
+    ("n4", "What has a bark, but no bite at all?", "A tree! A tree has bark and it cannot bite."),  # rewords n2
+    ("n5", "What runs all day but never gets tired?", "The answer is a clock. Its hands run all day."),
+    ("n6", "What has one eye but cannot see a thing?", "The answer is a needle. The eye of a needle holds thread."),
+    ("n7", "What can you catch but never throw?",
+     "The answer is a cold. You catch a cold, but you cannot throw it."),  # rewords a seed
+    ("n8", "What goes up and never comes down?", "The answer is your age. It only goes up."),
+]
+
+
+def write_answered(d):
+    """Stage 02's output and a seed file for stage 03's dedup; returns 03's file arguments."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "seeds.jsonl").write_text("".join(json.dumps(s) + "\n" for s in DEDUP_SEEDS))
+    (d / "02.jsonl").write_text("".join(json.dumps({"id": i, "messages": [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n" for i, q, a in ANSWERED))
+    return [f"--seed-file={d / 'seeds.jsonl'}", f"--in-file={d / '02.jsonl'}", f"--out-file={d / '03.jsonl'}",
+            f"--rejected-file={d / 'rej.jsonl'}", f"--closest-file={d / 'closest.jsonl'}"]
+
+
+def test_03_rejects_reworded_riddles_before_asking(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(dedup, "embed", bag_of_words)
+    monkeypatch.setattr(dedup, "load_embedder", lambda *a, **k: None)
+    backend = Scripted()
+    monkeypatch.setattr(common, "load_backend", lambda *a, **k: backend)
+    asked = []
+    monkeypatch.setattr(backend, "generate", lambda prompts, *a, **k: asked.extend(prompts) or
+                        [Scripted.reply(backend, p, s) for p, s in zip(prompts, a[0])])
+    args = write_answered(tmp_path)
+    run_stage(monkeypatch, "03_followup_questions.py", *args)
+    out = capsys.readouterr().out
+    seed_id = {s["instruction"]: riddle_id(s["instruction"]) for s in DEDUP_SEEDS}
+    rejected = lines(tmp_path / "rej.jsonl")
+    reworded = [(r["id"], r["reason"], r["duplicate_of"]["id"]) for r in rejected if r["reason"].startswith("reworded")]
+    assert reworded == [("n1", "reworded_seed", seed_id[DEDUP_SEEDS[0]["instruction"]]),
+                        ("n4", "reworded_duplicate", "n2"),
+                        ("n7", "reworded_seed", seed_id[DEDUP_SEEDS[1]["instruction"]])]
+    assert rejected[1]["text"] == ANSWERED[3][1] and rejected[1]["duplicate_of"]["text"] == ANSWERED[1][1]
+    assert rejected[1]["answers"] == ["A tree", "a tree"] and set(rejected[1]["scores"]) == {"question", "trick", "answer"}
+    assert len(asked) == 5  # the generator never sees a reworded riddle
+    done = {r["id"] for r in lines(tmp_path / "03.jsonl")} | {r["id"] for r in rejected}
+    assert done == {i for i, _, _ in ANSWERED} and len(done) == len(lines(tmp_path / "03.jsonl")) + len(rejected)
+    assert "dedup: 3 of 8 riddles reworded (2 a seed, 1 an earlier riddle; 2 seeds with answers compared)" in out
+    assert "03: kept " in out and "reworded_seed 2, reworded_duplicate 1" in out
+    closest = lines(tmp_path / "closest.jsonl")
+    assert [(c["id"], c["closest"]["id"], c["kept_because"]) for c in closest] == [
+        ("n2", seed_id[DEDUP_SEEDS[0]["instruction"]], "trick cosine below 0.55"), ("n3", "n2", "swapped words: bark, bit"),
+        ("n5", "n2", "trick cosine below 0.55"), ("n6", "n2", "answers differ"), ("n8", "n2", "trick cosine below 0.55")]
+    # Done: a rerun loads no embedder and writes nothing.
+    before = {n: (tmp_path / n).read_bytes() for n in ("03.jsonl", "rej.jsonl", "closest.jsonl")}
+    monkeypatch.setattr(dedup, "load_embedder", None)
+    run_stage(monkeypatch, "03_followup_questions.py", *args)
+    assert "rejected 0 (none), skipped 8 as existing" in capsys.readouterr().out
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
 
 
 # -----------------------------------------------------------------------------
@@ -410,13 +494,15 @@ def test_resume_01_after_crash_and_torn_line(tmp_path, chatty_llama, monkeypatch
 
 KILLER = """
 import os, runpy, signal, sys
-sys.path.insert(0, sys.argv[1])
-import common
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import common, dedup, helpers
+dedup.embed, dedup.load_embedder = helpers.bag_of_words, lambda *a, **k: None  # stage 03's dedup, fast
 write, calls = common.Appender.write, [0]
 def write_then_die(self, records):
     calls[0] += 1
-    if calls[0] >= 5 and records:  # from the 3rd batch on: half a line reaches the disk, then SIGKILL
+    if calls[0] >= int(os.environ.get("KILL_AT", 5)) and records:  # half a line reaches the disk, then SIGKILL
         text = "".join(common.json.dumps(r) + "\\n" for r in records)
+        write(self, [])  # opens the file (at its first write)
         self._f.write(text[:len(text) // 2]); self._f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     write(self, records)
@@ -490,6 +576,25 @@ def test_two_processes_write_what_one_writes_and_resume(tmp_path, chatty_llama, 
     two_processes(two, "--overwrite")  # only the first process deletes and writes
     for name in ("02.jsonl", "rej.jsonl"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("kill_at", [1, 4], ids=["in-dedup-rejects", "in-follow-ups"])
+def test_resume_03_after_sigkill(tmp_path, chatty_llama, monkeypatch, capsys, kill_at):
+    monkeypatch.setattr(dedup, "embed", bag_of_words)
+    monkeypatch.setattr(dedup, "load_embedder", lambda *a, **k: None)
+    ref, crash = tmp_path / "ref", tmp_path / "crash"
+    sampling = [f"--generator={chatty_llama}", "--batch-size=1", "--max-new-tokens=8"]
+    run_stage(monkeypatch, "03_followup_questions.py", *write_answered(ref), *sampling)
+    r = subprocess.run([PY, "-c", KILLER, str(ROOT), str(ROOT / "03_followup_questions.py"),
+                        *write_answered(crash), *sampling], capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", KILL_AT=str(kill_at)))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    capsys.readouterr()
+    run_stage(monkeypatch, "03_followup_questions.py", *write_answered(crash), *sampling)
+    assert "repaired" in capsys.readouterr().out
+    for name in ("03.jsonl", "rej.jsonl", "closest.jsonl"):
+        assert (crash / name).read_bytes() == (ref / name).read_bytes(), name
+    assert len(lines(ref / "03.jsonl")) + len(lines(ref / "rej.jsonl")) == len(ANSWERED)
 
 
 # -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import dedup
 from common import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,8 @@ def test_demo_runs_every_stage(tmp_path):
     cached = Path(resolve_model("smollm2"))
     (tmp_path / "out" / "models").mkdir(parents=True)
     (tmp_path / "out" / "models" / "smollm2").symlink_to(cached)
+    if importlib.util.find_spec(dedup.EMBEDDER_WHEEL[0]) is not None:  # stage 03's embedder, unzipped once
+        (tmp_path / "out" / "models" / dedup.EMBEDDER_ALIAS).symlink_to(dedup.resolve_embedder())
 
     run = subprocess.run(["bash", "demo.sh"], cwd=tmp_path, capture_output=True, text=True, timeout=1800,
                          env={**os.environ, "PY": sys.executable})
@@ -61,3 +64,7 @@ def test_demo_runs_every_stage(tmp_path):
     report = (tmp_path / "out" / "07_eval" / "report.md").read_text()
     for section in ("riddle", "arc_easy", "Sample"):
         assert section in report
+    assert "[data card](../../data/report.md)" in report
+    card = (tmp_path / "data" / "report.md").read_text()
+    assert f"{len(conversations):,} conversations (stage 04) from " in card
+    assert (tmp_path / "data" / "03_closest.jsonl").exists() and (tmp_path / "data" / "report_stages.png").exists()

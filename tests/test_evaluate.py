@@ -209,7 +209,9 @@ def test_end_to_end_fine_tuned_beats_base_and_missing_benchmark_is_one_line(tmp_
     write_jsonl(adapter / "eval.jsonl", convs)
     write_jsonl(adapter / "log.jsonl", [{"step": s, "epoch": s / 10, "loss": 3.0 / s} for s in range(1, 21)]
                 + [{"step": s, "epoch": s / 10, "eval_loss": l} for s, l in ((10, 2.0), (20, 2.5))])
-    (adapter / "run.json").write_text(json.dumps({"student": base}))
+    (adapter / "run.json").write_text(json.dumps({"student": base, "data": str(tmp_path / "data" / "04.jsonl")}))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "report.md").write_text("# Data card\n")  # stage 04's, beside the data 05 trained on
     # A benchmark whose data is at hand (lm-eval takes a YAML path as a task name), beside one whose data is not.
     write_jsonl(tmp_path / "quiz.jsonl", [{"q": r[0], "choices": [r[1], "An echo."], "label": 0} for r in RIDDLES[:4]])
     (tmp_path / "quiz.yaml").write_text(
@@ -245,6 +247,7 @@ def test_end_to_end_fine_tuned_beats_base_and_missing_benchmark_is_one_line(tmp_
     assert "| riddle_choice | acc (higher is better) | " in report
     assert "| local_quiz | acc (higher is better) | " in report
     assert "Benchmarks: 1 scores compared" in report
+    assert f"| training data | {tmp_path / 'data' / '04.jsonl'}, described in its [data card](../data/report.md) |" in report
     notes = [line for line in report.splitlines() if "arc_easy" in line]
     assert len(notes) == 1
     assert notes[0].startswith("- arc_easy: not run, task or data could not be loaded (ConnectionError")

@@ -140,6 +140,7 @@ def test_stage_threshold_rejects_and_retry(tmp_path, monkeypatch, capsys):
     assert "kept 0 conversations, rejected 1 (unparsed 1), mean score - of 0 judged, skipped 5 as existing, failed 0" \
         in capsys.readouterr().out  # map's judgement is empty: unparsed
     assert lines(tmp_path / "rej.jsonl")[-1] == {"id": "c4", "reason": "unparsed", "text": ""}
+    assert (tmp_path / "report.md").exists()  # the data card, rewritten once all is judged (datacard.py)
     before = {n: (tmp_path / n).read_bytes() for n in ("04b.jsonl", "rej.jsonl")}
     backend.calls = []
     run_stage(monkeypatch, SCRIPT, *args(tmp_path))

@@ -20,6 +20,7 @@ def test_rehearsal_runs_every_stage_at_tiny_shapes(tmp_path):
     assert all(s["seconds"] > 0 and s["projected_s"] > 0 for s in stages.values())
     # Forced lengths: every reply of 02 has 5..19 tokens (eos at the drawn length, none before).
     assert 4 * 4 <= stages["02"]["tokens"] <= 4 * 19
+    assert 4 * 2 <= stages["03"]["tokens"] <= 4 * 5  # every riddle asked: no dedup of the seed copies
     assert stages["05"]["tokens"] > 0 and "2 steps on 1 GPU(s)" in stages["05"]["note"]
     assert (out / "06_merged" / "merge.json").exists() and (out / "07_eval" / "report.md").exists()
     config = json.loads((out / "06_merged" / "config.json").read_text())

