@@ -39,8 +39,8 @@ import socket
 import time
 from urllib.parse import urlparse
 
-from common import (chat_replies, check_output, configure, load_model, load_tokenizer, path, read_conversations, read_json,
-                    require_stage, seed_of, write_json_atomic)
+from common import (chat_replies, check_output, configure, load_model, load_tokenizer, path, read_conversations,
+                    read_json, require_stage, seed_of, write_json_atomic, write_text_atomic)
 from evaluation import (best_eval, compare_scores, lm_eval_scores, plot_loss, read_train_log, riddle_docs,
                         write_riddle_tasks)
 
@@ -268,8 +268,7 @@ results = {
 }
 plot_loss(train_log, eval_log, out_dir / "loss.png")
 write_json_atomic(out_dir / "results.json", results)
-(out_dir / "report.md.tmp").write_text("\n".join(report) + "\n", encoding="utf-8")
-os.replace(out_dir / "report.md.tmp", out_dir / "report.md")
+write_text_atomic(out_dir / "report.md", "\n".join(report) + "\n")
 
 print(f"wrote {out_dir / 'report.md'}: riddle {riddle_summary}; benchmarks: {bench_summary}; "
       f"{time.time() - started:,.0f} s")

@@ -267,30 +267,26 @@ class Appender:
             self._f.close()
 
 
-def write_jsonl_atomic(file, records):
-    """Write a whole JSONL file at once: a crash leaves the old file or the new one. Under
-    several processes the first one writes."""
+def write_text_atomic(file, text):
+    """Write a whole file at once: a crash leaves the old file or the new one. Under several
+    processes the first one writes."""
     if process_share()[0] > 0:
         return
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(file.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, file)
+
+
+def write_jsonl_atomic(file, records):
+    """A whole JSONL file at once (write_text_atomic)."""
+    write_text_atomic(file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def write_json_atomic(file, obj):
-    """Write a JSON file at once (indented): a crash leaves the old file or the new one. Under
-    several processes the first one writes."""
-    if process_share()[0] > 0:
-        return
-    file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(file.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, file)
+    """A whole JSON file at once, indented (write_text_atomic)."""
+    write_text_atomic(file, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def require_stage(file, stage_script):

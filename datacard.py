@@ -17,7 +17,6 @@ import os
 import random
 import sys
 from collections import Counter
-from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -25,7 +24,7 @@ import numpy as np
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import InputError, load_tokenizer, path, read_jsonl  # noqa: E402
+from common import InputError, load_tokenizer, path, read_jsonl, write_text_atomic  # noqa: E402
 
 STAGES = [  # stage, what it keeps, kept file, rejected file
     ("01", "riddles", "01_riddles.jsonl", "01_rejected.jsonl"),
@@ -290,8 +289,7 @@ def write_card(folder="data", tokenizer=None, tokenizer_name="", samples=5, seed
                          f"{'kept' if kept else 'rejected'}.", ""]
 
     file = folder / "report.md"
-    (folder / "report.md.tmp").write_text("\n".join(card), encoding="utf-8")
-    os.replace(folder / "report.md.tmp", file)
+    write_text_atomic(file, "\n".join(card))
     return file
 
 

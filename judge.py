@@ -8,9 +8,8 @@ as MessageStage does for 02-04.
 
 import re
 import time
-from collections import Counter
 
-from common import Appender
+from common import MessageStage
 
 # The three points, in the order the prompt asks for them; the keys stored under "scores".
 POINTS = ("answer", "follow_up", "second_answer")
@@ -55,18 +54,14 @@ def overall(scores):
     return min(scores.values())
 
 
-class JudgeStage:
+class JudgeStage(MessageStage):
     """Write each judged record: score >= min_score to out_file as the record plus "judge", the rest to
     rejected_file as {"id", "reason", "text", ...}: "low_score" (with score, scores, judge_reason) or
-    "unparsed". Ids in either file are done, so a rerun skips them; a failed request (None) is retried."""
+    "unparsed". Resume as MessageStage: ids in either file are done; a failed request (None) is retried."""
 
     def __init__(self, records, min_score, out_file, rejected_file, overwrite):
-        self.by_id, self.min_score = {r["id"]: r for r in records}, min_score
-        self.out = Appender(out_file, overwrite=overwrite)
-        self.rejected = Appender(rejected_file, overwrite=overwrite)
-        self.done = self.out.done | self.rejected.done
-        self.skipped = sum(i in self.done for i in self.by_id)
-        self.counts, self.scores, self.start = Counter(), [], time.time()
+        super().__init__(records, None, None, out_file, rejected_file, overwrite)
+        self.min_score, self.scores = min_score, []
 
     def save(self, batch, texts):
         """generate_all's on_batch: write one finished batch to the two files."""

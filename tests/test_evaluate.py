@@ -6,6 +6,9 @@ that a benchmark without reachable data becomes a one-line note.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -100,6 +103,24 @@ def test_saved_tasks_load_from_a_copy_elsewhere(tmp_path, tokenizer, monkeypatch
         ["riddle_replies", "riddle_choice"])["tasks"]
     docs = {t.config.task: list(t.test_docs()) for t in tasks.values()}
     assert docs == {"riddle_replies": replies, "riddle_choice": choices}
+
+
+def test_saved_tasks_run_with_the_lm_eval_cli_from_a_copy(tmp_path, tokenizer, tiny_llama):
+    import shutil
+
+    replies, choices = riddle_docs(conversations(), tokenizer)
+    write_riddle_tasks(tmp_path / "made", replies, choices)
+    shutil.copytree(tmp_path / "made", tmp_path / "elsewhere" / "tasks")
+    shutil.rmtree(tmp_path / "made")
+    r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                        f"pretrained={tiny_llama}", "--device", "cpu", "--include_path", "tasks", "--tasks",
+                        "riddle_replies,riddle_choice", "--limit", "2", "--output_path", "results"],
+                       cwd=tmp_path / "elsewhere", capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = [json.loads(p.read_text()) for p in (tmp_path / "elsewhere" / "results").rglob("results*.json")]
+    assert found and set(found[0]["results"]) == {"riddle_replies", "riddle_choice"}
+    assert found[0]["results"]["riddle_replies"]["nll_per_token,none"] > 0
 
 
 def test_scores_and_comparison_flag_deltas_over_two_stderr():
