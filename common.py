@@ -116,8 +116,9 @@ def _json_line(file, n, line):
         raise InputError(f"{file}:{n}: invalid JSON (nested too deep)") from None
 
 
-def read_json(file):
-    """The JSON object in a file (run.json, adapter_config.json); anything else is an InputError naming it."""
+def read_json(file, kinds=(dict,)):
+    """The JSON object in a file (run.json, adapter_config.json), or another of `kinds`; anything else
+    is an InputError naming it."""
     text = read_text(file)
     try:
         obj = json.loads(text)
@@ -125,8 +126,9 @@ def read_json(file):
         raise InputError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
     except RecursionError:
         raise InputError(f"{file}: invalid JSON (nested too deep)") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{file}: expected a JSON object, got {type(obj).__name__}")
+    if not isinstance(obj, kinds):
+        want = " or ".join({"dict": "object"}.get(k.__name__, k.__name__) for k in kinds)
+        raise InputError(f"{file}: expected a JSON {want}, got {type(obj).__name__}")
     return obj
 
 

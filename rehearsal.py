@@ -13,7 +13,7 @@ Writes: out/rehearsal/  models/ (random-weight folders, made once), inputs/, eac
                         rehearsal.json  {"stages": [{"stage", "seconds", "tokens", "tokens_per_s",
                         "peak_gib", "projected_s", "note"}], "device", "fits", ...}
 
-    python rehearsal.py                     # one GPU, the recipe's shapes (~10 min on an H100)
+    python rehearsal.py                     # one GPU, the recipe's shapes (~7 min on an H200, measured)
     python rehearsal.py --gpus=2 --stages=02,05   # stages 02 and 05 under accelerate launch on 2 GPUs
     python rehearsal.py --scale=0.02 --prompts=4 --riddles=6 --steps=2   # tiny shapes (the CPU test)
 

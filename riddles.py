@@ -8,12 +8,11 @@ stages 02 and 03. Reworded duplicates, which need embeddings, are dedup.py's.
 
 import csv
 import io
-import json
 import re
 import unicodedata
 
-from common import (MAX_RECORD_CHARS, InputError, control_string, nonblank_line_numbers, path, read_jsonl, read_text,
-                    stable_id)
+from common import (MAX_RECORD_CHARS, InputError, control_string, nonblank_line_numbers, path, read_json, read_jsonl,
+                    read_text, stable_id)
 
 # -----------------------------------------------------------------------------
 # Stage 01: generated lines -> riddles (cleaning, exact and near-duplicate dedup)
@@ -218,23 +217,18 @@ def load_seed_rows(source):
         if suffix == ".jsonl":
             lines = nonblank_line_numbers(file)
             return [_seed_row(r, f"{file}:{n}") for r, n in zip(read_jsonl(file), lines)]
-        text = read_text(file)  # UTF-8 checked here, with the line of a bad byte
-        if suffix == ".txt":
-            rows = [_seed_row(x, f"{file}:{n}") for n, x in enumerate(text.split("\n"), 1)]
-        elif suffix == ".json":
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
-            except RecursionError:
-                raise InputError(f"{file}: invalid JSON (nested too deep)") from None
+        if suffix == ".json":
+            data = read_json(file, kinds=(dict, list))
             if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
                 data = next((v for v in data.values() if isinstance(v, list)), None)
             if not isinstance(data, list):
                 raise InputError(f"{file}: expected a JSON list of records")
             rows = [_seed_row(r, f"{file}: record {i}") for i, r in enumerate(data, 1)]
+        elif suffix == ".txt":
+            text = read_text(file)  # UTF-8 checked here, with the line of a bad byte
+            rows = [_seed_row(x, f"{file}:{n}") for n, x in enumerate(text.split("\n"), 1)]
         else:
-            reader = csv.DictReader(io.StringIO(text, newline=""))
+            reader = csv.DictReader(io.StringIO(read_text(file), newline=""))
             try:
                 if not set(reader.fieldnames or ()) & set(RIDDLE_FIELDS):
                     raise InputError(f"{file}:1: no riddle column ({', '.join(RIDDLE_FIELDS)}) in the header")

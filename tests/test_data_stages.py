@@ -512,11 +512,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def write_riddles(file, n=9):
+    """The first n shipped seed riddles as stage 01's output."""
+    seeds = load_seed_riddles(ROOT / "data" / "seed_riddles.jsonl")[:n]
+    file.write_text("".join(json.dumps({"id": riddle_id(s), "messages": [{"role": "user", "content": s}]}) + "\n"
+                            for s in seeds))
+    return file
+
+
 def test_resume_02_after_sigkill(tmp_path, chatty_llama, monkeypatch, capsys):
-    riddles = tmp_path / "01.jsonl"
-    seeds = load_seed_riddles(ROOT / "data" / "seed_riddles.jsonl")[:9]
-    riddles.write_text("".join(json.dumps({"id": riddle_id(s), "messages": [{"role": "user", "content": s}]}) + "\n"
-                               for s in seeds))
+    riddles = write_riddles(tmp_path / "01.jsonl")
 
     def args(d):
         return [f"--generator={chatty_llama}", f"--in-file={riddles}", f"--out-file={d / '02.jsonl'}",
@@ -541,10 +546,7 @@ def test_resume_02_after_sigkill(tmp_path, chatty_llama, monkeypatch, capsys):
 
 def test_two_processes_write_what_one_writes_and_resume(tmp_path, chatty_llama, monkeypatch):
     """torchrun x2 (accelerate launch alike): batches dealt out, one writer, the same bytes as one process."""
-    riddles = tmp_path / "01.jsonl"
-    seeds = load_seed_riddles(ROOT / "data" / "seed_riddles.jsonl")[:9]
-    riddles.write_text("".join(json.dumps({"id": riddle_id(s), "messages": [{"role": "user", "content": s}]}) + "\n"
-                               for s in seeds))
+    riddles = write_riddles(tmp_path / "01.jsonl")
 
     def args(d):
         return [f"--generator={chatty_llama}", f"--in-file={riddles}", f"--out-file={d / '02.jsonl'}",
