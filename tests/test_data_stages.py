@@ -2,15 +2,18 @@
 
 Stages run in this process (runpy) with absolute paths in a temp folder, on the tiny
 random llama or on a scripted backend whose replies are fixed text (for the chain).
-One stage runs as a subprocess killed with SIGKILL in the middle of a write.
+Some run as subprocesses SIGKILLed in the middle of a write, or under torchrun with one of
+its two processes SIGKILLed in the middle of the run.
 """
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -492,21 +495,44 @@ def test_resume_01_after_crash_and_torn_line(tmp_path, chatty_llama, monkeypatch
     assert len(lines(crash / "raw.jsonl")) == 2
 
 
+# Runs a stage (argv: the project folder, the script, its arguments) and SIGKILLs it in the middle: the writer tears
+# the first write with records from its KILL_AT-th write on (default 5), or with KILL_AT_RECORD=n its nth record
+# (those before it whole). Under torchrun, KILL_RANK picks the one process to kill (default 0, the writer); another
+# rank dies once its KILL_AT-th batch group is gathered; KILL_PIDS names a folder where each process leaves its pid.
 KILLER = """
 import os, runpy, signal, sys
 sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
 import common, dedup, helpers
 dedup.embed, dedup.load_embedder = helpers.bag_of_words, lambda *a, **k: None  # stage 03's dedup, fast
-write, calls = common.Appender.write, [0]
+at, nth, rank = int(os.environ.get("KILL_AT", 5)), int(os.environ.get("KILL_AT_RECORD", 0)), os.environ.get("RANK", "0")
+if os.environ.get("KILL_PIDS"):  # under torchrun: each process leaves its pid, to check that none outlives the run
+    with open(os.path.join(os.environ["KILL_PIDS"], rank), "w") as f:
+        f.write(str(os.getpid()))
+write, gather, calls, count = common.Appender.write, common.dist.all_gather_object, [0], [0]
 def write_then_die(self, records):
     calls[0] += 1
-    if calls[0] >= int(os.environ.get("KILL_AT", 5)) and records:  # half a line reaches the disk, then SIGKILL
+    keep, count[0] = nth - 1 - count[0], count[0] + len(records)
+    if nth and keep < len(records):  # KILL_AT_RECORD: those before the nth record whole, half of it, then SIGKILL
+        write(self, records[:keep])  # opens the file (at its first write)
+        line = common.json.dumps(records[keep], ensure_ascii=False) + "\\n"
+        self._f.write(line[:len(line) // 2]); self._f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if not nth and calls[0] >= at and records:  # half a line reaches the disk, then SIGKILL
         text = "".join(common.json.dumps(r) + "\\n" for r in records)
         write(self, [])  # opens the file (at its first write)
         self._f.write(text[:len(text) // 2]); self._f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     write(self, records)
-common.Appender.write = write_then_die
+def gather_then_die(*a, **k):  # a process that only generates: SIGKILL once its KILL_AT-th batch group is gathered
+    gather(*a, **k)
+    calls[0] += 1
+    if calls[0] >= at:
+        os.kill(os.getpid(), signal.SIGKILL)
+victim = os.environ.get("KILL_RANK", "0")  # under torchrun, the one process to kill (RANK); 0 is the writer
+if rank == victim == "0":
+    common.Appender.write = write_then_die
+elif rank == victim:
+    common.dist.all_gather_object = gather_then_die
 sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -544,6 +570,29 @@ def test_resume_02_after_sigkill(tmp_path, chatty_llama, monkeypatch, capsys):
         assert (crash / name).read_bytes() == (ref / name).read_bytes(), name
 
 
+def torchrun(*args, timeout=300, **env):
+    """`torchrun --nproc_per_node=2 args...` on CPU (gloo), on a free port; env adds variables. A run still going
+    after `timeout` seconds (a hang) fails the test, stopped first with SIGTERM, which torchrun passes on to its
+    processes (each in a session of its own, out of reach of a kill of torchrun's group)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env))
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"torchrun still running after {timeout} s (a hang?):\n{out[-2000:]}{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def test_two_processes_write_what_one_writes_and_resume(tmp_path, chatty_llama, monkeypatch):
     """torchrun x2 (accelerate launch alike): batches dealt out, one writer, the same bytes as one process."""
     riddles = write_riddles(tmp_path / "01.jsonl")
@@ -553,12 +602,7 @@ def test_two_processes_write_what_one_writes_and_resume(tmp_path, chatty_llama, 
                 f"--rejected-file={d / 'rej.jsonl'}", "--batch-size=4", "--max-new-tokens=8"]
 
     def two_processes(d, *more):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                            str(ROOT / "02_answer_riddles.py"), *args(d), *more], capture_output=True, text=True,
-                           env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), timeout=600)
+        r = torchrun(ROOT / "02_answer_riddles.py", *args(d), *more)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         return r.stdout
 
@@ -578,6 +622,57 @@ def test_two_processes_write_what_one_writes_and_resume(tmp_path, chatty_llama, 
     two_processes(two, "--overwrite")  # only the first process deletes and writes
     for name in ("02.jsonl", "rej.jsonl"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
+
+
+def running(pid_file):
+    """Whether the process whose pid a KILLER under torchrun left in pid_file still runs (a zombie does not)."""
+    try:
+        return b"killer.py" in Path(f"/proc/{pid_file.read_text()}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("victim, kill", [("0", {"KILL_AT_RECORD": "4"}), ("1", {"KILL_AT": "2"})],
+                         ids=["writer", "non-writer"])
+def test_two_processes_resume_after_sigkill_of_one(tmp_path, chatty_llama, monkeypatch, victim, kill):
+    """Issue 12: kill -9 of either process of `torchrun --nproc_per_node=2` in the middle of stage 02, rerun under two
+    processes: nothing lost or doubled, the bytes of one process. 9 riddles in batches of 2 make 3 groups of batches
+    (batches 1-2, 3-4, 5), each one all_gather_object. The writer (rank 0) dies halfway through its 4th record, so
+    batch 2 is half written (the rerun regenerates it and writes only its other record) and the rerun deals the
+    batches out in other groups; the other (rank 1) dies once the second group is gathered, so the writer wrote the
+    first group (it gathers the second only after) and never the third (it needs rank 1's share). torchrun must fail
+    and leave no process behind."""
+    riddles = write_riddles(tmp_path / "01.jsonl")
+    names = ("02.jsonl", "rej.jsonl")
+
+    def args(d):
+        return [f"--generator={chatty_llama}", f"--in-file={riddles}", f"--out-file={d / '02.jsonl'}",
+                f"--rejected-file={d / 'rej.jsonl'}", "--batch-size=2", "--max-new-tokens=8"]
+
+    ref, crash, pids = tmp_path / "ref", tmp_path / "crash", tmp_path / "pids"
+    run_stage(monkeypatch, "02_answer_riddles.py", *args(ref))
+    (tmp_path / "killer.py").write_text(KILLER)
+    pids.mkdir()
+    r = torchrun(tmp_path / "killer.py", ROOT, ROOT / "02_answer_riddles.py", *args(crash),
+                 KILL_RANK=victim, KILL_PIDS=str(pids), **kill)
+    assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert re.search(rf"rank +: {victim} \(local_rank: {victim}\)\n +exitcode +: -9 ", r.stderr), r.stderr[-3000:]
+    assert sorted(p.name for p in pids.iterdir()) == ["0", "1"]
+    assert not [p.name for p in pids.iterdir() if running(p)]  # the survivor too is gone (torchrun stops it)
+    # On disk: whole records in the order of one process, at least a batch, not all; the writer's kill tore a line.
+    text = {n: (crash / n).read_text() if (crash / n).exists() else "" for n in names}
+    whole = {n: t[:t.rfind("\n") + 1] for n, t in text.items()}
+    torn = [n for n in names if text[n] != whole[n]]
+    assert len(torn) == (victim == "0")
+    assert all((ref / n).read_text().startswith(whole[n]) for n in names)
+    written = sum(t.count("\n") for t in whole.values())
+    assert written == 3 if victim == "0" else 4 <= written <= 8  # 4 or 8: SIGTERM could stop the writer in between
+    r = torchrun(ROOT / "02_answer_riddles.py", *args(crash))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert f"skipped {written} as existing" in r.stdout
+    assert all(f"repaired {n}: dropped a torn last line" in r.stdout for n in torn)
+    for n in names:
+        assert (crash / n).read_bytes() == (ref / n).read_bytes(), n
 
 
 @pytest.mark.parametrize("kill_at", [1, 4], ids=["in-dedup-rejects", "in-follow-ups"])
