@@ -2,8 +2,8 @@
 
 - sampling: per-row seeded temperature + top-p draws (pick_tokens, RowSampler), so a row's
   text does not depend on which rows share its batch;
-- the slot engine (slot_generate): a KV cache of slots refilled as rows end, decode steps
-  replayed as one CUDA graph;
+- the slot engine (slot_generate): a KV cache of slots refilled as rows end, prompts prefilled
+  packed, decode steps replayed as one CUDA graph whose attention reads each slot's real length;
 - training: packed rows through torch's flash varlen attention (packed_attention) and Phi's
   GELU in one kernel (fused_gelu).
 Nothing here imports the pipeline's own modules; tests/test_engine.py checks each path
@@ -94,26 +94,51 @@ def force_lengths(scores, targets, steps, eos):
 SLOT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def _flash(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, scale, used=None):
+    """torch's flash varlen kernel on [tokens, heads, dim]; used[i]: keys of sequence i it reads."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
+                                                   scale=scale, seqused_k=used)[0]
+
+
 def _slot_attention(module, query, key, value, attention_mask, scaling=None, slot_cache=None, **kwargs):
-    """Attention that writes to and reads from the slot cache (prefill or one decode step)."""
+    """Attention that writes to and reads from the slot cache (prefill or one decode step).
+
+    Prefill: the prompts come packed in one row, causal within each. Decode: one token per slot
+    at its own position, reading only the slot's real length (flash with seqused_k; elsewhere
+    sdpa over the whole slot under a mask). Returns [rows, q_len, heads, dim].
+    """
     c = slot_cache
-    cache_k, cache_v = c.k[module.layer_idx], c.v[module.layer_idx]  # [slots, kv_heads, length, dim]
+    cache_k, cache_v = c.k[module.layer_idx], c.v[module.layer_idx]  # [slots, length, kv_heads, dim]
     rows, heads, q_len, dim = query.shape
     groups = key.shape[1]
-    if c.rows is not None:  # prefill: right-padded prompts, causal, so padding never reaches a real token
-        cache_k[c.rows, :, :q_len] = key
-        cache_v[c.rows, :, :q_len] = value
-        rep = heads // groups
-        out = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
-                                             is_causal=True, scale=scaling)
-    else:  # decode: one token per slot at the slot's own position
-        cache_k[c.ids, :, c.pos] = key[:, :, 0]
-        cache_v[c.ids, :, c.pos] = value[:, :, 0]
-        # The query heads of a kv head become rows of one query, so K and V are read once (no repeat_kv).
-        q = query.reshape(rows, groups, heads // groups, dim)
-        out = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=c.mask,
-                                             scale=scaling).reshape(rows, heads, 1, dim)
-    return out.transpose(1, 2).contiguous(), None
+    rep = heads // groups
+    flash = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+    if c.prefill is not None:
+        cu, longest, dest = c.prefill
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]
+        cache_k.view(-1, groups, dim).index_copy_(0, dest, k)
+        cache_v.view(-1, groups, dim).index_copy_(0, dest, v)
+        if flash:
+            return _flash(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, causal=True,
+                          scale=scaling).unsqueeze(0), None
+        bounds = cu.tolist()
+        parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b].repeat_interleave(rep, 1),
+                                                value[:, :, a:b].repeat_interleave(rep, 1), is_causal=True,
+                                                scale=scaling) for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(parts, 2).transpose(1, 2), None
+    cache_k[c.ids, c.pos] = key[:, :, 0]
+    cache_v[c.ids, c.pos] = value[:, :, 0]
+    # The query heads of a kv head become query rows of one sequence, so K and V are read once (no repeat_kv).
+    if flash and c.flash:
+        q = query.reshape(rows, groups, rep, dim).transpose(1, 2).reshape(rows * rep, groups, dim)
+        out = _flash(q, cache_k.view(-1, groups, dim), cache_v.view(-1, groups, dim), c.cu_q, c.cu_k, rep,
+                     cache_k.shape[1], causal=False, scale=scaling, used=c.used)
+        return out.view(rows, rep, groups, dim).transpose(1, 2).reshape(rows, 1, heads, dim), None
+    mask = (c.span[None, :] <= c.pos[:, None])[:, None, None, :]
+    q = query.reshape(rows, groups, rep, dim)
+    out = F.scaled_dot_product_attention(q, cache_k.transpose(1, 2), cache_v.transpose(1, 2), attn_mask=mask,
+                                         scale=scaling)
+    return out.reshape(rows, 1, heads, dim), None
 
 
 def slot_bytes(model, length):
@@ -124,18 +149,21 @@ def slot_bytes(model, length):
 
 
 class _Slots:
-    """Per layer K and V of [slots, kv_heads, length, dim], and the decode inputs (static for CUDA graphs)."""
+    """Per layer K and V of [slots, length, kv_heads, dim], and the decode inputs (static for CUDA graphs)."""
 
-    def __init__(self, model, count, length):
+    def __init__(self, model, count, length, flash):
         cfg, dev = model.config, model.device
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        shape = (count, cfg.num_key_value_heads, length, dim)
+        shape = (count, length, cfg.num_key_value_heads, dim)
         self.k = [torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(cfg.num_hidden_layers)]
         self.ids, self.span = torch.arange(count, device=dev), torch.arange(length, device=dev)
         self.token = torch.zeros(count, dtype=torch.long, device=dev)
         self.pos = torch.zeros(count, dtype=torch.long, device=dev)
-        self.rows, self.mask = None, None
+        rep = cfg.num_attention_heads // cfg.num_key_value_heads
+        self.cu_q = torch.arange(count + 1, dtype=torch.int32, device=dev) * rep
+        self.cu_k = torch.arange(count + 1, dtype=torch.int32, device=dev) * length
+        self.flash, self.used, self.prefill = flash, None, None
 
 
 def _forward_slots(model, ids, positions, slots):
@@ -149,25 +177,26 @@ def _forward_slots(model, ids, positions, slots):
 
 
 def _decode_step(model, slots):
-    slots.mask = (slots.span[None, :] <= slots.pos[:, None])[:, None, None, :]
+    slots.used = (slots.pos + 1).int()
     h = _forward_slots(model, slots.token[:, None], slots.pos[:, None], slots)
     return model.lm_head(h[:, 0]).float()
 
 
 def _prefill(model, slots, rows, prompts):
-    """Write the prompts' K/V into slots `rows`; the logits of each prompt's last token."""
+    """Write the prompts' K/V into slots `rows` (one packed row, no padding); the logits of each prompt's last token."""
     dev = model.device
-    ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
-    ids = ids.to(dev)
-    slots.rows = torch.tensor(rows, device=dev)
+    lens = torch.tensor([len(p) for p in prompts])
+    cu = F.pad(lens.cumsum(0), (1, 0))
+    starts = torch.repeat_interleave(cu[:-1], lens)
+    positions = torch.arange(int(cu[-1])) - starts
+    dest = torch.repeat_interleave(torch.tensor(rows) * slots.k[0].shape[1], lens) + positions
+    ids = torch.tensor([t for p in prompts for t in p], device=dev)[None]
+    slots.prefill = (cu.to(dev, torch.int32), int(lens.max()), dest.to(dev))
     try:
-        h = _forward_slots(model, ids, torch.arange(ids.shape[1], device=dev).expand_as(ids), slots)
+        h = _forward_slots(model, ids, positions.to(dev)[None], slots)
     finally:
-        slots.rows = None
-    last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
-    return model.lm_head(h[torch.arange(len(prompts), device=dev), last]).float()
+        slots.prefill = None
+    return model.lm_head(h[0, (cu[1:] - 1).to(dev)]).float()
 
 
 def _graphed(fn, device):
@@ -190,14 +219,16 @@ def _graphed(fn, device):
 
 
 def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, max_slots=256,
-                  prefill_tokens=16384, cuda_graph=True, processor=None, stats=None):
+                  prefill_tokens=16384, cuda_graph=True, flash=True, processor=None, stats=None):
     """Reply token ids for each prompt (token id lists), up to max_slots rows decoding at once.
 
     A row that ends frees its slot and the next prompts are prefilled into free slots, so
     short replies stop costing work. Rows sample with pick_tokens (own seed, own step): the
     same draws as HFBackend's generate path. processor(logits, prompt_indices, steps) may
     edit the logits first, with tensor ops only (the benchmark forces reply lengths with it).
-    stats (a dict) gets prefill seconds and decode steps.
+    Prompts are prefilled packed, up to prefill_tokens a call. flash=False reads each slot's
+    whole length under a mask in decode (sdpa, as CPUs and fp32 always do): only to compare.
+    stats (a dict) gets prefill and decode seconds, and counts.
     """
     from transformers import AttentionInterface
 
@@ -211,11 +242,9 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
         count = max(1, min(count, int(0.6 * free) // slot_bytes(model, length)))
     outs = [[] for _ in prompts]
     owner, last, pos, steps = [-1] * count, [0] * count, [0] * count, [0] * count  # per slot
-    todo = iter(range(len(prompts)))
-    waiting = len(prompts)
-    per_call = max(1, prefill_tokens // max(map(len, prompts)))
+    drawn = 0  # prompts prefilled so far, in order
     stats = {} if stats is None else stats
-    stats.update(slots=count, length=length, prefill_s=0.0, prefill_calls=0, decode_steps=0)
+    stats.update(slots=count, length=length, prefill_s=0.0, prefill_calls=0, decode_s=0.0, decode_steps=0)
 
     def pick(logits, rows, row_steps, row_seeds):
         if processor is not None:
@@ -237,29 +266,34 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     model.set_attn_implementation("slots")
     try:
         with torch.inference_mode():
-            slots = _Slots(model, count, length)
+            slots = _Slots(model, count, length, flash)
             inputs = torch.zeros(3, count, dtype=torch.long, device=dev)  # token, position, step: one copy a step
             slots.token, slots.pos, step_of = inputs
             seed_of = torch.zeros(count, dtype=torch.long, device=dev)
             row_of = torch.zeros(count, dtype=torch.long, device=dev)
             # Sampling is part of the step, so a CUDA graph replays decode and sampling as one launch.
-            step = lambda: pick(_decode_step(model, slots), row_of, step_of, seed_of)  # noqa: E731
+            eager = lambda: pick(_decode_step(model, slots), row_of, step_of, seed_of)  # noqa: E731
+            step = eager
             if cuda_graph and dev.type == "cuda":
                 try:
-                    step = _graphed(step, dev)
+                    step = _graphed(eager, dev)
                 except RuntimeError as e:  # still correct without the graph, only slower
                     print(f"slot_generate: no CUDA graph ({str(e)[:200]}); decoding eagerly", file=sys.stderr)
-                    step = lambda: pick(_decode_step(model, slots), row_of, step_of, seed_of)  # noqa: E731
+                    step = eager
             while True:
                 free = [s for s in range(count) if owner[s] < 0]
                 # Refill in groups (an eighth of the slots), not one row per prefill call.
+                waiting = len(prompts) - drawn
                 if waiting and len(free) >= min(waiting, max(1, count // 8)):
                     t = time.perf_counter()
-                    take_now = free[:waiting]
-                    for a in range(0, len(take_now), per_call):
-                        chunk = take_now[a:a + per_call]
-                        rows = [next(todo) for _ in chunk]
-                        waiting -= len(rows)
+                    free = free[:waiting]
+                    while free:
+                        chunk, rows, size = [], [], 0
+                        while free and (not rows or size + len(prompts[drawn]) <= prefill_tokens):
+                            chunk.append(free.pop(0))
+                            rows.append(drawn)
+                            size += len(prompts[drawn])
+                            drawn += 1
                         logits = _prefill(model, slots, chunk, [prompts[i] for i in rows])
                         here = torch.tensor(chunk, device=dev)
                         row_of[here] = torch.tensor(rows, device=dev)
@@ -274,12 +308,14 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                 active = [s for s in range(count) if owner[s] >= 0]
                 if not active:
                     break
+                t = time.perf_counter()
                 inputs.copy_(torch.tensor([last, [pos[s] if owner[s] >= 0 else 0 for s in range(count)], steps]))
                 tokens = step().tolist()
                 stats["decode_steps"] += 1
                 for s in active:
                     pos[s] += 1
                     take(s, tokens[s])
+                stats["decode_s"] += time.perf_counter() - t
     finally:
         model.set_attn_implementation(old)
     return outs

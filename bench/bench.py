@@ -1,29 +1,35 @@
 """GPU benchmark: the reference recipe and ours side by side, same run, same card.
 
 Random weights of the real shapes (throughput does not depend on weight values), random
-token ids instead of text. Four parts, each writing JSON under --out:
+token ids instead of text. Five parts, each writing JSON under --out:
   gen    Mistral-7B shape, bf16: the reference loop (HF generate, one prompt at a time) on
          the first requests vs ours on all requests (slot_generate, as HFBackend runs on a
          GPU), HF generate in static batches, and transformers' continuous batching.
          Each request's reply length is drawn from 60-500 and forced (eos at that length).
+         Checks: fp32 greedy = HF generate; flash vs whole-slot sdpa decode logits in bf16.
+  profile where a decode step's time goes (graph replay with and without sampling, CUDA time
+         per kind of kernel) at 256 and 384 slots of realistic context; a packed prefill call.
   train  Phi-2 shape, 4-bit NF4 QLoRA r=32: the reference (bs 1, GA 16, grad checkpointing,
          full fp32 lm_head/embed copies) vs packed token-budget micro-batches with varlen
-         attention, trainable token rows, per-token-mean loss, at several budgets and
-         checkpointing levels.
+         attention, trainable token rows, per-token-mean loss, at several budgets,
+         checkpointing levels and flags (fused GELU, bf16 adapters); --train-profile
+         breaks one configuration's micro-batch down by kind of kernel.
   ddp    the best train configuration under --ddp-max-gib, under `accelerate launch`
          (run it with --num_processes 1 and 2; each writes its row to ddp.json).
   report merge the JSON files, print the table, write --results (markdown).
 
 Reads: nothing (a random Phi-2 is saved once to --model-dir for load_student).
-Writes: {out}/gen.json, train.json, ddp.json: {"card", "versions", "rows": [{"part",
+Writes: {out}/gen.json, profile.json, train.json, ddp.json: {"card", "versions", "rows": [{"part",
   "config", "tokens", "seconds", "tok_s", "peak_gib", "reserved_gib", "ratio", "bound_frac"}]}
 
   python bench/bench.py --part=gen --out=/tmp/bench          # one GPU
+  python bench/bench.py --part=profile --out=/tmp/bench
   python bench/bench.py --part=train --out=/tmp/bench --train-configs=varlen:16384:1:chunked:fused
   accelerate launch --num_processes 2 bench/bench.py --part=ddp --out=/tmp/bench
   python bench/bench.py --part=report --out=/tmp/bench       # table -> bench/RESULTS.md
   python bench/bench.py --part=gen --tiny                    # CPU smoke test of the script, tiny shapes
 Runtime on an H100: gen 6.5 min; train, then DDP with 1 and 2 processes, 4 min together (a 2x H100 host).
+On an H200 (2026-11-28): profile 1.5 min; gen without the static batch and continuous batching 2.5 min.
 Needs bitsandbytes for train/ddp; no tokenizer or weights (random), no network.
 """
 
@@ -40,13 +46,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import collate_padded, configure, path  # noqa: E402
-from training import add_lora, load_student, loss_sum, micro_batches, supervised_tokens  # noqa: E402
+from training import adapters_in_bf16, add_lora, load_student, loss_sum, micro_batches, supervised_tokens  # noqa: E402
 from engine import RowSampler, fused_gelu, packed_attention, slot_generate  # noqa: E402
 from engine import force_lengths as force  # noqa: E402
 import shapes  # noqa: E402
 
 # -----------------------------------------------------------------------------
-PART = "gen"  # gen, train, ddp or report
+PART = "gen"  # gen, profile, train, ddp or report
 OUT = "out/bench"  # folder for the JSON files
 RESULTS = "bench/RESULTS.md"  # report: markdown table written here
 NOTE = ""  # report: a line printed under the header (how the runs were made)
@@ -60,9 +66,11 @@ REPLY_MAX = 500
 TEMPERATURE = 0.7  # sampling as the stages do (per-row seeded)
 TOP_P = 0.95
 REF_SECONDS = 60.0  # time box of the one-prompt-at-a-time reference loop
-SLOTS = [256, 384, 128]  # slot_generate configurations (max rows decoding at once)
-STATIC_REQUESTS = 256  # HF generate in one left-padded batch of this many requests
-CB_SECONDS = 60.0  # time box of continuous batching
+SLOTS = ["256:sdpa", "256", "384", "128"]  # slot_generate: max rows decoding at once[:sdpa = whole-slot decode
+# attention][:round1 = the slot_generate of ROUND1]
+ROUND1 = ""  # gen: an earlier engine.py for SLOTS "N:round1" (git show 462d44e:engine.py > /tmp/engine_round1.py)
+STATIC_REQUESTS = 256  # HF generate in one left-padded batch of this many requests (0: skip)
+CB_SECONDS = 60.0  # time box of continuous batching (0: skip)
 TRAIN_SEQS = 400  # training sequences drawn (lengths ~N(480, 180) clipped)
 LEN_MEAN = 480
 LEN_STD = 180
@@ -73,6 +81,7 @@ TRAIN_TOKENS = 48000  # tokens timed per configuration of ours, after two warm-u
 TRAIN_CONFIGS = ["varlen:16384:1:chunked", "varlen:32768:1:chunked", "varlen:32768:1:chunked:fused",
                  "varlen:16384:1:chunked:fused", "varlen:8192:1:chunked:fused", "varlen:4096:0:sum:fused",
                  "varlen:8192:0.5:chunked:fused", "sdpa:4096:1:sum"]  # attention:budget:ckpt fraction:loss[:fused]
+TRAIN_PROFILE = ""  # train: profile 2 micro-batches of this configuration (one of TRAIN_CONFIGS)
 DDP_MAX_GIB = 24.0  # ddp: best train configuration whose reserved peak fits this
 DDP_CONFIG = ""  # ddp: a configuration string to use instead of the best one
 TINY = False  # tiny shapes on CPU: a smoke test of this script
@@ -161,8 +170,9 @@ class ForceLength:
         return force(scores, self.targets.to(scores.device), steps, self.eos)
 
 
-def run_gen():
-    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig, MistralConfig
+def mistral():
+    """Mistral-7B-Instruct-v0.2's shape with random bf16 weights (TINY: a small one), its request mix, eos."""
+    from transformers import AutoModelForCausalLM, MistralConfig
 
     if TINY:
         cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -183,7 +193,14 @@ def run_gen():
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, 0
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"model: {weight_bytes / 1e9:.1f} GB of weights, built in {time.perf_counter() - t:.0f} s")
+    return model, weight_bytes, eos, (n_req, p_lo, p_hi, r_lo, r_hi)
 
+
+def run_gen():
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    model, weight_bytes, eos, (n_req, p_lo, p_hi, r_lo, r_hi) = mistral()
+    cfg = model.config
     g = torch.Generator().manual_seed(SEED)
     plens = torch.randint(p_lo, p_hi + 1, (n_req,), generator=g).tolist()
     targets = torch.randint(r_lo, r_hi + 1, (n_req,), generator=g)
@@ -235,17 +252,32 @@ def run_gen():
            note=f"first {done} requests")
 
     # Ours: slot_generate, what HFBackend.generate runs on a GPU.
-    for slots in map(int, SLOTS):
+    for spec in map(str, SLOTS):
+        slots, *flags = spec.split(":")
+        flash = "sdpa" not in flags
+        name = "ours: slot_generate, {} slots, CUDA graph" + ("" if flash else ", whole-slot sdpa decode") + (
+            f", engine of {ROUND1}" if "round1" in flags else "")
+        generate, extra = slot_generate, {"flash": flash}
+        if "round1" in flags:  # the engine.py of an earlier commit, side by side
+            import importlib.util
+
+            if not ROUND1:
+                sys.exit(f"--slots={spec} needs --round1=FILE: an earlier engine.py")
+            spec_ = importlib.util.spec_from_file_location("engine_round1", ROUND1)
+            old = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(old)
+            generate, extra = old.slot_generate, {}
         reset_memory()
         t = time.perf_counter()
         stats = {}
         try:
-            outs = slot_generate(model, [prompts[i] for i in order], [seeds[i] for i in order], max_new_tokens=r_hi,
-                                 temperature=TEMPERATURE, top_p=TOP_P, eos_ids=eos, max_slots=slots, stats=stats,
-                                 processor=lambda logits, r, steps: force(logits, sorted_targets[r], steps, eos))
+            outs = generate(model, [prompts[i] for i in order], [seeds[i] for i in order], max_new_tokens=r_hi,
+                                 temperature=TEMPERATURE, top_p=TOP_P, eos_ids=eos, max_slots=int(slots), stats=stats,
+                                 **extra, processor=lambda logits, r, steps: force(logits, sorted_targets[r], steps,
+                                                                                       eos))
         except Exception as e:  # a failure here must not hide the other rows
             traceback.print_exc()
-            rows.append({"part": "gen", "config": f"ours: slot_generate, {slots} slots", "error": str(e)[:300]})
+            rows.append({"part": "gen", "config": name.format(slots), "error": str(e)[:300]})
             continue
         sync()
         seconds = time.perf_counter() - t
@@ -253,19 +285,20 @@ def run_gen():
         bad = [(k, g_, int(sorted_targets[k]), plens[order[k]]) for k, g_ in enumerate(got) if g_ != sorted_targets[k]]
         if bad:
             print(f"  {len(bad)} rows off their forced length (row, got, wanted, prompt): {bad[:8]}")
-        decode_ms = 1000 * (seconds - stats["prefill_s"]) / max(1, stats["decode_steps"])
-        record(f"ours: slot_generate, {stats['slots']} slots, CUDA graph", sum(got), seconds, batch=stats["slots"],
+        decode_s = stats.get("decode_s", seconds - stats["prefill_s"])  # the round-one engine kept no decode_s
+        decode_ms = 1000 * decode_s / max(1, stats["decode_steps"])
+        record(name.format(stats["slots"]), sum(got), seconds, batch=stats["slots"],
                note=f"{n_req} requests; prefill {stats['prefill_s']:.1f} s in {stats['prefill_calls']} calls, "
                     f"{stats['decode_steps']} decode steps of {decode_ms:.1f} ms"
                     + (f"; {len(bad)} rows off their forced length" if bad else ""))
 
     # Correctness on this card, in fp32 (bf16 ties flip greedy picks): a 2-layer model with
     # Mistral's head layout, slot_generate (graph and eager) vs HF generate, greedy.
+    few = order[:8]
     small = MistralConfig(vocab_size=cfg.vocab_size, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
                           num_attention_heads=8, num_key_value_heads=2, head_dim=128, sliding_window=None)
     with torch.device(device):
         tiny = AutoModelForCausalLM.from_config(small, dtype=torch.float32).eval()
-    few = order[:8]
     with torch.inference_mode():
         ref = [tiny.generate(torch.tensor([prompts[i]], device=device), max_new_tokens=24, do_sample=False,
                              logits_processor=[ForceLength(torch.tensor([25]), eos)])[0, plens[i]:].tolist()
@@ -279,11 +312,41 @@ def run_gen():
         print(f"  fp32 check: slot_generate (graph {graph}) vs HF generate, greedy: {same} of "
               f"{sum(map(len, ref))} tokens equal")
         check[f"fp32_greedy_equal_graph_{graph}"] = [same, sum(map(len, ref))]
+    # The flash decode against the whole-slot sdpa decode in bf16, teacher-forced so both see the
+    # same tokens: the logits of every step of 8 rows, on the 2-layer model and at the real shape
+    # (32 random layers amplify bf16 rounding: there a difference says less).
+    forced = torch.randint(3, cfg.vocab_size, (8, 33), generator=g).to(device)
+
+    def logits_of(net, flash):
+        seen = []
+
+        def keep(logits, r, steps):
+            seen.append(logits[r.argsort()].clone())
+            return torch.full_like(logits, float("-inf")).scatter_(1, forced[r, steps][:, None], 0.0)
+
+        slot_generate(net, [prompts[i] for i in few], [0] * 8, max_new_tokens=32, temperature=0.0, top_p=1.0,
+                      eos_ids=eos, max_slots=8, cuda_graph=False, flash=flash, processor=keep)
+        return torch.stack(seen)
+
+    for label, net in (("2 layers", tiny.to(model.dtype)), ("real shape", model)):
+        a, b = logits_of(net, True), logits_of(net, False)
+        rel = ((a - b).abs().max() / b.abs().max()).item()
+        same = [int((a.argmax(-1) == b.argmax(-1)).sum()), a.shape[0] * a.shape[1]]
+        check[f"bf16_flash_vs_sdpa_{label}"] = {"max_abs_diff_over_max_abs": rel, "argmax_equal": same}
+        print(f"  bf16 check, {label}: flash vs whole-slot sdpa decode logits, max |diff| / max |logit| {rel:.2g};"
+              f" argmax equal {same[0]} of {same[1]}")
     del tiny
     save("gen.json", rows, bandwidth_gbs=round(bw), mean_context=round(ctx), weight_gb=round(weight_bytes / 1e9, 2),
          check=check)
 
-    # HF generate on a static left-padded batch (the HFBackend path before this work).
+    if STATIC_REQUESTS:
+        static_batch(model, prompts, plens, targets, seeds, eos, r_hi, n_req, record, rows)
+    if CB_SECONDS:
+        continuous_batching(model, prompts, targets, order, r_hi, n_req, record, rows)
+
+
+def static_batch(model, prompts, plens, targets, seeds, eos, r_hi, n_req, record, rows):
+    """HF generate on a static left-padded batch (the HFBackend path before this work)."""
     reset_memory()
     idx = sorted(range(min(STATIC_REQUESTS, n_req)), key=lambda i: -plens[i])
     width = max(plens[i] for i in idx)
@@ -306,7 +369,12 @@ def run_gen():
         traceback.print_exc()
         rows.append({"part": "gen", "config": f"HF generate, static batch of {len(idx)}", "error": str(e)[:300]})
 
-    # transformers' continuous batching, per-request lengths, within a time box.
+
+
+def continuous_batching(model, prompts, targets, order, r_hi, n_req, record, rows):
+    """transformers' continuous batching, per-request lengths, within a time box."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
     reset_memory()
     gc_cfg = GenerationConfig(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=r_hi,
                               eos_token_id=-1, pad_token_id=0)
@@ -334,6 +402,98 @@ def run_gen():
         print(f"continuous batching failed: {type(e).__name__}: {e}")
         rows.append({"part": "gen", "config": "transformers generate_batch (continuous)", "error": str(e)[:300]})
         save("gen.json", rows)
+
+
+GEMM = ("gemm", "cutlass", "sm90_", "sm80_", "cublas", "gemv", "nvjet")
+KERNELS = [("gemm", GEMM), ("attention", ("flash", "fmha", "attention")),
+           ("sampling", ("sort", "scan", "radix", "cumsum", "softmax")), ("other", ("",))]
+TRAIN_KERNELS = [("gemm", GEMM), ("attention", ("flash", "fmha", "attention")), ("dequantize", ("dequant",)),
+                 ("optimizer", ("adam", "optim")), ("other", ("",))]
+
+
+def kernel_table(prof, steps, kinds_of=KERNELS):
+    """CUDA time per kind of kernel (ms per step) and the top kernels, from a torch.profiler run."""
+    kinds, top = {}, []
+    for e in prof.key_averages():
+        ms = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1000 / steps
+        if ms <= 0:
+            continue
+        kind = next(k for k, keys in kinds_of if any(x in e.key.lower() for x in keys))
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        top.append((round(ms, 3), e.count // steps, e.key[:90]))
+    return {k: round(v, 3) for k, v in kinds.items()}, sorted(top, reverse=True)[:12]
+
+
+def run_profile():
+    """Where the slot engine's time goes at the real shape: decode step (graph replay) with and
+    without sampling, per kind of kernel, at 256 and 384 slots of realistic context, for the flash
+    and the whole-slot sdpa attention; a packed prefill call of 16k tokens."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AttentionInterface
+
+    import engine
+
+    model, weight_bytes, eos, (n_req, p_lo, p_hi, r_lo, r_hi) = mistral()
+    AttentionInterface.register("slots", engine._slot_attention)
+    model.set_attn_implementation("slots")
+    length = -(-(p_hi + r_hi) // 64) * 64
+    g = torch.Generator().manual_seed(SEED)
+    out = {"length": length, "rows": []}
+
+    def timed(fn, n=20):
+        fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return 1000 * (time.perf_counter() - t) / n
+
+    with torch.inference_mode():
+        for count in (256, 384):
+            plen = torch.randint(p_lo, p_hi + 1, (count,), generator=g)
+            reply = torch.randint(r_lo, r_hi + 1, (count,), generator=g)
+            ctx = plen + (torch.rand(count, generator=g) * reply).long()  # a row somewhere in its reply
+            for flash in (False, True):
+                reset_memory()
+                slots = engine._Slots(model, count, length, flash)
+                slots.pos.copy_(ctx)
+                slots.token.copy_(torch.randint(3, model.config.vocab_size, (count,), generator=g))
+                seeds = torch.arange(count, device=device)
+                logits = lambda: engine._decode_step(model, slots)  # noqa: E731
+                full = lambda: engine.pick_tokens(logits(), seeds, slots.pos, temperature=TEMPERATURE,  # noqa: E731
+                                                  top_p=TOP_P)
+                graphed = (lambda fn: engine._graphed(fn, model.device)) if device == "cuda" else (lambda fn: fn)
+                graph_full, graph_logits = graphed(full), graphed(logits)
+                row = {"slots": count, "attention": "flash" if flash else "whole-slot sdpa",
+                       "mean_context": round(ctx.float().mean().item()),
+                       "step_ms": round(timed(graph_full), 2), "logits_only_ms": round(timed(graph_logits), 2),
+                       "eager_step_ms": round(timed(full, 5), 2)}
+                with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
+                    for _ in range(3):
+                        full()
+                    sync()
+                row["kernels_ms"], row["top_kernels"] = kernel_table(prof, 3)
+                out["rows"].append(row)
+                print(f"  {count} slots, {row['attention']}: step {row['step_ms']} ms (logits only "
+                      f"{row['logits_only_ms']}, eager {row['eager_step_ms']}); eager kernels/step {row['kernels_ms']}")
+                for k in row["top_kernels"][:6]:
+                    print(f"      {k}")
+                del slots, graph_full, graph_logits
+        # A packed prefill call of ~16k tokens into 48 slots.
+        slots = engine._Slots(model, 48, length, True)
+        prompts = [torch.randint(3, model.config.vocab_size, (int(n),), generator=g).tolist()
+                   for n in torch.randint(p_lo, p_hi + 1, (48,), generator=g)]
+        while sum(map(len, prompts)) > 16384:
+            prompts.pop()
+        tokens = sum(map(len, prompts))
+        ms = timed(lambda: engine._prefill(model, slots, list(range(len(prompts))), prompts), 5)
+        flop = 2 * weight_bytes / 2 * tokens
+        out["prefill"] = {"prompts": len(prompts), "tokens": tokens, "ms": round(ms, 1),
+                          "tflops": round(flop / ms / 1e9, 1)}
+        print(f"  prefill: {len(prompts)} prompts, {tokens} tokens packed in {ms:.0f} ms "
+              f"({out['prefill']['tflops']} TFLOP/s of weight matmuls)")
+    (out_dir / "profile.json").write_text(json.dumps({"card": card(), "versions": versions(), **out}, indent=1))
 
 
 def slot_bytes_per_token(model):
@@ -420,8 +580,23 @@ LOSSES = {"sum": loss_sum, "chunked": chunked_loss_sum}
 
 
 def parse(config):
-    attn, budget, frac, loss, *gelu = config.split(":")
-    return attn, int(budget), float(frac), loss, bool(gelu)
+    """attention:budget:ckpt fraction:loss[:flag...], flags: fused (GELU), bf16lora (adapter maths in bf16),
+    compile (torch.compile of each decoder layer)."""
+    attn, budget, frac, loss, *flags = config.split(":")
+    return attn, int(budget), float(frac), loss, set(flags)
+
+
+FLAG_NAMES = {"fused": "fused gelu", "bf16lora": "bf16 adapters", "compile": "compiled layers"}
+
+
+def set_flags(model, flags):
+    """The flags of parse() that wrap modules: adapters in bf16, compiled decoder layers."""
+    adapters_in_bf16(model, "bf16lora" in flags)
+    for layer in model.get_base_model().model.layers:
+        if "compile" in flags:
+            layer.compile(dynamic=True)  # micro-batches vary in length
+        else:
+            layer._compiled_call_impl = None  # what nn.Module.compile set
 
 
 def set_gelu(model, fused):
@@ -535,12 +710,13 @@ def run_train():
     opt = optimizer(model)
 
     for config in TRAIN_CONFIGS:
-        attn, budget, frac, loss, fused = parse(config)
+        attn, budget, frac, loss, flags = parse(config)
         if TINY:
             budget //= 16
         base.set_attn_implementation(packed_attention() if attn == "varlen" else "sdpa")
         set_checkpointing(model, frac)
-        set_gelu(model, fused)
+        set_gelu(model, "fused" in flags)
+        set_flags(model, flags)
         batches = micro_batches(examples, budget, packed=True, seed=SEED)
         reset_memory()
         try:
@@ -559,8 +735,20 @@ def run_train():
                 tokens += step(batches[(2 + n) % len(batches)])
                 n += 1
             sync()
-            name = f"ours: {attn}, {budget:,} tok, ckpt {frac:g}, {loss}" + (", fused gelu" if fused else "")
+            name = f"ours: {attn}, {budget:,} tok, ckpt {frac:g}, {loss}" + "".join(
+                f", {FLAG_NAMES[f]}" for f in sorted(flags))
             record(name, tokens, time.perf_counter() - t, frac, note=f"{n} micro-batches", spec=config)
+            if config == TRAIN_PROFILE:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
+                    tokens = sum(step(b) for b in batches[2:4])
+                    sync()
+                kinds, top = kernel_table(prof, 2, TRAIN_KERNELS)
+                check["profile"] = {"config": config, "tokens_per_step": tokens / 2, "kernels_ms": kinds, "top": top}
+                print(f"  profile of {config}: CUDA ms per micro-batch of ~{tokens // 2} tokens: {kinds}")
+                for k in top[:10]:
+                    print(f"      {k}")
         except Exception as e:  # out of memory, or a kernel this torch lacks: record it, go on
             opt.zero_grad(set_to_none=True)
             alloc, reserved = memory()
@@ -598,14 +786,15 @@ def run_ddp():
         fits = [r for r in train if r.get("tok_s") and r.get("spec", "").startswith("varlen")
                 and (r["reserved_gib"] or 0) <= DDP_MAX_GIB]
         config = max(fits, key=lambda r: r["tok_s"])["spec"]
-    attn, budget, frac, loss, fused = parse(config)
+    attn, budget, frac, loss, flags = parse(config)
     folder = ensure_student() if acc.is_main_process else MODEL_DIR
     acc.wait_for_everyone()
     vocab = phi2_config().vocab_size
     model, _ = load_student(folder, load_in_4bit=device == "cuda", attn_implementation=packed_attention())
     model = add_lora(model, new_token_ids=new_token_ids(vocab))
     set_checkpointing(model, frac)
-    set_gelu(model, fused)
+    set_gelu(model, "fused" in flags)
+    set_flags(model, flags)
     model.train()
     wrapped = LossModel(model, loss)
     opt = optimizer(model)
@@ -699,4 +888,4 @@ def run_report():
         path(RESULTS).write_text("# Benchmark results\n\n" + text)
 
 
-{"gen": run_gen, "train": run_train, "ddp": run_ddp, "report": run_report}[PART]()
+{"gen": run_gen, "profile": run_profile, "train": run_train, "ddp": run_ddp, "report": run_report}[PART]()
