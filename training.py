@@ -94,6 +94,25 @@ def add_lora(model, r=32, alpha=32, dropout=0.1, targets=None, new_token_ids=(),
         raise InputError(f"--lora-targets {','.join(targets)}: {str(e).strip().splitlines()[0][:200]}") from None
 
 
+def adapters_in_bf16(model, on=True):
+    """Run each LoRA adapter's dropout and matmuls in the model's 16-bit compute dtype (autocast), its
+    weights staying fp32 for the optimizer. peft otherwise casts every adapter input to fp32: a copy
+    of the activations per adapted projection, fp32 dropout and fp32 matmuls. on=False undoes it.
+    Models computing in fp32 are left as they are."""
+    import functools
+
+    from peft.tuners.lora import LoraLayer
+
+    dtype = next((m.compute_dtype for m in model.modules() if hasattr(m, "compute_dtype")), model.dtype)
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            m.__dict__.pop("forward", None)  # back to the class's forward
+            if on and dtype in (torch.bfloat16, torch.float16):
+                device = next(m.parameters()).device.type
+                m.forward = torch.autocast(device, dtype=dtype)(functools.partial(type(m).forward, m))
+    return model
+
+
 def micro_batches(examples, max_tokens, packed=True, pad_id=None, seed=0):
     """Tokenized examples -> collated micro-batches of at most max_tokens tokens each.
 

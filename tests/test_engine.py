@@ -10,7 +10,7 @@ import torch
 from helpers import CONVS
 
 from common import HFBackend, collate_packed, collate_padded, tokenize_chat
-from training import add_lora, load_student, loss_sum, supervised_tokens
+from training import adapters_in_bf16, add_lora, load_student, loss_sum, supervised_tokens
 from engine import PACKED_ATTENTION, fused_gelu, pick_tokens, slot_generate
 
 PROMPTS = [[{"role": "user", "content": t}] for t in (
@@ -100,3 +100,39 @@ def test_fused_gelu_is_phis_gelu_new(tiny_phi):
         after = mlp(x)
     assert type(mlp.activation_fn).__name__ == "GELUTanh"
     assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_bf16_adapters_give_the_fp32_adapter_loss_and_gradients(tiny_phi):
+    """adapters_in_bf16 (05's default): the adapter maths in bf16, the weights and their gradients fp32,
+    the loss and the gradients those of peft's fp32 adapter maths within bf16 rounding."""
+    model, tok = load_student(tiny_phi, load_in_4bit=False)
+    model = add_lora(model.to(torch.bfloat16), dropout=0.0)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would leave A without a gradient
+            p.data.normal_(0, 0.05)
+    batch = collate_packed([tokenize_chat(tok, c) for c in CONVS])
+    lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
+    seen = []
+    lora_a.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = loss_sum(model, batch) / supervised_tokens(batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+        return loss.item(), grads
+
+    plain, plain_grads = loss_and_grads()
+    adapters_in_bf16(model)
+    fast, fast_grads = loss_and_grads()
+    adapters_in_bf16(model, False)
+    again, _ = loss_and_grads()
+    assert seen == [torch.float32, torch.bfloat16, torch.float32]  # on, then undone
+    assert again == plain
+    assert fast == pytest.approx(plain, rel=1e-2)
+    assert all(g.dtype == torch.float32 for g in fast_grads.values())
+    a = torch.cat([g.flatten() for g in plain_grads.values()])
+    b = torch.cat([fast_grads[n].flatten() for n in plain_grads])
+    assert a.abs().sum() > 0
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
