@@ -405,10 +405,11 @@ def continuous_batching(model, prompts, targets, order, r_hi, n_req, record, row
 
 
 GEMM = ("gemm", "cutlass", "sm90_", "sm80_", "cublas", "gemv", "nvjet")
-KERNELS = [("gemm", GEMM), ("attention", ("flash", "fmha", "attention")),
-           ("sampling", ("sort", "scan", "radix", "cumsum", "softmax")), ("other", ("",))]
-TRAIN_KERNELS = [("gemm", GEMM), ("attention", ("flash", "fmha", "attention")), ("dequantize", ("dequant",)),
-                 ("optimizer", ("adam", "optim")), ("other", ("",))]
+ATTENTION = ("flash", "fmha", "sdpa", "attention")  # before GEMM: their names hold "cutlass" and "sm90_" too
+KERNELS = [("attention", ATTENTION), ("gemm", GEMM), ("sampling", ("sort", "scan", "radix", "cumsum", "softmax")),
+           ("other", ("",))]
+TRAIN_KERNELS = [("attention", ATTENTION), ("gemm", GEMM), ("dequantize", ("dequant",)), ("optimizer", ("adam", "optim")),
+                 ("other", ("",))]
 
 
 def kernel_table(prof, steps, kinds_of=KERNELS):
@@ -854,8 +855,9 @@ def run_report():
         return
     first = next(iter(parts.values()))
     v = first["versions"]
+    bnb = next((p["versions"]["bitsandbytes"] for p in parts.values() if p["versions"].get("bitsandbytes")), None)
     lines = [f"Measured {first['date']} on {first['card']} (torch {v['torch']}, transformers {v['transformers']}, "
-             f"peft {v['peft']}, bitsandbytes {v['bitsandbytes']}, accelerate {v['accelerate']}); "
+             f"peft {v['peft']}, bitsandbytes {bnb}, accelerate {v['accelerate']}); "
              "random weights of the real shapes." + (f" {NOTE}" if NOTE else ""), ""]
     heads = {"gen": "Generation, Mistral-7B shape, bf16: output tok/s (ratio to the batch-1 reference)",
              "train": "QLoRA, Phi-2 shape, 4-bit NF4, r=32: non-padding tok/s (ratio to the reference)",
