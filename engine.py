@@ -112,13 +112,12 @@ def _slot_attention(module, query, key, value, attention_mask, scaling=None, slo
     rows, heads, q_len, dim = query.shape
     groups = key.shape[1]
     rep = heads // groups
-    flash = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
     if c.prefill is not None:
         cu, longest, dest = c.prefill
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]
         cache_k.view(-1, groups, dim).index_copy_(0, dest, k)
         cache_v.view(-1, groups, dim).index_copy_(0, dest, v)
-        if flash:
+        if c.flash:
             return _flash(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, causal=True,
                           scale=scaling).unsqueeze(0), None
         bounds = cu.tolist()
@@ -129,7 +128,7 @@ def _slot_attention(module, query, key, value, attention_mask, scaling=None, slo
     cache_k[c.ids, c.pos] = key[:, :, 0]
     cache_v[c.ids, c.pos] = value[:, :, 0]
     # The query heads of a kv head become query rows of one sequence, so K and V are read once (no repeat_kv).
-    if flash and c.flash:
+    if c.flash_decode:
         q = query.reshape(rows, groups, rep, dim).transpose(1, 2).reshape(rows * rep, groups, dim)
         out = _flash(q, cache_k.view(-1, groups, dim), cache_v.view(-1, groups, dim), c.cu_q, c.cu_k, rep,
                      cache_k.shape[1], causal=False, scale=scaling, used=c.used)
@@ -151,7 +150,7 @@ def slot_bytes(model, length):
 class _Slots:
     """Per layer K and V of [slots, length, kv_heads, dim], and the decode inputs (static for CUDA graphs)."""
 
-    def __init__(self, model, count, length, flash):
+    def __init__(self, model, count, length, flash_decode=True):
         cfg, dev = model.config, model.device
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         shape = (count, length, cfg.num_key_value_heads, dim)
@@ -163,7 +162,10 @@ class _Slots:
         rep = cfg.num_attention_heads // cfg.num_key_value_heads
         self.cu_q = torch.arange(count + 1, dtype=torch.int32, device=dev) * rep
         self.cu_k = torch.arange(count + 1, dtype=torch.int32, device=dev) * length
-        self.flash, self.used, self.prefill = flash, None, None
+        # torch's flash kernel: 16-bit on Ampere or newer; elsewhere sdpa (CPUs, fp32, a T4 or V100)
+        self.flash = (dev.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16)
+                      and torch.cuda.get_device_capability(dev)[0] >= 8)
+        self.flash_decode, self.used, self.prefill = self.flash and flash_decode, None, None
 
 
 def _forward_slots(model, ids, positions, slots):
@@ -227,7 +229,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     same draws as HFBackend's generate path. processor(logits, prompt_indices, steps) may
     edit the logits first, with tensor ops only (the benchmark forces reply lengths with it).
     Prompts are prefilled packed, up to prefill_tokens a call. flash=False reads each slot's
-    whole length under a mask in decode (sdpa, as CPUs and fp32 always do): only to compare.
+    whole length under a mask in decode (sdpa, as CPUs, fp32 and pre-Ampere GPUs always do): only to compare.
     stats (a dict) gets prefill and decode seconds, and counts.
     """
     from transformers import AttentionInterface
