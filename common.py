@@ -624,19 +624,26 @@ class MessageStage:
             if text is None:
                 self.counts["failed"] += 1
                 continue
-            content, reason = self.clean(text)
-            if not reason and control_string(content):
-                reason = "control_token"  # as cleaned and stored: NFKC could have made one of full-width signs
-            if reason:
-                self.counts[reason] += 1
-                bad.append({"id": job["id"], "reason": reason, "text": text})
+            kept, rejected = self.verdict(job, text)
+            if rejected:
+                self.counts[rejected["reason"]] += 1
+                bad.append(rejected)
             else:
-                # Stripped as read_conversations strips: no turn may start with whitespace (tokenization rule).
-                messages = self.by_id[job["id"]]["messages"] + [{"role": self.role, "content": content.strip()}]
-                good.append({"id": job["id"], "messages": messages})
+                good.append(kept)
         self.out.write(good)
         self.rejected.write(bad)
         self.counts["kept"] += len(good)
+
+    def verdict(self, job, text):
+        """One reply -> (the record to keep, None), or (None, the reject {"id", "reason", "text", ...})."""
+        content, reason = self.clean(text)
+        if not reason and control_string(content):
+            reason = "control_token"  # as cleaned and stored: NFKC could have made one of full-width signs
+        if reason:
+            return None, {"id": job["id"], "reason": reason, "text": text}
+        # Stripped as read_conversations strips: no turn may start with whitespace (tokenization rule).
+        messages = self.by_id[job["id"]]["messages"] + [{"role": self.role, "content": content.strip()}]
+        return {"id": job["id"], "messages": messages}, None
 
     def reject(self, records):
         """Write rejects decided before generation (stage 03's reworded duplicates), except ids already done."""
@@ -645,13 +652,14 @@ class MessageStage:
         self.done.update(r["id"] for r in fresh)
         self.counts.update(r["reason"] for r in fresh)
 
-    def finish(self, stage, what):
-        """Close the files and print the summary line; exit 1 if requests failed (rerun retries)."""
+    def finish(self, stage, what, extra=""):
+        """Close the files and print the summary line (extra: more of it, before the skipped count); exit 1 if
+        requests failed (rerun retries)."""
         self.out.close()
         self.rejected.close()
         kept, failed = self.counts.pop("kept", 0), self.counts.pop("failed", 0)
-        reasons = ", ".join(f"{k} {v:,}" for k, v in self.counts.items()) or "none"
-        print(f"{stage}: kept {kept:,} {what}, rejected {sum(self.counts.values()):,} ({reasons}), "
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.counts.items())) or "none"
+        print(f"{stage}: kept {kept:,} {what}, rejected {sum(self.counts.values()):,} ({reasons}), {extra}"
               f"skipped {self.skipped:,} as existing, failed {failed:,}; {len(self.out.done):,} in "
               f"{self.out.file.name}; {time.time() - self.start:.0f}s")
         if failed:

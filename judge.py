@@ -7,7 +7,6 @@ as MessageStage does for 02-04.
 """
 
 import re
-import time
 
 from common import MessageStage
 
@@ -63,40 +62,20 @@ class JudgeStage(MessageStage):
         super().__init__(records, None, None, out_file, rejected_file, overwrite)
         self.min_score, self.scores = min_score, []
 
-    def save(self, batch, texts):
-        """generate_all's on_batch: write one finished batch to the two files."""
-        good, bad = [], []
-        for job, text in zip(batch, texts):
-            if text is None:
-                self.counts["failed"] += 1
-                continue
-            parsed = parse_judgement(text)
-            if parsed is None:
-                self.counts["unparsed"] += 1
-                bad.append({"id": job["id"], "reason": "unparsed", "text": text})
-                continue
-            scores, reason = parsed
-            score = overall(scores)
-            self.scores.append(score)
-            if score >= self.min_score:
-                good.append(dict(self.by_id[job["id"]], judge={"scores": scores, "score": score, "reason": reason}))
-            else:
-                self.counts["low_score"] += 1
-                bad.append({"id": job["id"], "reason": "low_score", "score": score, "scores": scores,
-                            "judge_reason": reason, "text": text})
-        self.out.write(good)
-        self.rejected.write(bad)
-        self.counts["kept"] += len(good)
+    def verdict(self, job, text):
+        """One judgement -> (the record plus "judge", None) or (None, the reject)."""
+        parsed = parse_judgement(text)
+        if parsed is None:
+            return None, {"id": job["id"], "reason": "unparsed", "text": text}
+        scores, reason = parsed
+        score = overall(scores)
+        self.scores.append(score)
+        if score >= self.min_score:
+            return dict(self.by_id[job["id"]], judge={"scores": scores, "score": score, "reason": reason}), None
+        return None, {"id": job["id"], "reason": "low_score", "score": score, "scores": scores,
+                      "judge_reason": reason, "text": text}
 
     def finish(self, stage):
-        """Close the files and print the summary line; exit 1 if requests failed (rerun retries)."""
-        self.out.close()
-        self.rejected.close()
-        kept, failed = self.counts.pop("kept", 0), self.counts.pop("failed", 0)
-        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.counts.items())) or "none"
+        """MessageStage's summary line, with the mean score."""
         mean = f"{sum(self.scores) / len(self.scores):.2f}" if self.scores else "-"
-        print(f"{stage}: kept {kept:,} conversations, rejected {sum(self.counts.values()):,} ({reasons}), "
-              f"mean score {mean} of {len(self.scores):,} judged, skipped {self.skipped:,} as existing, "
-              f"failed {failed:,}; {len(self.out.done):,} in {self.out.file.name}; {time.time() - self.start:.0f}s")
-        if failed:
-            raise SystemExit(f"{failed:,} requests failed; rerun to retry them")
+        super().finish(stage, "conversations", extra=f"mean score {mean} of {len(self.scores):,} judged, ")

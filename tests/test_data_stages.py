@@ -440,7 +440,7 @@ def test_03_rejects_reworded_riddles_before_asking(tmp_path, monkeypatch, capsys
     done = {r["id"] for r in lines(tmp_path / "03.jsonl")} | {r["id"] for r in rejected}
     assert done == {i for i, _, _ in ANSWERED} and len(done) == len(lines(tmp_path / "03.jsonl")) + len(rejected)
     assert "dedup: 3 of 8 riddles reworded (2 a seed, 1 an earlier riddle; 2 seeds with answers compared)" in out
-    assert "03: kept " in out and "reworded_seed 2, reworded_duplicate 1" in out
+    assert "03: kept " in out and "reworded_duplicate 1, reworded_seed 2" in out
     closest = lines(tmp_path / "closest.jsonl")
     assert [(c["id"], c["closest"]["id"], c["kept_because"]) for c in closest] == [
         ("n2", seed_id[DEDUP_SEEDS[0]["instruction"]], "trick cosine below 0.55"), ("n3", "n2", "swapped words: bark, bit"),
