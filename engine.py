@@ -17,22 +17,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kernels import (add_rms_norm, decode_attention, decode_attention_fits, decode_attention_torch, rotary_to_cache,
+                     uniform_noise)
+
 # transformers is imported where it is used: importing it imports huggingface_hub, which reads
 # HF_HUB_OFFLINE once, and stage 07 sets that only after its network probe.
 
 # -----------------------------------------------------------------------------
 # Sampling: each row draws from its own seeded stream
-
-_M1, _M2 = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64  # splitmix64, as signed int64
-
-
-def _mix64(x):
-    """splitmix64 finaliser on int64 tensors (shifts masked to act unsigned)."""
-    x = x ^ ((x >> 30) & (2**34 - 1))
-    x = x * _M1
-    x = x ^ ((x >> 27) & (2**37 - 1))
-    x = x * _M2
-    return x ^ ((x >> 31) & (2**33 - 1))
 
 
 class RowSampler:
@@ -68,13 +60,9 @@ def pick_tokens(scores, seeds, steps, *, temperature, top_p):
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # the top token always stays
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    vocab = logits.shape[-1]
     seeds = torch.as_tensor(seeds, dtype=torch.int64, device=logits.device)
     steps = torch.as_tensor(steps, dtype=torch.int64, device=logits.device)
-    counter = steps[:, None] * vocab + torch.arange(vocab, device=logits.device)
-    bits = _mix64(seeds[:, None] ^ _mix64(counter))
-    # float32 rounds the top value to 1.0, whose -log(-log(u)) = inf would pick a token of -inf logit
-    uniform = ((((bits >> 40) & (2**24 - 1)).float() + 0.5) / 2**24).clamp_(max=1 - 2**-24)
+    uniform = uniform_noise(seeds, steps, logits.shape[-1])
     return (logits - torch.log(-torch.log(uniform))).argmax(-1)  # Gumbel-max = one sample
 
 
@@ -103,9 +91,9 @@ def _flash(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, scale, used=None):
 def _slot_attention(module, query, key, value, attention_mask, scaling=None, slot_cache=None, **kwargs):
     """Attention that writes to and reads from the slot cache (prefill or one decode step).
 
-    Prefill: the prompts come packed in one row, causal within each. Decode: one token per slot
-    at its own position, reading only the slot's real length (flash with seqused_k; elsewhere
-    sdpa over the whole slot under a mask). Returns [rows, q_len, heads, dim].
+    Prefill: the prompts come packed in one row, causal within each. Decode (of the decoders
+    _decode_forward does not run): one token per slot at its own position (_decode_attention).
+    Returns [rows, q_len, heads, dim].
     """
     c = slot_cache
     cache_k, cache_v = c.k[module.layer_idx], c.v[module.layer_idx]  # [slots, length, kv_heads, dim]
@@ -127,17 +115,27 @@ def _slot_attention(module, query, key, value, attention_mask, scaling=None, slo
         return torch.cat(parts, 2).transpose(1, 2), None
     cache_k[c.ids, c.pos] = key[:, :, 0]
     cache_v[c.ids, c.pos] = value[:, :, 0]
-    # The query heads of a kv head become query rows of one sequence, so K and V are read once (no repeat_kv).
-    if c.flash_decode:
-        q = query.reshape(rows, groups, rep, dim).transpose(1, 2).reshape(rows * rep, groups, dim)
-        out = _flash(q, cache_k.view(-1, groups, dim), cache_v.view(-1, groups, dim), c.cu_q, c.cu_k, rep,
-                     cache_k.shape[1], causal=False, scale=scaling, used=c.used)
-        return out.view(rows, rep, groups, dim).transpose(1, 2).reshape(rows, 1, heads, dim), None
-    mask = (c.span[None, :] <= c.pos[:, None])[:, None, None, :]
-    q = query.reshape(rows, groups, rep, dim)
-    out = F.scaled_dot_product_attention(q, cache_k.transpose(1, 2), cache_v.transpose(1, 2), attn_mask=mask,
-                                         scale=scaling)
-    return out.reshape(rows, 1, heads, dim), None
+    q = query.reshape(rows, groups, rep, dim).transpose(1, 2)
+    return _decode_attention(q, c, module.layer_idx, scaling).view(rows, 1, heads, dim), None
+
+
+def _decode_attention(q, c, layer, scale):
+    """One decode step's attention of layer `layer`: q [rows, rep, kv_heads, dim] (query head
+    g * rep + r at [r, g]) against each slot's first c.used positions; returns [rows, heads * dim].
+
+    The query heads of a kv head are query rows of one sequence, so K and V are read once (no
+    repeat_kv). c.decode picks the kernel: kernels.decode_attention (split-KV in Triton), torch's
+    flash varlen with seqused_k, or sdpa over the whole slot under a mask (CPUs, fp32, pre-Ampere).
+    """
+    rows, rep, groups, dim = q.shape
+    cache_k, cache_v = c.k[layer], c.v[layer]
+    if c.decode == "kernel":
+        return decode_attention(q, cache_k, cache_v, c.used, scale)
+    if c.decode == "flash":
+        out = _flash(q.reshape(rows * rep, groups, dim), cache_k.view(-1, groups, dim), cache_v.view(-1, groups, dim),
+                     c.cu_q, c.cu_k, rep, cache_k.shape[1], causal=False, scale=scale, used=c.used)
+        return out.view(rows, rep, groups, dim).transpose(1, 2).reshape(rows, -1)
+    return decode_attention_torch(q, cache_k, cache_v, c.used, scale)
 
 
 def slot_bytes(model, length):
@@ -148,15 +146,18 @@ def slot_bytes(model, length):
 
 
 class _Slots:
-    """Per layer K and V of [slots, length, kv_heads, dim], and the decode inputs (static for CUDA graphs)."""
+    """Per layer K and V of [slots, length, kv_heads, dim], and the decode inputs (static for CUDA graphs).
 
-    def __init__(self, model, count, length, flash_decode=True):
+    decode: the decode attention (_decode_attention): "kernel", "flash", "sdpa", or "auto", the
+    first that runs here."""
+
+    def __init__(self, model, count, length, decode="auto"):
         cfg, dev = model.config, model.device
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         shape = (count, length, cfg.num_key_value_heads, dim)
         self.k = [torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(cfg.num_hidden_layers)]
-        self.ids, self.span = torch.arange(count, device=dev), torch.arange(length, device=dev)
+        self.ids = torch.arange(count, device=dev)
         self.token = torch.zeros(count, dtype=torch.long, device=dev)
         self.pos = torch.zeros(count, dtype=torch.long, device=dev)
         rep = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -165,7 +166,11 @@ class _Slots:
         # torch's flash kernel: 16-bit on Ampere or newer; elsewhere sdpa (CPUs, fp32, a T4 or V100)
         self.flash = (dev.type == "cuda" and model.dtype in (torch.float16, torch.bfloat16)
                       and torch.cuda.get_device_capability(dev)[0] >= 8)
-        self.flash_decode, self.used, self.prefill = self.flash and flash_decode, None, None
+        if decode == "auto":
+            decode = "kernel" if self.flash and decode_attention_fits(dev, model.dtype, dim) else (
+                "flash" if self.flash else "sdpa")
+        self.decode, self.used, self.prefill = decode, None, None
+        self.fused = None  # _fuse_projections' weights, when _decode_forward runs the decode steps
 
 
 def _forward_slots(model, ids, positions, slots):
@@ -180,8 +185,64 @@ def _forward_slots(model, ids, positions, slots):
 
 def _decode_step(model, slots):
     slots.used = (slots.pos + 1).int()
+    if slots.fused is not None:
+        return _decode_forward(model, slots)
     h = _forward_slots(model, slots.token[:, None], slots.pos[:, None], slots)
     return model.lm_head(h[:, 0]).float()
+
+
+def _fusable(model):
+    """Decoders whose layers _decode_forward computes: Llama's layout (no q/k norms, a SiLU-gated MLP)."""
+    cfg, layer = model.config, model.model.layers[0]
+    return (cfg.model_type in ("llama", "mistral", "qwen2") and getattr(cfg, "hidden_act", None) == "silu"
+            and not hasattr(layer.self_attn, "q_norm") and hasattr(layer.mlp, "gate_proj"))
+
+
+def _fuse_projections(model):
+    """Each layer's q|k|v and gate|up weights as one matrix each, [(qkv, qkv bias), (gate_up, its bias)]
+    a layer: two fewer matmuls a decode step, and larger ones. The layers' own weights become views
+    of these (nothing is stored twice, the model computes as before); done once per model."""
+    layers = model.model.layers
+    fused = getattr(model, "_slot_fused", None)
+    if fused and fused[0][0][0].data_ptr() == layers[0].self_attn.q_proj.weight.data_ptr():
+        return fused
+
+    def join(linears):
+        weight = torch.cat([m.weight for m in linears])
+        bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+        start = 0
+        for m in linears:
+            end = start + m.weight.shape[0]
+            m.weight.data = weight[start:end]
+            if bias is not None:
+                m.bias.data = bias[start:end]
+            start = end
+        return weight, bias
+
+    with torch.no_grad():
+        model._slot_fused = [(join([a.q_proj, a.k_proj, a.v_proj]), join([m.gate_proj, m.up_proj]))
+                             for a, m in ((layer.self_attn, layer.mlp) for layer in layers)]
+    return model._slot_fused
+
+
+def _decode_forward(model, slots):
+    """One decode step through the fused weights and kernels (kernels.py): what each HF layer
+    computes, in 4 matmuls, the attention and 5 small kernels a layer instead of 7 and ~30.
+    Returns the logits of each slot's next token, [slots, vocab] in fp32."""
+    inner, c, cfg = model.model, slots, model.config
+    h = inner.embed_tokens(c.token)
+    cos, sin = inner.rotary_emb(h[:, None], c.pos[:, None])
+    residual = None
+    for i, layer in enumerate(inner.layers):
+        (qkv, qkv_bias), (gate_up, gate_up_bias) = c.fused[i]
+        x, residual = add_rms_norm(h, residual, layer.input_layernorm)
+        q = rotary_to_cache(F.linear(x, qkv, qkv_bias), cos[:, 0], sin[:, 0], c.k[i], c.v[i], c.ids, c.pos,
+                            cfg.num_attention_heads, cfg.num_key_value_heads)
+        h = layer.self_attn.o_proj(_decode_attention(q, c, i, layer.self_attn.scaling))
+        x, residual = add_rms_norm(h, residual, layer.post_attention_layernorm)
+        gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, -1)
+        h = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+    return model.lm_head(add_rms_norm(h, residual, inner.norm)[0]).float()
 
 
 def _prefill(model, slots, rows, prompts):
@@ -221,15 +282,16 @@ def _graphed(fn, device):
 
 
 def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, max_slots=256,
-                  prefill_tokens=16384, cuda_graph=True, flash=True, processor=None, stats=None):
+                  prefill_tokens=16384, cuda_graph=True, decode="auto", fused=True, processor=None, stats=None):
     """Reply token ids for each prompt (token id lists), up to max_slots rows decoding at once.
 
     A row that ends frees its slot and the next prompts are prefilled into free slots, so
     short replies stop costing work. Rows sample with pick_tokens (own seed, own step): the
     same draws as HFBackend's generate path. processor(logits, prompt_indices, steps) may
     edit the logits first, with tensor ops only (the benchmark forces reply lengths with it).
-    Prompts are prefilled packed, up to prefill_tokens a call. flash=False reads each slot's
-    whole length under a mask in decode (sdpa, as CPUs, fp32 and pre-Ampere GPUs always do): only to compare.
+    Prompts are prefilled packed, up to prefill_tokens a call. decode picks the decode attention
+    ("kernel", "flash" or "sdpa": _decode_attention; "auto" the first that runs here), fused=False
+    decodes through HF's own layers instead of _decode_forward: both only to compare.
     stats (a dict) gets prefill and decode seconds, and counts.
     """
     from transformers import AttentionInterface
@@ -264,11 +326,13 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
         if len(outs[i]) >= max_new_tokens:
             owner[s] = -1
 
+    weights = _fuse_projections(model) if fused and _fusable(model) else None
     old = model.config._attn_implementation
     model.set_attn_implementation("slots")
     try:
         with torch.inference_mode():
-            slots = _Slots(model, count, length, flash)
+            slots = _Slots(model, count, length, decode)
+            slots.fused = weights
             inputs = torch.zeros(3, count, dtype=torch.long, device=dev)  # token, position, step: one copy a step
             slots.token, slots.pos, step_of = inputs
             seed_of = torch.zeros(count, dtype=torch.long, device=dev)

@@ -11,7 +11,7 @@ from helpers import CONVS
 
 from common import HFBackend, collate_packed, collate_padded, tokenize_chat
 from training import adapters_in_bf16, add_lora, load_student, loss_sum, supervised_tokens
-from engine import PACKED_ATTENTION, fused_gelu, pick_tokens, slot_generate
+from engine import PACKED_ATTENTION, RowSampler, fused_gelu, pick_tokens, slot_generate
 
 PROMPTS = [[{"role": "user", "content": t}] for t in (
     "What has keys?", "I weigh 1.5 kg and I speak without a mouth. What am I?", "Footsteps!",
@@ -31,6 +31,44 @@ def test_slot_generate_equals_hf_generate(tiny_llama):
                                 eos_ids=model.generation_config.eos_token_id, max_slots=slots, prefill_tokens=64)
             assert [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)] == want
     assert min(map(len, out)) < 12  # a row ended at eos and freed its slot early
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_fused_decode_gives_hf_generates_tokens(arch):
+    """_decode_forward (fused q|k|v and gate|up, kernels.py's torch versions on CPU) picks HF generate's
+    tokens, greedy and sampled, with biases (Llama's attention_bias and mlp_bias, Qwen2's); Qwen3's q/k
+    norms keep HF's layers. The model still computes as before with its weights turned into views."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    shape = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, max_position_embeddings=256)
+    config = {"llama": LlamaConfig(attention_bias=True, mlp_bias=True, **shape), "qwen2": Qwen2Config(**shape),
+              "qwen3": Qwen3Config(head_dim=8, **shape)}[arch]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() == 2 else p.normal_(1 if p.dim() == 1 and (p == 1).all() else 0, 0.1)
+    prompts = [torch.randint(1, 300, (n,)).tolist() for n in (5, 17, 9, 30)]  # 0 pads HF generate's rows
+    probe = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        before = model(probe).logits
+    for temperature in (0.0, 0.8):
+        want = []
+        for i, p in enumerate(prompts):
+            procs = [RowSampler([i], temperature=temperature, top_p=0.9)] if temperature else []
+            out = model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, logits_processor=procs,
+                                 eos_token_id=None, pad_token_id=0)
+            want.append(out[0, len(p):].tolist())
+        got = slot_generate(model, prompts, list(range(4)), max_new_tokens=10, temperature=temperature, top_p=0.9,
+                            eos_ids=[], max_slots=3, prefill_tokens=40)
+        assert got == want
+    fused = getattr(model, "_slot_fused", None)
+    assert (fused is not None) == (arch != "qwen3")
+    if fused:
+        assert model.model.layers[1].mlp.up_proj.weight.data_ptr() > fused[1][1][0].data_ptr()  # a view of it
+    with torch.no_grad():
+        assert torch.equal(model(probe).logits, before)
 
 
 def test_pick_tokens_never_picks_an_excluded_token():

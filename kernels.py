@@ -1,0 +1,314 @@
+"""The slot engine's fused GPU kernels (Triton), each beside the plain torch function it stands for.
+
+A decode step of a 7B model at 256 rows spends as long in ~1,000 small kernels (the RMSNorm's
+eight elementwise passes, the rotary's slices and cats, the KV writes) and in hashing the
+sampler's noise over the whole vocabulary as in reading the weights (bench/NOTES.md). Here:
+- uniform_noise: the sampler's per-(seed, step, token) uniforms in one pass, bit for bit the
+  torch version's;
+- add_rms_norm: the residual add and HF's RMSNorm in one kernel, with the same roundings;
+- rotary_to_cache: rotary on the query and key heads of a fused q|k|v row, the query written
+  in the layout the flash decode reads, key and value written into the slot cache.
+Each takes the Triton kernel on a CUDA tensor when Triton is installed (it comes with torch's
+CUDA builds) and the torch version elsewhere (CPUs, tests). tests/test_kernels.py runs the
+kernels in Triton's interpreter against the torch versions; bench/bench.py checks them on the GPU.
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch come without Triton: the torch versions below run
+    triton = None
+
+_M1, _M2 = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64  # splitmix64, as signed int64
+
+
+def _mix64(x):
+    """splitmix64 finaliser on int64 tensors (shifts masked to act unsigned)."""
+    x = x ^ ((x >> 30) & (2**34 - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & (2**37 - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & (2**33 - 1))
+
+
+def _use_triton(device):
+    """Triton on CUDA tensors; under TRITON_INTERPRET=1 (tests) on CPU ones too, in its interpreter."""
+    return triton is not None and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def uniform_noise_torch(seeds, steps, vocab):
+    """[rows, vocab] float32 uniforms in (0, 1): a hash of (seed, step, token), so a row's draws do
+    not depend on which other rows share its batch. float32 rounds the top value to 1.0, whose
+    Gumbel noise -log(-log(u)) = inf would let a token of -inf logit win: it is clamped below 1."""
+    counter = steps[:, None] * vocab + torch.arange(vocab, device=seeds.device)
+    bits = _mix64(seeds[:, None] ^ _mix64(counter))
+    return ((((bits >> 40) & (2**24 - 1)).float() + 0.5) / 2**24).clamp_(max=1 - 2**-24)
+
+
+def uniform_noise(seeds, steps, vocab):
+    """uniform_noise_torch's values (int64 seeds and steps, one per row), one kernel on a GPU."""
+    if not _use_triton(seeds.device):
+        return uniform_noise_torch(seeds, steps, vocab)
+    out = torch.empty(len(seeds), vocab, dtype=torch.float32, device=seeds.device)
+    _uniform_kernel[(len(seeds), triton.cdiv(vocab, 1024))](seeds.contiguous(), steps.contiguous(), out, vocab,
+                                                            BLOCK=1024)
+    return out
+
+
+def add_rms_norm_torch(h, residual, norm):
+    """HF's decoder-layer order: residual + h (h alone when residual is None), then the RMSNorm
+    module `norm`. Returns (normed, the sum), the sum being the next residual."""
+    if residual is not None:
+        h = residual + h
+    return norm(h), h
+
+
+def add_rms_norm(h, residual, norm):
+    """add_rms_norm_torch in one kernel on a GPU: fp32 sum of squares, the normed row rounded to
+    the input dtype, then times the weight, as HF's LlamaRMSNorm (and Mistral's, Qwen2's) round."""
+    if not _use_triton(h.device) or norm.weight.dtype != h.dtype:
+        return add_rms_norm_torch(h, residual, norm)
+    x = h.reshape(-1, h.shape[-1])
+    out, total = torch.empty_like(x), torch.empty_like(x) if residual is not None else x
+    width = x.shape[1]
+    _rms_kernel[(x.shape[0],)](x, residual if residual is not None else x, norm.weight, out, total, width,
+                               norm.variance_epsilon, HAS_RESIDUAL=residual is not None,
+                               BLOCK=triton.next_power_of_2(width), num_warps=8)
+    return out.view(h.shape), total.view(h.shape)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_to_cache_torch(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups):
+    """qkv: [rows, (heads + 2 groups) * dim], one token a row; cos, sin: [rows, dim].
+    Rotary (HF's apply_rotary_pos_emb) on the query and key heads; key and value written to
+    cache_k/cache_v [slots, length, groups, dim] at (slot[row], pos[row]). Returns the query as
+    [rows, heads // groups, groups, dim]: the query heads of a kv head side by side, as the flash
+    decode reads them (query head h = g * rep + r sits at [r, g])."""
+    rows, dim = qkv.shape[0], cos.shape[-1]
+    q, k, v = qkv.view(rows, heads + 2 * groups, dim).split([heads, groups, groups], 1)
+    cos, sin = cos[:, None], sin[:, None]
+    q = q * cos + rotate_half(q) * sin
+    cache_k[slot, pos] = k * cos + rotate_half(k) * sin
+    cache_v[slot, pos] = v
+    return q.view(rows, groups, heads // groups, dim).transpose(1, 2)
+
+
+def rotary_to_cache(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups):
+    """rotary_to_cache_torch in one kernel on a GPU (its query comes back contiguous)."""
+    half = cos.shape[-1] // 2
+    if not _use_triton(qkv.device) or cos.dtype != qkv.dtype or half & (half - 1):  # Triton's ranges: powers of 2
+        return rotary_to_cache_torch(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups)
+    rows, dim = qkv.shape[0], cos.shape[-1]
+    q = torch.empty(rows, heads // groups, groups, dim, dtype=qkv.dtype, device=qkv.device)
+    _rotary_kernel[(rows, heads + groups)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, cache_k, cache_v,
+                                           slot, pos, cache_k.shape[1], HEADS=heads, GROUPS=groups, HALF=half)
+    return q
+
+
+
+def decode_attention_torch(q, cache_k, cache_v, used, scale):
+    """One decode step's attention: q [rows, rep, groups, dim] (query head g * rep + r at [r, g]),
+    row i reading the first used[i] positions of slot i of cache_k/cache_v [slots, length, groups,
+    dim]. Returns [rows, heads * dim], heads in order."""
+    rows, rep, groups, dim = q.shape
+    mask = (torch.arange(cache_k.shape[1], device=q.device)[None, :] < used[:, None])[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), cache_k[:rows].transpose(1, 2), cache_v[:rows].transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.reshape(rows, -1)
+
+
+def decode_attention_fits(device, dtype, dim):
+    """Whether decode_attention runs its kernels on such queries (else the torch version)."""
+    return _use_triton(device) and dtype in (torch.float16, torch.bfloat16) and dim >= 16 and not dim & (dim - 1)
+
+
+def decode_attention(q, cache_k, cache_v, used, scale, split=256):
+    """decode_attention_torch as split-KV flash decoding in two kernels on a GPU: each (row, kv
+    head, `split` positions) program reads its keys and values once for the query heads of that
+    kv head, keeping a running softmax in fp32; a second kernel merges the splits and writes the
+    heads in order (no transpose after)."""
+    if not decode_attention_fits(q.device, q.dtype, q.shape[-1]):
+        return decode_attention_torch(q, cache_k, cache_v, used, scale)
+    rows, rep, groups, dim = q.shape
+    splits = triton.cdiv(cache_k.shape[1], split)
+    part = torch.empty(rows, groups, splits, rep, dim + 2, dtype=torch.float32, device=q.device)  # acc | max | sum
+    q = q.contiguous()
+    _decode_split_kernel[(rows, groups, splits)](q, cache_k, cache_v, used, part, scale, cache_k.shape[1], REP=rep,
+                                                 GROUPS=groups, DIM=dim, M=max(16, triton.next_power_of_2(rep)),
+                                                 SPLIT=split, SPLITS=splits, BLOCK_N=64, num_warps=4, num_stages=3)
+    out = torch.empty(rows, rep * groups * dim, dtype=q.dtype, device=q.device)
+    _decode_merge_kernel[(rows, groups)](part, used, out, REP=rep, R=triton.next_power_of_2(rep), GROUPS=groups,
+                                         DIM=dim, SPLIT=split, SPLITS=splits)
+    return out
+
+if triton is not None:
+    @triton.jit
+    def _mix64_tl(x):
+        x = x ^ ((x >> 30) & (2**34 - 1))
+        x = x * -4658895280553007687  # _M1
+        x = x ^ ((x >> 27) & (2**37 - 1))
+        x = x * -7723592293110705685  # _M2
+        return x ^ ((x >> 31) & (2**33 - 1))
+
+    @triton.jit
+    def _uniform_kernel(seed_ptr, step_ptr, out_ptr, vocab, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < vocab
+        seed = tl.load(seed_ptr + row)
+        counter = tl.load(step_ptr + row) * vocab + cols.to(tl.int64)
+        bits = _mix64_tl(seed ^ _mix64_tl(counter))
+        # (n + 0.5) rounds as torch's float add; times 2**-24 is exact, as torch's division by 2**24
+        u = (((bits >> 40) & (2**24 - 1)).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+        u = tl.minimum(u, 0.99999994039535522)  # 1 - 2**-24
+        tl.store(out_ptr + row.to(tl.int64) * vocab + cols, u, mask=mask)
+
+    @triton.jit
+    def _rms_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, width, eps, HAS_RESIDUAL: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64) * width
+        cols = tl.arange(0, BLOCK)
+        mask = cols < width
+        x = tl.load(x_ptr + row + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:  # rounded to the input dtype, as torch's 16-bit add
+            x = (x.to(tl.float32) + tl.load(res_ptr + row + cols, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(out_ptr.dtype.element_ty)
+            tl.store(sum_ptr + row + cols, x, mask=mask)
+        x = x.to(tl.float32)
+        normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)).to(out_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, length,
+                       HEADS: tl.constexpr, GROUPS: tl.constexpr, HALF: tl.constexpr):
+        """One (row, head): a query head (head < HEADS) or a kv head. Each product and the sum round
+        to the 16-bit dtype, as HF's q * cos + rotate_half(q) * sin does in that dtype."""
+        row, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        dim: tl.constexpr = 2 * HALF
+        rep: tl.constexpr = HEADS // GROUPS
+        lo = tl.arange(0, HALF)
+        dt = q_ptr.dtype.element_ty
+        c1 = tl.load(cos_ptr + row * dim + lo).to(tl.float32)
+        c2 = tl.load(cos_ptr + row * dim + HALF + lo).to(tl.float32)
+        s1 = tl.load(sin_ptr + row * dim + lo).to(tl.float32)
+        s2 = tl.load(sin_ptr + row * dim + HALF + lo).to(tl.float32)
+        src = qkv_ptr + row * (HEADS + 2 * GROUPS) * dim + head * dim
+        x1 = tl.load(src + lo).to(tl.float32)
+        x2 = tl.load(src + HALF + lo).to(tl.float32)
+        y1 = ((x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)).to(dt)
+        y2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
+        if head < HEADS:
+            dst = q_ptr + row * HEADS * dim + ((head % rep) * GROUPS + head // rep) * dim
+        else:
+            g = head - HEADS
+            at = (tl.load(slot_ptr + row) * length + tl.load(pos_ptr + row)) * GROUPS * dim + g * dim
+            dst = k_ptr + at
+            tl.store(v_ptr + at + lo, tl.load(src + GROUPS * dim + lo))
+            tl.store(v_ptr + at + HALF + lo, tl.load(src + GROUPS * dim + HALF + lo))
+        tl.store(dst + lo, y1)
+        tl.store(dst + HALF + lo, y2)
+
+    @triton.jit
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, used_ptr, part_ptr, scale, length, REP: tl.constexpr,
+                             GROUPS: tl.constexpr, DIM: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr,
+                             SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (row, g, split): the REP query heads of kv head g (padded to M rows for tl.dot)
+        against positions [split * SPLIT, its end) of the row's slot; writes the unnormalised sum,
+        the running max and the running denominator of each query head."""
+        row, g, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        used = tl.load(used_ptr + row)
+        start = split * SPLIT
+        if start < used:
+            r, d = tl.arange(0, M), tl.arange(0, DIM)
+            q = tl.load(q_ptr + ((row * REP + r[:, None]) * GROUPS + g) * DIM + d[None, :], mask=r[:, None] < REP,
+                        other=0.0)
+            top = tl.full([M], float("-inf"), tl.float32)
+            total = tl.zeros([M], tl.float32)
+            acc = tl.zeros([M, DIM], tl.float32)
+            end = tl.minimum(start + SPLIT, used)
+            base = row * length * GROUPS * DIM + g * DIM
+            for n0 in range(start, end, BLOCK_N):
+                n = n0 + tl.arange(0, BLOCK_N)
+                keep = n < end
+                at = base + n[:, None].to(tl.int64) * GROUPS * DIM + d[None, :]
+                k = tl.load(k_ptr + at, mask=keep[:, None], other=0.0)
+                s = tl.where(keep[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+                new_top = tl.maximum(top, tl.max(s, 1))
+                p = tl.exp(s - new_top[:, None])
+                shrink = tl.exp(top - new_top)
+                total = total * shrink + tl.sum(p, 1)
+                v = tl.load(v_ptr + at, mask=keep[:, None], other=0.0)
+                acc = acc * shrink[:, None] + tl.dot(p.to(v.dtype), v)
+                top = new_top
+            dst = part_ptr + (((row * GROUPS + g) * SPLITS + split) * REP + r) * (DIM + 2)
+            tl.store(dst[:, None] + d[None, :], acc, mask=r[:, None] < REP)
+            tl.store(dst + DIM, top, mask=r < REP)
+            tl.store(dst + DIM + 1, total, mask=r < REP)
+
+    @triton.jit
+    def _decode_merge_kernel(part_ptr, used_ptr, out_ptr, REP: tl.constexpr, R: tl.constexpr, GROUPS: tl.constexpr,
+                             DIM: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr):
+        """Program (row, g): the splits of _decode_split_kernel merged; head g * REP + r written in order."""
+        row, g = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        r, d = tl.arange(0, R), tl.arange(0, DIM)
+        top = tl.full([R], float("-inf"), tl.float32)
+        total = tl.zeros([R], tl.float32)
+        acc = tl.zeros([R, DIM], tl.float32)
+        for split in range(0, tl.cdiv(tl.load(used_ptr + row), SPLIT)):
+            src = part_ptr + (((row * GROUPS + g) * SPLITS + split) * REP + r) * (DIM + 2)
+            part_top = tl.load(src + DIM, mask=r < REP, other=0.0)
+            new_top = tl.maximum(top, part_top)
+            mine, theirs = tl.exp(top - new_top), tl.exp(part_top - new_top)
+            theirs_acc = tl.load(src[:, None] + d[None, :], mask=r[:, None] < REP, other=0.0)
+            acc = acc * mine[:, None] + theirs_acc * theirs[:, None]
+            total = total * mine + tl.load(src + DIM + 1, mask=r < REP, other=0.0) * theirs
+            top = new_top
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        dst = out_ptr + ((row * GROUPS + g) * REP + r[:, None]) * DIM + d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=r[:, None] < REP)
+
+
+def self_check(device="cuda", dtype=torch.bfloat16):
+    """Each kernel against its torch version on random inputs: {name: share of output elements that
+    differ}, 0.0 being bit for bit; for decode_attention (another order of sums) the largest
+    difference over the largest value. bench/bench.py runs it on the GPU, tests/test_kernels.py in
+    Triton's interpreter."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    differ = lambda a, b: (a != b).float().mean().item()  # noqa: E731
+    rows, vocab, width, heads, groups, dim, count, length = 6, 5000, 96, 8, 2, 16, 9, 12
+    seeds = torch.randint(-2**62, 2**62, (rows,), generator=g).to(device)
+    steps = torch.randint(0, 600, (rows,), generator=g).to(device)
+    out = {"uniform_noise": differ(uniform_noise(seeds, steps, vocab), uniform_noise_torch(seeds, steps, vocab))}
+    norm = LlamaRMSNorm(width, eps=1e-5).to(device, dtype)
+    norm.weight.data = rand(width)
+    h, residual = rand(rows, width), rand(rows, width)
+    for name, r in (("rms_norm", None), ("add_rms_norm", residual)):
+        a, b = add_rms_norm(h, r, norm), add_rms_norm_torch(h, r, norm)
+        out[name] = max(differ(a[0], b[0]), differ(a[1], b[1]))
+    qkv, cos, sin = rand(rows, (heads + 2 * groups) * dim), rand(rows, dim), rand(rows, dim)
+    slot = torch.randperm(count, generator=g)[:rows].to(device)
+    pos = torch.randint(0, length, (rows,), generator=g).to(device)
+    caches = [torch.zeros(count, length, groups, dim, dtype=dtype, device=device) for _ in range(4)]
+    qa = rotary_to_cache(qkv, cos, sin, caches[0], caches[1], slot, pos, heads, groups)
+    qb = rotary_to_cache_torch(qkv, cos, sin, caches[2], caches[3], slot, pos, heads, groups)
+    out["rotary_to_cache"] = max(differ(qa, qb), differ(caches[0], caches[2]), differ(caches[1], caches[3]))
+    length = 600  # three splits of 256 positions
+    cache_k, cache_v = rand(rows, length, groups, dim), rand(rows, length, groups, dim)
+    used = torch.tensor([1, 255, 256, 257, 599, 600], dtype=torch.int32).to(device)
+    a = decode_attention(qa, cache_k, cache_v, used, dim ** -0.5)
+    b = decode_attention_torch(qa, cache_k, cache_v, used, dim ** -0.5)
+    out["decode_attention"] = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+    return out
