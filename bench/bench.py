@@ -6,7 +6,8 @@ token ids instead of text. Five parts, each writing JSON under --out:
          the first requests vs ours on all requests (slot_generate, as HFBackend runs on a
          GPU), HF generate in static batches, and transformers' continuous batching.
          Each request's reply length is drawn from 60-500 and forced (eos at that length).
-         Checks: fp32 greedy = HF generate; flash vs whole-slot sdpa decode logits in bf16.
+         Checks: fp32 greedy = HF generate; in bf16, the decode logits of the flash and split-KV
+         attention and the fused layers vs whole-slot sdpa through HF's layers; kernels.self_check.
   profile where a decode step's time goes (graph replay with and without sampling, CUDA time
          per kind of kernel) at 256 and 384 slots of realistic context; a packed prefill call.
   train  Phi-2 shape, 4-bit NF4 QLoRA r=32: the reference (bs 1, GA 16, grad checkpointing,
@@ -66,8 +67,8 @@ REPLY_MAX = 500
 TEMPERATURE = 0.7  # sampling as the stages do (per-row seeded)
 TOP_P = 0.95
 REF_SECONDS = 60.0  # time box of the one-prompt-at-a-time reference loop
-SLOTS = ["256:sdpa", "256", "384", "128"]  # slot_generate: max rows decoding at once[:sdpa = whole-slot decode
-# attention][:round1 = the slot_generate of ROUND1]
+SLOTS = ["256:flash:hf", "256", "384", "128"]  # slot_generate: max rows decoding at once[:kernel|flash|sdpa = that
+# decode attention, else the best][:hf = HF's decoder layers in decode, not the fused ones][:round1 = ROUND1's]
 ROUND1 = ""  # gen: an earlier engine.py for SLOTS "N:round1" (git show 462d44e:engine.py > /tmp/engine_round1.py)
 STATIC_REQUESTS = 256  # HF generate in one left-padded batch of this many requests (0: skip)
 CB_SECONDS = 60.0  # time box of continuous batching (0: skip)
@@ -254,10 +255,12 @@ def run_gen():
     # Ours: slot_generate, what HFBackend.generate runs on a GPU.
     for spec in map(str, SLOTS):
         slots, *flags = spec.split(":")
-        flash = "sdpa" not in flags
-        name = "ours: slot_generate, {} slots, CUDA graph" + ("" if flash else ", whole-slot sdpa decode") + (
-            f", engine of {ROUND1}" if "round1" in flags else "")
-        generate, extra = slot_generate, {"flash": flash}
+        decode = next((f for f in flags if f in ("kernel", "flash", "sdpa")), "auto")
+        fused = "hf" not in flags
+        name = ("ours: slot_generate, {} slots, CUDA graph"
+                + ("" if decode == "auto" else f", {decode} decode attention")
+                + ("" if fused else ", HF's layers in decode") + (f", engine of {ROUND1}" if "round1" in flags else ""))
+        generate, extra = slot_generate, {"decode": decode, "fused": fused}
         if "round1" in flags:  # the engine.py of an earlier commit, side by side
             import importlib.util
 
@@ -312,12 +315,12 @@ def run_gen():
         print(f"  fp32 check: slot_generate (graph {graph}) vs HF generate, greedy: {same} of "
               f"{sum(map(len, ref))} tokens equal")
         check[f"fp32_greedy_equal_graph_{graph}"] = [same, sum(map(len, ref))]
-    # The flash decode against the whole-slot sdpa decode in bf16, teacher-forced so both see the
+    # The decode paths against the whole-slot sdpa through HF's layers in bf16, teacher-forced so all see the
     # same tokens: the logits of every step of 8 rows, on the 2-layer model and at the real shape
     # (32 random layers amplify bf16 rounding: there a difference says less).
     forced = torch.randint(3, cfg.vocab_size, (8, 33), generator=g).to(device)
 
-    def logits_of(net, flash):
+    def logits_of(net, **variant):
         seen = []
 
         def keep(logits, r, steps):
@@ -325,16 +328,25 @@ def run_gen():
             return torch.full_like(logits, float("-inf")).scatter_(1, forced[r, steps][:, None], 0.0)
 
         slot_generate(net, [prompts[i] for i in few], [0] * 8, max_new_tokens=32, temperature=0.0, top_p=1.0,
-                      eos_ids=eos, max_slots=8, cuda_graph=False, flash=flash, processor=keep)
+                      eos_ids=eos, max_slots=8, cuda_graph=False, processor=keep, **variant)
         return torch.stack(seen)
 
     for label, net in (("2 layers", tiny.to(model.dtype)), ("real shape", model)):
-        a, b = logits_of(net, True), logits_of(net, False)
-        rel = ((a - b).abs().max() / b.abs().max()).item()
-        same = [int((a.argmax(-1) == b.argmax(-1)).sum()), a.shape[0] * a.shape[1]]
-        check[f"bf16_flash_vs_sdpa_{label}"] = {"max_abs_diff_over_max_abs": rel, "argmax_equal": same}
-        print(f"  bf16 check, {label}: flash vs whole-slot sdpa decode logits, max |diff| / max |logit| {rel:.2g};"
-              f" argmax equal {same[0]} of {same[1]}")
+        base = logits_of(net, decode="sdpa", fused=False)  # whole-slot sdpa through HF's layers: round one's maths
+        flash = "flash" if device == "cuda" else "sdpa"  # the CPU smoke test has no flash kernel
+        for what, variant in (("flash", dict(decode=flash, fused=False)), ("flash + fused layers", dict(decode=flash)),
+                              ("split-KV kernel + fused layers", dict(decode="auto"))):
+            a = logits_of(net, **variant)
+            rel = ((a - base).abs().max() / base.abs().max()).item()
+            same = [int((a.argmax(-1) == base.argmax(-1)).sum()), a.shape[0] * a.shape[1]]
+            check[f"bf16_{what}_vs_sdpa_hf_{label}"] = {"max_abs_diff_over_max_abs": rel, "argmax_equal": same}
+            print(f"  bf16 check, {label}: {what} vs whole-slot sdpa through HF's layers, logits max |diff| / "
+                  f"max |logit| {rel:.2g}; argmax equal {same[0]} of {same[1]}")
+    if device == "cuda":
+        import kernels
+
+        check["kernels_vs_torch_bf16"] = kernels.self_check("cuda")
+        print(f"  kernels vs their torch versions (share of elements that differ): {check['kernels_vs_torch_bf16']}")
     del tiny
     save("gen.json", rows, bandwidth_gbs=round(bw), mean_context=round(ctx), weight_gb=round(weight_bytes / 1e9, 2),
          check=check)
@@ -406,8 +418,9 @@ def continuous_batching(model, prompts, targets, order, r_hi, n_req, record, row
 
 GEMM = ("gemm", "cutlass", "sm90_", "sm80_", "cublas", "gemv", "nvjet")
 ATTENTION = ("flash", "fmha", "sdpa", "attention")  # before GEMM: their names hold "cutlass" and "sm90_" too
-KERNELS = [("attention", ATTENTION), ("gemm", GEMM), ("sampling", ("sort", "scan", "radix", "cumsum", "softmax")),
-           ("other", ("",))]
+KERNELS = [("fused norm, rotary", ("_rms_kernel", "_rotary_kernel")), ("attention", ATTENTION + ("_decode_",)),
+           ("gemm", GEMM),
+           ("sampling", ("sort", "scan", "radix", "cumsum", "softmax", "_uniform_kernel")), ("other", ("",))]
 TRAIN_KERNELS = [("attention", ATTENTION), ("gemm", GEMM), ("dequantize", ("dequant",)), ("optimizer", ("adam", "optim")),
                  ("other", ("",))]
 
@@ -427,8 +440,9 @@ def kernel_table(prof, steps, kinds_of=KERNELS):
 
 def run_profile():
     """Where the slot engine's time goes at the real shape: decode step (graph replay) with and
-    without sampling, per kind of kernel, at 256 and 384 slots of realistic context, for the flash
-    and the whole-slot sdpa attention; a packed prefill call of 16k tokens."""
+    without sampling, per kind of kernel, at 256 and 384 slots of realistic context, through HF's
+    layers with the whole-slot sdpa or the flash attention, and through the fused layers with the
+    flash or the split-KV kernel; a packed prefill call of 16k tokens."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import AttentionInterface
 
@@ -440,6 +454,7 @@ def run_profile():
     length = -(-(p_hi + r_hi) // 64) * 64
     g = torch.Generator().manual_seed(SEED)
     out = {"length": length, "rows": []}
+    fused = engine._fuse_projections(model)
 
     def timed(fn, n=20):
         fn()
@@ -455,9 +470,10 @@ def run_profile():
             plen = torch.randint(p_lo, p_hi + 1, (count,), generator=g)
             reply = torch.randint(r_lo, r_hi + 1, (count,), generator=g)
             ctx = plen + (torch.rand(count, generator=g) * reply).long()  # a row somewhere in its reply
-            for flash in (False, True):
+            for decode, layers in (("sdpa", "HF"), ("flash", "HF"), ("flash", "fused"), ("auto", "fused")):
                 reset_memory()
-                slots = engine._Slots(model, count, length, flash)
+                slots = engine._Slots(model, count, length, decode)
+                slots.fused = fused if layers == "fused" else None
                 slots.pos.copy_(ctx)
                 slots.token.copy_(torch.randint(3, model.config.vocab_size, (count,), generator=g))
                 seeds = torch.arange(count, device=device)
@@ -466,7 +482,7 @@ def run_profile():
                                                   top_p=TOP_P)
                 graphed = (lambda fn: engine._graphed(fn, model.device)) if device == "cuda" else (lambda fn: fn)
                 graph_full, graph_logits = graphed(full), graphed(logits)
-                row = {"slots": count, "attention": "flash" if flash else "whole-slot sdpa",
+                row = {"slots": count, "attention": slots.decode, "layers": layers,
                        "mean_context": round(ctx.float().mean().item()),
                        "step_ms": round(timed(graph_full), 2), "logits_only_ms": round(timed(graph_logits), 2),
                        "eager_step_ms": round(timed(full, 5), 2)}
@@ -476,13 +492,13 @@ def run_profile():
                     sync()
                 row["kernels_ms"], row["top_kernels"] = kernel_table(prof, 3)
                 out["rows"].append(row)
-                print(f"  {count} slots, {row['attention']}: step {row['step_ms']} ms (logits only "
+                print(f"  {count} slots, {row['attention']}, {layers} layers: step {row['step_ms']} ms (logits only "
                       f"{row['logits_only_ms']}, eager {row['eager_step_ms']}); eager kernels/step {row['kernels_ms']}")
                 for k in row["top_kernels"][:6]:
                     print(f"      {k}")
                 del slots, graph_full, graph_logits
         # A packed prefill call of ~16k tokens into 48 slots.
-        slots = engine._Slots(model, 48, length, True)
+        slots = engine._Slots(model, 48, length)
         prompts = [torch.randint(3, model.config.vocab_size, (int(n),), generator=g).tolist()
                    for n in torch.randint(p_lo, p_hi + 1, (48,), generator=g)]
         while sum(map(len, prompts)) > 16384:
