@@ -7,6 +7,7 @@ loss_sum is the cross-entropy over the supervised tokens of a batch.
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from common import (InputError, best_device, collate_packed, collate_padded, default_dtype, from_pretrained,
                     load_tokenizer, setup_chat_tokenizer, token_budget_batches)
@@ -170,16 +171,24 @@ def supervised_tokens(batch):
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def loss_sum(model, batch):
+def _cross_entropy_sum(logits, target):
+    return F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
+
+
+def loss_sum(model, batch, chunk=1024):
     """Sum of the token losses of a padded or packed batch (cross-entropy over supervised tokens).
 
     Divide by the supervised tokens of the whole optimizer step: every token then weighs the
-    same, however the step was cut into rows. Logits are computed only where a label is.
+    same, however the step was cut into rows. Logits are computed only where a label is. For
+    backward only the model's own (16-bit) logits are kept: each chunk of `chunk` rows is upcast
+    and log-softmaxed in fp32 again in backward instead of keeping that fp32 copy, twice the size.
     """
     target = batch["labels"][:, 1:]
     keep = (target != -100).any(0).nonzero().squeeze(1)  # positions whose next token is supervised
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), target[:, keep].flatten(), ignore_index=-100, reduction="sum")
-
-
+    # Through model(...), not its parts: under DDP its forward must be the one called.
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits.flatten(0, 1)
+    target = target[:, keep].flatten()
+    # split, not slices: its backward joins the chunks' gradients once; a slice's pads each to the full size
+    return torch.stack([checkpoint(_cross_entropy_sum, x, y, use_reentrant=False)
+                        for x, y in zip(logits.split(chunk), target.split(chunk))]).sum()

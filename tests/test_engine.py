@@ -3,7 +3,7 @@
 slot_generate (HFBackend's GPU path) gives the texts HF generate gives; the sampler never
 picks a token its logits excluded; packed rows through the varlen attention give the padded
 sdpa loss and the same short training curve; fused_gelu is Phi's gelu_new; the lean LoRA
-forward is peft's under autocast.
+forward is peft's under autocast; the chunked loss is the vocab-wide one.
 """
 
 import functools
@@ -226,3 +226,51 @@ def test_lean_lora_forward_defers_to_peft_when_disabled_or_merged(tiny_phi, monk
     assert loss() == lean
     model.merge_adapter()  # the adapters are in the base weights now: adding them again would count them twice
     assert loss() == pytest.approx(lean, rel=1e-3) and abs(loss() - base) > 1e-3
+
+
+def old_loss_sum(model, batch):
+    """loss_sum before the chunks: one fp32 log-softmax over every kept position, kept for backward."""
+    target = batch["labels"][:, 1:]
+    keep = (target != -100).any(0).nonzero().squeeze(1)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), target[:, keep].flatten(), ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_chunked_loss_equals_the_vocab_wide_loss(tiny_phi, packed):
+    model, tok = load_student(tiny_phi, load_in_4bit=False)
+    torch.manual_seed(0)
+    model = add_lora(model, dropout=0.0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    examples = [tokenize_chat(tok, c) for c in CONVS]
+    batch = collate_packed(examples) if packed else collate_padded(examples, tok.pad_token_id)
+    assert supervised_tokens(batch) > 3 * 16  # several chunks, the last one short
+    results = []
+    for loss_fn in (old_loss_sum, functools.partial(loss_sum, chunk=16)):
+        model.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (old, old_grads), (new, new_grads) = results
+    assert new == pytest.approx(old, rel=1e-6)  # seen: 1e-7, the sum's order
+    assert all(torch.equal(a, b) for a, b in zip(old_grads, new_grads))  # each row's gradient is its own
+
+
+def test_chunked_loss_keeps_no_vocab_wide_tensor(tiny_phi, monkeypatch):
+    """What autograd saves for backward: the fp32 log-softmax of every kept position before; now only
+    the model's bf16 logits (checkpoint's input), each chunk's fp32 maths recomputed in backward."""
+    model, tok = bf16_student(tiny_phi, monkeypatch)
+    batch = collate_packed([tokenize_chat(tok, c) for c in CONVS])
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    def wide_saved(loss_fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss_fn(model, batch)
+        return [t.dtype for t in saved if t.shape[-1:] == (vocab,) and t.numel() >= supervised_tokens(batch) * vocab]
+
+    assert set(wide_saved(old_loss_sum)) == {torch.float32}  # the control: the log-softmax (nll_loss saves it too)
+    assert wide_saved(loss_sum) == [torch.bfloat16]
