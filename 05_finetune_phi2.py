@@ -65,7 +65,7 @@ GRADIENT_CHECKPOINTING = 0.25        # share of layers recomputed in backward: 0
 LORA_R = 32                          # adapter rank
 LORA_ALPHA = 32                      # adapter scale = alpha / r
 LORA_DROPOUT = 0.1                   # dropout on the adapter input
-BF16_ADAPTERS = True                 # adapter maths in the 16-bit compute dtype (weights stay fp32); false: fp32
+BF16_ADAPTERS = True                 # adapter maths in the 16-bit compute dtype, lean LoRA forward (weights stay fp32); false: fp32
 LORA_TARGETS = []                    # module names, comma-separated; empty: q,k,v,dense (phi), q,k,v,o (llama)
 FULL_COPIES = False                  # train full lm_head + embed_tokens copies (the reference) instead of token rows
 PACKED = True                        # padding-free rows; false: right-padded batches

@@ -7,6 +7,7 @@ loss_sum is the cross-entropy over the supervised tokens of a batch.
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from common import (InputError, best_device, collate_packed, collate_padded, default_dtype, from_pretrained,
                     load_tokenizer, setup_chat_tokenizer, token_budget_batches)
@@ -95,9 +96,10 @@ def add_lora(model, r=32, alpha=32, dropout=0.1, targets=None, new_token_ids=(),
 
 
 def adapters_in_bf16(model, on=True):
-    """Run each LoRA adapter's dropout and matmuls in the model's 16-bit compute dtype (autocast), its
-    weights staying fp32 for the optimizer. peft otherwise casts every adapter input to fp32: a copy
-    of the activations per adapted projection, fp32 dropout and fp32 matmuls. on=False undoes it.
+    """Run each LoRA adapter's dropout and matmuls in the model's 16-bit compute dtype, its weights
+    staying fp32 for the optimizer. peft otherwise casts every adapter input to fp32: a copy of the
+    activations per adapted projection, fp32 dropout and fp32 matmuls. A layer in the plain state
+    takes _lean_lora_forward, any other peft's forward under autocast. on=False undoes it.
     Models computing in fp32 are left as they are."""
     import functools
 
@@ -110,7 +112,45 @@ def adapters_in_bf16(model, on=True):
             if on and dtype in (torch.bfloat16, torch.float16):
                 device = next(m.parameters()).device.type
                 m.forward = torch.autocast(device, dtype=dtype)(functools.partial(type(m).forward, m))
+                if _plain_adapters(m, dtype):
+                    m.forward = _lean_lora_forward(m, dtype, m.forward)
     return model
+
+
+def _plain_adapters(layer, dtype):
+    """The adapters of a LoRA layer that _lean_lora_forward can run: vanilla LoRA (no DoRA or other
+    variant, no bias) of nn.Linear A and B, on a linear base computing in `dtype`."""
+    base = layer.base_layer
+    if not isinstance(base, torch.nn.Linear) or (getattr(base, "compute_dtype", None) or base.weight.dtype) != dtype:
+        return set()
+    return {n for n, a in layer.lora_A.items() if type(a) is type(layer.lora_B[n]) is torch.nn.Linear
+            and layer.lora_B[n].bias is None and n not in layer.lora_variant}
+
+
+def _lean_lora_forward(layer, dtype, fallback):
+    """A LoRA layer's forward as its bare maths: base(x) + scaling * B(A(dropout(x))), the adapter in
+    `dtype` with its fp32 weights cast (their gradients stay fp32), the scale inside the add.
+
+    peft's forward also copies a 4-bit base's output (a "defensive" clone), scales and adds in two
+    kernels, and does per-call Python work; on Phi-2 the GPU waited on that host work. The add is out
+    of place: a 4-bit base's output is a view made inside bitsandbytes' autograd Function, which
+    autograd forbids changing in place; addmm would not save a kernel either (it copies its input
+    first). Disabled, merged, several active adapters, extra arguments, another input dtype: `fallback`.
+    """
+    plain, base, lora_a, lora_b, dropout, scaling = (_plain_adapters(layer, dtype), layer.base_layer, layer.lora_A,
+                                                     layer.lora_B, layer.lora_dropout, layer.scaling)
+
+    def forward(x, *args, **kwargs):
+        names = layer.active_adapters
+        if args or kwargs or layer.disable_adapters or layer.merged or len(names) != 1 or names[0] not in plain \
+                or x.dtype != dtype:
+            return fallback(x, *args, **kwargs)
+        name = names[0]
+        result = base(x)  # first, as in peft: autograd then sums x's gradients in the same order
+        h = F.linear(dropout[name](x), lora_a[name].weight.to(dtype))
+        return torch.add(result, F.linear(h, lora_b[name].weight.to(dtype)), alpha=scaling[name])
+
+    return forward
 
 
 def micro_batches(examples, max_tokens, packed=True, pad_id=None, seed=0):
@@ -131,16 +171,24 @@ def supervised_tokens(batch):
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def loss_sum(model, batch):
+def _cross_entropy_sum(logits, target):
+    return F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
+
+
+def loss_sum(model, batch, chunk=1024):
     """Sum of the token losses of a padded or packed batch (cross-entropy over supervised tokens).
 
     Divide by the supervised tokens of the whole optimizer step: every token then weighs the
-    same, however the step was cut into rows. Logits are computed only where a label is.
+    same, however the step was cut into rows. Logits are computed only where a label is. For
+    backward only the model's own (16-bit) logits are kept: each chunk of `chunk` rows is upcast
+    and log-softmaxed in fp32 again in backward instead of keeping that fp32 copy, twice the size.
     """
     target = batch["labels"][:, 1:]
     keep = (target != -100).any(0).nonzero().squeeze(1)  # positions whose next token is supervised
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), target[:, keep].flatten(), ignore_index=-100, reduction="sum")
-
-
+    # Through model(...), not its parts: under DDP its forward must be the one called.
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits.flatten(0, 1)
+    target = target[:, keep].flatten()
+    # split, not slices: its backward joins the chunks' gradients once; a slice's pads each to the full size
+    return torch.stack([checkpoint(_cross_entropy_sum, x, y, use_reentrant=False)
+                        for x, y in zip(logits.split(chunk), target.split(chunk))]).sum()

@@ -2,14 +2,19 @@
 
 slot_generate (HFBackend's GPU path) gives the texts HF generate gives; the sampler never
 picks a token its logits excluded; packed rows through the varlen attention give the padded
-sdpa loss and the same short training curve; fused_gelu is Phi's gelu_new.
+sdpa loss and the same short training curve; fused_gelu is Phi's gelu_new; the lean LoRA
+forward is peft's under autocast; the chunked loss is the vocab-wide one.
 """
+
+import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import CONVS
 
 from common import HFBackend, collate_packed, collate_padded, tokenize_chat
+import training
 from training import adapters_in_bf16, add_lora, load_student, loss_sum, supervised_tokens
 from engine import PACKED_ATTENTION, RowSampler, fused_gelu, pick_tokens, slot_generate
 
@@ -150,9 +155,9 @@ def test_bf16_adapters_give_the_fp32_adapter_loss_and_gradients(tiny_phi):
         if "lora_B" in name:  # B starts at zero, which would leave A without a gradient
             p.data.normal_(0, 0.05)
     batch = collate_packed([tokenize_chat(tok, c) for c in CONVS])
-    lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
-    seen = []
-    lora_a.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
+    dropout = model.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"]
+    seen = []  # the dtype the adapter maths start in
+    dropout.register_forward_hook(lambda m, args, out: seen.append(args[0].dtype))
 
     def loss_and_grads():
         model.zero_grad()
@@ -174,3 +179,136 @@ def test_bf16_adapters_give_the_fp32_adapter_loss_and_gradients(tiny_phi):
     b = torch.cat([fast_grads[n].flatten() for n in plain_grads])
     assert a.abs().sum() > 0
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+
+
+def bf16_student(folder, monkeypatch, four_bit=False, dropout=0.0):
+    """The tiny model computing in bf16 on CPU, as 05 runs Phi-2 on a GPU; LoRA B random (it starts at zero)."""
+    if four_bit:  # NF4 with bf16 compute, as load_student sets it up on a GPU
+        monkeypatch.setattr(training, "default_dtype", lambda device: torch.bfloat16)
+        model, tok = load_student(folder, load_in_4bit=True)
+    else:
+        model, tok = load_student(folder, load_in_4bit=False)
+        model = model.to(torch.bfloat16)
+    torch.manual_seed(0)
+    model = add_lora(model, dropout=dropout)  # alpha = r, as 05's recipe: scaling 1
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    return model, tok
+
+
+def peft_under_autocast(model):
+    """The previous adapters_in_bf16: every LoRA layer runs peft's forward under autocast."""
+    from peft.tuners.lora import LoraLayer
+
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            m.forward = torch.autocast("cpu", dtype=torch.bfloat16)(functools.partial(type(m).forward, m))
+
+
+def loss_and_lora_grads(model, batch, seed=0):
+    model.zero_grad()
+    torch.manual_seed(seed)  # the dropout masks
+    loss = loss_sum(model, batch) / supervised_tokens(batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_lean_lora_forward_is_peft_forward_under_autocast(tiny_phi, four_bit, dropout, monkeypatch):
+    """Without dropout the lean forward gives peft's loss and gradients bit for bit (same ops, same
+    order; the scale is 1). With dropout it draws the same masks, but on CPU peft upcasts the adapter
+    input to fp32 even under autocast (its torch.is_autocast_enabled() asks about CUDA), so its
+    dropout scales in fp32: bf16 rounding apart. On a GPU peft's dropout runs in bf16 too."""
+    model, tok = bf16_student(tiny_phi, monkeypatch, four_bit, dropout)
+    batch = collate_packed([tokenize_chat(tok, c) for c in CONVS])
+    masks = []
+    for name, m in model.named_modules():
+        if name.endswith("lora_dropout.default"):
+            m.register_forward_hook(lambda m, args, out: masks.append(out == 0))
+    peft_under_autocast(model)
+    before, before_grads = loss_and_lora_grads(model, batch)
+    before_masks = masks[:]
+    masks.clear()
+    adapters_in_bf16(model)
+    lean, lean_grads = loss_and_lora_grads(model, batch)
+    assert len(masks) == len(before_masks) == 8  # 4 projections x 2 layers
+    assert all(torch.equal(a, b) for a, b in zip(masks, before_masks))
+    assert all(g.dtype == torch.float32 for g in lean_grads.values())
+    if dropout == 0:
+        assert lean == before
+        assert all(torch.equal(lean_grads[n], g) for n, g in before_grads.items())
+    else:
+        assert sum(float(m.float().mean()) for m in masks) / len(masks) == pytest.approx(0.1, abs=0.02)
+        assert lean == pytest.approx(before, rel=1e-4)  # seen: 2.4e-5 (bf16), 1.5e-5 (4-bit)
+        a = torch.cat([g.flatten() for g in before_grads.values()])
+        b = torch.cat([lean_grads[n].flatten() for n in before_grads])
+        assert F.cosine_similarity(a, b, dim=0) > 0.9999
+
+
+def test_lean_lora_forward_defers_to_peft_when_disabled_or_merged(tiny_phi, monkeypatch):
+    model, tok = bf16_student(tiny_phi, monkeypatch)
+    batch = collate_packed([tokenize_chat(tok, c) for c in CONVS])
+
+    def loss():
+        with torch.no_grad():
+            return loss_sum(model, batch).item() / supervised_tokens(batch)
+
+    with model.disable_adapter():
+        base = loss()
+    adapters_in_bf16(model)
+    lean = loss()
+    with model.disable_adapter():
+        assert loss() == base != lean
+    assert loss() == lean
+    model.merge_adapter()  # the adapters are in the base weights now: adding them again would count them twice
+    assert loss() == pytest.approx(lean, rel=1e-3) and abs(loss() - base) > 1e-3
+
+
+def old_loss_sum(model, batch):
+    """loss_sum before the chunks: one fp32 log-softmax over every kept position, kept for backward."""
+    target = batch["labels"][:, 1:]
+    keep = (target != -100).any(0).nonzero().squeeze(1)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), target[:, keep].flatten(), ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_chunked_loss_equals_the_vocab_wide_loss(tiny_phi, packed):
+    model, tok = load_student(tiny_phi, load_in_4bit=False)
+    torch.manual_seed(0)
+    model = add_lora(model, dropout=0.0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    examples = [tokenize_chat(tok, c) for c in CONVS]
+    batch = collate_packed(examples) if packed else collate_padded(examples, tok.pad_token_id)
+    assert supervised_tokens(batch) > 3 * 16  # several chunks, the last one short
+    results = []
+    for loss_fn in (old_loss_sum, functools.partial(loss_sum, chunk=16)):
+        model.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (old, old_grads), (new, new_grads) = results
+    assert new == pytest.approx(old, rel=1e-6)  # seen: 1e-7, the sum's order
+    assert all(torch.equal(a, b) for a, b in zip(old_grads, new_grads))  # each row's gradient is its own
+
+
+def test_chunked_loss_keeps_no_vocab_wide_tensor(tiny_phi, monkeypatch):
+    """What autograd saves for backward: the fp32 log-softmax of every kept position before; now only
+    the model's bf16 logits (checkpoint's input), each chunk's fp32 maths recomputed in backward."""
+    model, tok = bf16_student(tiny_phi, monkeypatch)
+    batch = collate_packed([tokenize_chat(tok, c) for c in CONVS])
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    def wide_saved(loss_fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss_fn(model, batch)
+        return [t.dtype for t in saved if t.shape[-1:] == (vocab,) and t.numel() >= supervised_tokens(batch) * vocab]
+
+    assert set(wide_saved(old_loss_sum)) == {torch.float32}  # the control: the log-softmax (nll_loss saves it too)
+    assert wide_saved(loss_sum) == [torch.bfloat16]
