@@ -593,22 +593,40 @@ def chunked_loss_sum(model, batch, chunk=4096):
                for a in range(0, len(target), chunk))
 
 
-LOSSES = {"sum": loss_sum, "chunked": chunked_loss_sum}
+def full_loss_sum(model, batch):
+    """loss_sum before 2026-12-04: the fp32 logits of every supervised position kept for backward."""
+    target = batch["labels"][:, 1:]
+    keep = (target != -100).any(0).nonzero().squeeze(1)
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False, logits_to_keep=keep).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), target[:, keep].flatten(), ignore_index=-100, reduction="sum")
+
+
+LOSSES = {"sum": loss_sum, "chunked": chunked_loss_sum, "full": full_loss_sum}
 
 
 def parse(config):
-    """attention:budget:ckpt fraction:loss[:flag...], flags: fused (GELU), bf16lora (adapter maths in bf16),
-    compile (torch.compile of each decoder layer)."""
+    """attention:budget:ckpt fraction:loss[:flag...], flags: fused (GELU), bf16lora (adapter maths in bf16,
+    adapters_in_bf16), peftbf16 (the same before 2026-12-04: peft's forward under autocast), compile
+    (torch.compile of each decoder layer)."""
     attn, budget, frac, loss, *flags = config.split(":")
     return attn, int(budget), float(frac), loss, set(flags)
 
 
-FLAG_NAMES = {"fused": "fused gelu", "bf16lora": "bf16 adapters", "compile": "compiled layers"}
+FLAG_NAMES = {"fused": "fused gelu", "bf16lora": "bf16 adapters", "peftbf16": "peft's adapters under autocast",
+              "compile": "compiled layers"}
 
 
 def set_flags(model, flags):
     """The flags of parse() that wrap modules: adapters in bf16, compiled decoder layers."""
     adapters_in_bf16(model, "bf16lora" in flags)
+    if "peftbf16" in flags:
+        import functools
+
+        from peft.tuners.lora import LoraLayer
+
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                m.forward = torch.autocast("cuda", dtype=torch.bfloat16)(functools.partial(type(m).forward, m))
     for layer in model.get_base_model().model.layers:
         if "compile" in flags:
             layer.compile(dynamic=True)  # micro-batches vary in length
