@@ -61,11 +61,11 @@ SEED = 1234                          # split, batch order, LoRA init, dropout
 LOAD_IN_4BIT = True                  # NF4 base weights (QLoRA); false: LoRA on bf16/fp32 weights
 DOUBLE_QUANT = True                  # quantize the 4-bit scales too (~0.4 bit/parameter less)
 ATTN = "packed_varlen"               # packed_varlen (flash varlen on GPU: 3.4x sdpa), sdpa, eager, flash_attention_2
-GRADIENT_CHECKPOINTING = 0.25        # share of layers recomputed in backward: 0.25 fastest within 24 GiB, 1 least memory (8 GiB)
+GRADIENT_CHECKPOINTING = 0.125       # share of layers recomputed in backward: 0.125 fastest within 24 GiB, 1 least memory (8 GiB)
 LORA_R = 32                          # adapter rank
 LORA_ALPHA = 32                      # adapter scale = alpha / r
 LORA_DROPOUT = 0.1                   # dropout on the adapter input
-BF16_ADAPTERS = True                 # adapter maths in the 16-bit compute dtype, lean LoRA forward (weights stay fp32); false: fp32
+BF16_ADAPTERS = True                 # adapter maths in 16 bits, a lean LoRA forward (weights stay fp32); false: peft's, fp32
 LORA_TARGETS = []                    # module names, comma-separated; empty: q,k,v,dense (phi), q,k,v,o (llama)
 FULL_COPIES = False                  # train full lm_head + embed_tokens copies (the reference) instead of token rows
 PACKED = True                        # padding-free rows; false: right-padded batches
