@@ -28,8 +28,8 @@ the result equals an uninterrupted run; killed during the final save, the rerun 
 afresh (only in a folder 05 made: one with its run.json); raising --epochs or --max-steps continues a finished
 one. Changing the data or the recipe knobs is refused.
 Runtime: the CPU demo (SmolLM2-135M, 4 steps of 1k tokens) ~45 s on 2 cores (20 s training, ~160 tok/s). Phi-2 on one
-H200 (the rehearsal: random weights of the real shape, 1,530 conversations of ~480 tokens): 19.8-20.6k tok/s in steps
-at 22.1 GiB (17.8k with the evals), so the recipe's 20 epochs of 0.71M tokens take ~14 min; with
+H200 (the rehearsal: random weights of the real shape, 1,530 conversations of ~480 tokens): 26.1-27.2k tok/s in steps
+at 22.0 GiB (24.3k with the evals), so the recipe's 20 epochs of 0.71M tokens take ~10 min; with
 --gradient-checkpointing=1 --bf16-adapters=false 13.0-13.5k tok/s at 7.9 GiB, ~18 min (on two GPUs 25.5k, ~10 min).
 """
 
