@@ -193,10 +193,12 @@ def _decode_step(model, slots):
 
 
 def _fusable(model):
-    """Decoders whose layers _decode_forward computes: Llama's layout (no q/k norms, a SiLU-gated MLP)."""
+    """Decoders whose layers _decode_forward computes: Llama's layout (no q/k norms, a SiLU-gated MLP)
+    with plain nn.Linear projections (a quantized model keeps HF's layers)."""
     cfg, layer = model.config, model.model.layers[0]
     return (cfg.model_type in ("llama", "mistral", "qwen2") and getattr(cfg, "hidden_act", None) == "silu"
-            and not hasattr(layer.self_attn, "q_norm") and hasattr(layer.mlp, "gate_proj"))
+            and not hasattr(layer.self_attn, "q_norm") and hasattr(layer.mlp, "gate_proj")
+            and all(type(m) is torch.nn.Linear for m in (layer.self_attn.q_proj, layer.mlp.gate_proj)))
 
 
 def _fuse_projections(model):

@@ -7,9 +7,11 @@ sampler's noise over the whole vocabulary as in reading the weights (bench/NOTES
   torch version's;
 - add_rms_norm: the residual add and HF's RMSNorm in one kernel, with the same roundings;
 - rotary_to_cache: rotary on the query and key heads of a fused q|k|v row, the query written
-  in the layout the flash decode reads, key and value written into the slot cache.
-Each takes the Triton kernel on a CUDA tensor when Triton is installed (it comes with torch's
-CUDA builds) and the torch version elsewhere (CPUs, tests). tests/test_kernels.py runs the
+  in the layout the decode attention reads, key and value written into the slot cache;
+- decode_attention: split-KV flash decoding over each slot's real length, the query heads of a
+  kv head together, so each key and value is read once.
+Each takes the Triton kernel on an Ampere-or-newer GPU when Triton is installed (it comes with
+torch's CUDA builds) and the torch version elsewhere (CPUs, tests). tests/test_kernels.py runs the
 kernels in Triton's interpreter against the torch versions; bench/bench.py checks them on the GPU.
 """
 
@@ -36,8 +38,14 @@ def _mix64(x):
 
 
 def _use_triton(device):
-    """Triton on CUDA tensors; under TRITON_INTERPRET=1 (tests) on CPU ones too, in its interpreter."""
-    return triton is not None and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    """Triton on Ampere or newer GPUs (bf16 everywhere); under TRITON_INTERPRET=1 (tests) on CPU
+    tensors too, in its interpreter."""
+    if triton is None:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def uniform_noise_torch(seeds, steps, vocab):
@@ -90,8 +98,8 @@ def rotary_to_cache_torch(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, gro
     """qkv: [rows, (heads + 2 groups) * dim], one token a row; cos, sin: [rows, dim].
     Rotary (HF's apply_rotary_pos_emb) on the query and key heads; key and value written to
     cache_k/cache_v [slots, length, groups, dim] at (slot[row], pos[row]). Returns the query as
-    [rows, heads // groups, groups, dim]: the query heads of a kv head side by side, as the flash
-    decode reads them (query head h = g * rep + r sits at [r, g])."""
+    [rows, heads // groups, groups, dim]: the query heads of a kv head side by side, as the decode
+    attention reads them (query head h = g * rep + r sits at [r, g])."""
     rows, dim = qkv.shape[0], cos.shape[-1]
     q, k, v = qkv.view(rows, heads + 2 * groups, dim).split([heads, groups, groups], 1)
     cos, sin = cos[:, None], sin[:, None]
@@ -111,7 +119,6 @@ def rotary_to_cache(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups):
     _rotary_kernel[(rows, heads + groups)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, cache_k, cache_v,
                                            slot, pos, cache_k.shape[1], HEADS=heads, GROUPS=groups, HALF=half)
     return q
-
 
 
 def decode_attention_torch(q, cache_k, cache_v, used, scale):
@@ -148,6 +155,7 @@ def decode_attention(q, cache_k, cache_v, used, scale, split=256):
     _decode_merge_kernel[(rows, groups)](part, used, out, REP=rep, R=triton.next_power_of_2(rep), GROUPS=groups,
                                          DIM=dim, SPLIT=split, SPLITS=splits)
     return out
+
 
 if triton is not None:
     @triton.jit
