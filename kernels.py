@@ -81,15 +81,17 @@ def add_rms_norm(h, residual, norm):
     if not _use_triton(h.device) or norm.weight.dtype != h.dtype:
         return add_rms_norm_torch(h, residual, norm)
     x = h.reshape(-1, h.shape[-1])
-    out, total = torch.empty_like(x), torch.empty_like(x) if residual is not None else x
+    out = torch.empty_like(x)
+    total = x if residual is None else torch.empty_like(x)  # without a residual the sum is h itself
     width = x.shape[1]
-    _rms_kernel[(x.shape[0],)](x, residual if residual is not None else x, norm.weight, out, total, width,
+    _rms_kernel[(x.shape[0],)](x, x if residual is None else residual, norm.weight, out, total, width,
                                norm.variance_epsilon, HAS_RESIDUAL=residual is not None,
                                BLOCK=triton.next_power_of_2(width), num_warps=8)
     return out.view(h.shape), total.view(h.shape)
 
 
-def rotate_half(x):
+def _rotate_half(x):
+    """HF's rotate_half (transformers is not imported here: engine.py imports this module early)."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -103,8 +105,8 @@ def rotary_to_cache_torch(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, gro
     rows, dim = qkv.shape[0], cos.shape[-1]
     q, k, v = qkv.view(rows, heads + 2 * groups, dim).split([heads, groups, groups], 1)
     cos, sin = cos[:, None], sin[:, None]
-    q = q * cos + rotate_half(q) * sin
-    cache_k[slot, pos] = k * cos + rotate_half(k) * sin
+    q = q * cos + _rotate_half(q) * sin
+    cache_k[slot, pos] = k * cos + _rotate_half(k) * sin
     cache_v[slot, pos] = v
     return q.view(rows, groups, heads // groups, dim).transpose(1, 2)
 

@@ -79,9 +79,10 @@ LEN_MIN = 120
 LEN_MAX = 1024
 REF_STEPS = 3  # reference optimizer steps timed (GA 16 each), after one warm-up step
 TRAIN_TOKENS = 48000  # tokens timed per configuration of ours, after two warm-up micro-batches
-TRAIN_CONFIGS = ["varlen:16384:1:chunked", "varlen:32768:1:chunked", "varlen:32768:1:chunked:fused",
-                 "varlen:16384:1:chunked:fused", "varlen:8192:1:chunked:fused", "varlen:4096:0:sum:fused",
-                 "varlen:8192:0.5:chunked:fused", "sdpa:4096:1:sum"]  # attention:budget:ckpt fraction:loss[:fused]
+TRAIN_CONFIGS = ["varlen:8192:0.125:sum:fused:bf16lora", "varlen:8192:0.25:full:fused:peftbf16",
+                 "varlen:8192:1:chunked:fused", "varlen:16384:1:chunked:fused", "varlen:4096:0:sum:fused",
+                 "sdpa:4096:1:sum"]  # attention:budget:ckpt fraction:loss[:flag...] (parse); the first is 05's
+# defaults, the second 05's of 2026-11-28
 TRAIN_PROFILE = ""  # train: profile 2 micro-batches of this configuration (one of TRAIN_CONFIGS)
 DDP_MAX_GIB = 24.0  # ddp: best train configuration whose reserved peak fits this
 DDP_CONFIG = ""  # ddp: a configuration string to use instead of the best one
