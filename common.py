@@ -392,8 +392,13 @@ def load_model(name, device=None, dtype=None, **kwargs):
 # Generation: chat prompts -> replies, through a local model or an OpenAI-compatible server
 
 
+def slot_engine_runs(model):
+    """Whether generate_ids runs `model` on the slot engine (a GPU and a decoder it knows)."""
+    return model.device.type == "cuda" and model.config.model_type in SLOT_MODEL_TYPES
+
+
 def generate_ids(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, pad_id, stop_strings=(),
-                 tokenizer=None, streamer=None, processor=None):
+                 tokenizer=None, streamer=None, processor=None, on_row=None):
     """Reply token ids for each prompt (a list of token ids), each row sampled from its own seed.
 
     The one generation path. On a GPU, for the decoders the slot engine runs, slot_generate:
@@ -401,13 +406,13 @@ def generate_ids(model, prompts, seeds, *, max_new_tokens, temperature, top_p, e
     a text) left-padded `generate` with RowSampler: the same draws. A reply stops at any of
     eos_ids, which it does not include, so it ended iff it is shorter than max_new_tokens.
     processor(logits, rows, steps), tensor ops only, may edit the logits before sampling (the
-    rehearsal forces reply lengths with it).
+    rehearsal forces reply lengths with it). on_row(i, ids) hears of each reply as it ends (on
+    the slot engine, while the others decode on; elsewhere all at the end).
     """
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
-    if (model.device.type == "cuda" and model.config.model_type in SLOT_MODEL_TYPES and not stop_strings
-            and streamer is None):
+    if slot_engine_runs(model) and not stop_strings and streamer is None:
         return slot_generate(model, prompts, seeds, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, eos_ids=eos_ids, processor=processor)
+                             top_p=top_p, eos_ids=eos_ids, processor=processor, on_row=on_row)
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
@@ -420,8 +425,10 @@ def generate_ids(model, prompts, seeds, *, max_new_tokens, temperature, top_p, e
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              logits_processor=processors, eos_token_id=eos_ids, pad_token_id=pad_id,
                              streamer=streamer, temperature=None, top_p=None, top_k=None, **extra)
-    rows = out[:, width:].tolist()
-    return [row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
+    rows = [row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))] for row in out[:, width:].tolist()]
+    for i, row in enumerate(rows if on_row is not None else ()):
+        on_row(i, row)
+    return rows
 
 
 def chat_replies(model, tokenizer, prompts, seeds, *, max_new_tokens, temperature, top_p, streamer=None):
@@ -456,7 +463,11 @@ def chat_replies(model, tokenizer, prompts, seeds, *, max_new_tokens, temperatur
 
 
 class HFBackend:
-    """A local transformers model, prompts rendered with its own chat template."""
+    """A local transformers model, prompts rendered with its own chat template.
+
+    streams: on the slot engine one generate call takes a whole stage's prompts and reports each
+    reply as it ends (on_reply), so slots never wait for a batch's longest reply; elsewhere
+    generate_all calls it a batch at a time."""
 
     def __init__(self, name, device=None):
         self.tokenizer = load_tokenizer(name)
@@ -465,17 +476,21 @@ class HFBackend:
         self.model = load_model(name, device=device)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = self.tokenizer.eos_token_id if eos is None else eos
+        self.streams = slot_engine_runs(self.model)
 
     def prompt_length(self, messages):
         return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                       return_dict=True)["input_ids"])
 
-    def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p):
+    def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p, on_reply=None):
+        """Replies in order; on_reply(i, text) also hears of each as it ends."""
         texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        text = lambda row: self.tokenizer.decode(row, skip_special_tokens=True).strip()  # noqa: E731
         rows = generate_ids(self.model, ids, seeds, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_token_id)
-        return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+                            top_p=top_p, eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_token_id,
+                            on_row=on_reply and (lambda i, row: on_reply(i, text(row))))
+        return [text(row) for row in rows]
 
 
 class OpenAIBackend:
@@ -546,14 +561,17 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
 
     Jobs are sorted by prompt length and cut into batches over the whole list, so a
     resumed run meets the same batches as an uninterrupted one; `on_batch(jobs, texts)`
-    gets each finished batch (a text is None where a server request failed, to retry on
-    a rerun). Returns the number of jobs generated.
+    gets each finished batch, in order (a text is None where a server request failed, to
+    retry on a rerun). A backend that streams (HFBackend on a GPU) gets all the jobs in one
+    call and reports each reply as it ends: a batch is handed on once its replies are in,
+    while the next batches' rows already decode. Others get a batch a call. Returns the
+    number of jobs generated.
 
-    Under N processes (`accelerate launch --num_processes=N`, one GPU each) the batches are
-    taken N at a time and their jobs dealt out, each process generates its share on its own
-    GPU, and the first process alone gets the batches back whole, in order, and writes them:
-    one writer, the same files as one process (each row samples from its own seed). The
-    other processes exit here when all is done.
+    Under N processes (`accelerate launch --num_processes=N`, one GPU each) each batch's jobs
+    are dealt out, each process generates its share on its own GPU, and the first process
+    alone gets the batches back whole, in order, and writes them: one writer, the same files
+    as one process (each row samples from its own seed). The other processes exit here when
+    all is done.
     """
     tokenizer = getattr(backend, "tokenizer", None)  # the hf backend's: its own special tokens count too
     for j in jobs:
@@ -569,28 +587,52 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
     order = sorted(jobs, key=lambda j: (-backend.prompt_length(j["prompt"]), j["id"]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     todo = [b for b in batches if any(j["id"] not in done for j in b)]
-    count = 0
-    with tqdm(total=len(jobs), initial=len(jobs) - sum(len(b) for b in todo), desc=desc, unit="rec",
-              disable=rank > 0) as bar:
-        for g in range(0, len(todo), world):
-            group = [j for batch in todo[g:g + world] for j in batch]
-            mine = group[rank::world]
-            texts = backend.generate([j["prompt"] for j in mine], [seed_of(j["id"], seed) for j in mine],
-                                     max_new_tokens=max_new_tokens, temperature=temperature,
-                                     top_p=top_p) if mine else []
+    shares = [b[rank::world] for b in todo]  # this process's jobs of each batch
+    starts = [0]
+    for share in shares:
+        starts.append(starts[-1] + len(share))
+    mine = [j for share in shares for j in share]
+    texts, left = [None] * len(mine), [len(share) for share in shares]
+    batch_of = [b for b, share in enumerate(shares) for _ in share]
+    flushed, count = 0, 0
+
+    def flush():
+        """Hand on each batch whose replies are all in, in order (under N processes, gathered whole)."""
+        nonlocal flushed, count
+        while flushed < len(todo) and not left[flushed]:
+            batch, got = todo[flushed], texts[starts[flushed]:starts[flushed + 1]]
             if world > 1:
-                shares = [None] * world
-                dist.all_gather_object(shares, texts)
-                texts = [None] * len(group)
-                for r, share in enumerate(shares):
-                    texts[r::world] = share
-            for batch in todo[g:g + world]:
-                fresh = [(j, t) for j, t in zip(batch, texts) if j["id"] not in done]
-                texts = texts[len(batch):]
-                if rank == 0:
-                    on_batch([j for j, _ in fresh], [t for _, t in fresh])
-                count += len(fresh)
-                bar.update(len(batch))
+                parts = [None] * world
+                dist.all_gather_object(parts, got)
+                got = [None] * len(batch)
+                for r, part in enumerate(parts):
+                    got[r::world] = part
+            fresh = [(j, t) for j, t in zip(batch, got) if j["id"] not in done]
+            if rank == 0:
+                on_batch([j for j, _ in fresh], [t for _, t in fresh])
+            count += len(fresh)
+            bar.update(len(batch))
+            flushed += 1
+
+    def on_reply(k, text):
+        texts[k] = text
+        left[batch_of[k]] -= 1
+        flush()
+
+    prompts, seeds = [j["prompt"] for j in mine], [seed_of(j["id"], seed) for j in mine]
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    with tqdm(total=len(jobs), initial=len(jobs) - sum(map(len, todo)), desc=desc, unit="rec",
+              disable=rank > 0) as bar:
+        flush()  # batches with no job of this process's
+        if getattr(backend, "streams", False):
+            if mine:
+                backend.generate(prompts, seeds, on_reply=on_reply, **sampling)
+        else:
+            for g in range(0, len(shares), world):
+                a, b = starts[g], starts[min(g + world, len(shares))]  # N batches' shares: about a batch a call
+                for k, text in enumerate(backend.generate(prompts[a:b], seeds[a:b], **sampling) if b > a else (), a):
+                    on_reply(k, text)
+        flush()
     if rank > 0:
         raise SystemExit(0)
     return count

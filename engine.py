@@ -285,7 +285,8 @@ def _graphed(fn, device):
 
 
 def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, max_slots=256,
-                  prefill_tokens=16384, cuda_graph=True, decode="auto", fused=True, processor=None, stats=None):
+                  prefill_tokens=16384, cuda_graph=True, decode="auto", fused=True, processor=None, stats=None,
+                  on_row=None):
     """Reply token ids for each prompt (token id lists), up to max_slots rows decoding at once.
 
     A row that ends frees its slot and the next prompts are prefilled into free slots, so
@@ -295,7 +296,8 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     Prompts are prefilled packed, up to prefill_tokens a call. decode picks the decode attention
     ("kernel", "flash" or "sdpa": _decode_attention; "auto" the first that runs here), fused=False
     decodes through HF's own layers instead of _decode_forward: both only to compare.
-    stats (a dict) gets prefill and decode seconds, and counts.
+    stats (a dict) gets prefill and decode seconds, and counts. on_row(i, ids) hears of each
+    reply as it ends (prompt index, its token ids), while the others decode on.
     """
     from transformers import AttentionInterface
 
@@ -320,14 +322,14 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
 
     def take(s, token):
         i = owner[s]
-        if token in eos:
+        if token not in eos:
+            outs[i].append(token)
+            steps[s] += 1
+            last[s] = token
+        if token in eos or len(outs[i]) >= max_new_tokens:
             owner[s] = -1
-            return
-        outs[i].append(token)
-        steps[s] += 1
-        last[s] = token
-        if len(outs[i]) >= max_new_tokens:
-            owner[s] = -1
+            if on_row is not None:
+                on_row(i, outs[i])
 
     weights = _fuse_projections(model) if fused and _fusable(model) else None
     old = model.config._attn_implementation

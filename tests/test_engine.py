@@ -16,7 +16,7 @@ from helpers import CONVS
 from common import HFBackend, collate_packed, collate_padded, tokenize_chat
 import training
 from training import adapters_in_bf16, add_lora, load_student, loss_sum, supervised_tokens
-from engine import PACKED_ATTENTION, RowSampler, fused_gelu, pick_tokens, slot_generate
+from engine import PACKED_ATTENTION, RowSampler, force_lengths, fused_gelu, pick_tokens, slot_generate
 
 PROMPTS = [[{"role": "user", "content": t}] for t in (
     "What has keys?", "I weigh 1.5 kg and I speak without a mouth. What am I?", "Footsteps!",
@@ -36,6 +36,30 @@ def test_slot_generate_equals_hf_generate(tiny_llama):
                                 eos_ids=model.generation_config.eos_token_id, max_slots=slots, prefill_tokens=64)
             assert [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)] == want
     assert min(map(len, out)) < 12  # a row ended at eos and freed its slot early
+
+
+def test_slot_generate_reports_each_reply_as_it_ends(tiny_llama):
+    """on_row hears of each reply once, with its ids, when it ends: a short reply before a long one that
+    started with it, before the call returns. HFBackend.generate's on_reply, on CPU (HF generate), hears of
+    every reply too, with the text it returns."""
+    backend = HFBackend(tiny_llama, device="cpu")
+    tok, model = backend.tokenizer, backend.model
+    ids = tok([tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in PROMPTS],
+              add_special_tokens=False)["input_ids"]
+    eos = model.generation_config.eos_token_id
+    targets = torch.tensor([12, 2, 3, 1, 2, 3])  # reply lengths, forced: row 0 outlasts the rest together
+    heard = []
+    out = slot_generate(model, ids, list(range(6)), max_new_tokens=12, temperature=0.8, top_p=0.9, eos_ids=eos,
+                        max_slots=2, prefill_tokens=64, on_row=lambda i, row: heard.append((i, list(row))),
+                        processor=lambda logits, r, steps: force_lengths(logits, targets[r], steps, eos))
+    assert sorted(i for i, _ in heard) == list(range(6))
+    assert all(row == out[i] for i, row in heard)
+    assert [len(row) for row in out] == (targets - 1).tolist()
+    assert heard[0][0] == 1 and heard[-1][0] == 0  # row 1 (2 tokens) ends first; row 0, started with it, last
+    replies = {}
+    texts = backend.generate(PROMPTS, list(range(6)), max_new_tokens=8, temperature=0.8, top_p=0.9,
+                             on_reply=replies.__setitem__)
+    assert replies == dict(enumerate(texts))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
