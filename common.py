@@ -569,9 +569,9 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
 
     Under N processes (`accelerate launch --num_processes=N`, one GPU each) each batch's jobs
     are dealt out, each process generates its share on its own GPU, and the first process
-    alone gets the batches back whole, in order, and writes them: one writer, the same files
-    as one process (each row samples from its own seed). The other processes exit here when
-    all is done.
+    alone gets the batches back whole, in order (each once the next one is in too), and writes
+    them: one writer, the same files as one process (each row samples from its own seed). The
+    other processes exit here when all is done.
     """
     tokenizer = getattr(backend, "tokenizer", None)  # the hf backend's: its own special tokens count too
     for j in jobs:
@@ -596,10 +596,15 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
     batch_of = [b for b, share in enumerate(shares) for _ in share]
     flushed, count = 0, 0
 
+    def ready(b):
+        """Batch b's replies are in here; under N processes the next batch's too: a gather waits for the
+        slowest process, and a batch later the others have mostly caught up."""
+        return not left[b] and (world == 1 or b + 1 == len(todo) or not left[b + 1])
+
     def flush():
-        """Hand on each batch whose replies are all in, in order (under N processes, gathered whole)."""
+        """Hand on each ready batch, in order (under N processes, gathered whole)."""
         nonlocal flushed, count
-        while flushed < len(todo) and not left[flushed]:
+        while flushed < len(todo) and ready(flushed):
             batch, got = todo[flushed], texts[starts[flushed]:starts[flushed + 1]]
             if world > 1:
                 parts = [None] * world

@@ -332,6 +332,29 @@ def test_generate_all_streams_batches_in_order(tmp_path):
     assert n == 4 and [ids for ids, _, _ in rest] == [["j3", "j4", "j5"], ["j6"]]
 
 
+def test_generate_all_gathers_a_batch_once_the_next_is_in(monkeypatch):
+    """Under 2 processes (the first one's view; the gather faked) a batch is gathered once this process's share of
+    the next batch is in too, so a gather seldom waits for the slower process; the last one at once. The writer
+    gets the batches whole, as one process would."""
+    jobs = [{"id": f"j{i}", "prompt": [{"role": "user", "content": f"j{i}"}]} for i in range(7)]
+    sampling = dict(batch_size=3, seed=0, max_new_tokens=8, temperature=0.7, top_p=0.9, desc="test")
+    want = []
+    common.generate_all(Streaming(streams=False), jobs, set(), lambda b, t: want.append(t), **sampling)
+    backend, gathered, got = Streaming(), [], []
+    others = [want[0][1:2], want[1][1:2], []]  # the other process's shares: j1, j4, none
+
+    def gather(parts, mine):
+        parts[:] = [mine, others[len(gathered)]]
+        gathered.append(backend.heard)
+
+    monkeypatch.setattr(common, "process_share", lambda: (0, 2))
+    monkeypatch.setattr(common.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(common.dist, "all_gather_object", gather)
+    common.generate_all(backend, jobs, set(), lambda b, t: got.append(t), **sampling)
+    assert got == want
+    assert gathered == [4, 5, 5]  # this share's replies end j2 j0 (batch 1 in), j5 j3 (batch 2 in), j6
+
+
 # -----------------------------------------------------------------------------
 # The chain 01 -> 04 on a scripted backend
 
