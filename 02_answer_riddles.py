@@ -13,8 +13,8 @@ Writes: data/02_answers.jsonl   {"id", "messages": [user riddle, assistant answe
 
 Resume: finished batches are appended to both files; a rerun skips ids found in either.
 A request that failed (openai backend) is written nowhere, so a rerun retries it.
---overwrite starts over. Runtime: ~1 min for ~1.7k riddles of Mistral-7B on one H200 (the rehearsal: 68 s
-for 2,048, answers of 80-400 tokens, loading included); the CPU demo above: ~50 s on 2 cores.
+--overwrite starts over. Runtime: ~40 s for ~1.7k riddles of Mistral-7B on one H200 (the rehearsal: 35-40 s
+for 1,700, 117 s for 7,400, answers of 80-400 tokens, loading included); the CPU demo above: ~50 s on 2 cores.
 """
 
 from common import (MessageStage, check_template, check_unique_ids, configure, generate_all, load_backend, path,
@@ -27,7 +27,7 @@ BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible serve
 BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1; several, comma-separated, share the requests
 API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
 PROMPT = "Answer this riddle. Think step by step and explain simply. If information is missing, ask one short question at the end.\n\nRiddle: {riddle}"  # {riddle}
-BATCH_SIZE = 512  # riddles per call (on a GPU 256 decode at once, refilled as rows end; openai: concurrent requests)
+BATCH_SIZE = 512  # riddles written at a time (openai: requests at once; a GPU streams all through 256 slots)
 MAX_NEW_TOKENS = 512  # tokens per answer; answers cut off here are rejected
 TEMPERATURE = 0.7  # 0 = greedy
 TOP_P = 0.95  # nucleus sampling, 1.0 = off
