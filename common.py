@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -465,9 +465,12 @@ def chat_replies(model, tokenizer, prompts, seeds, *, max_new_tokens, temperatur
 class HFBackend:
     """A local transformers model, prompts rendered with its own chat template.
 
-    streams: on the slot engine one generate call takes a whole stage's prompts and reports each
-    reply as it ends (on_reply), so slots never wait for a batch's longest reply; elsewhere
-    generate_all calls it a batch at a time."""
+    It streams: one generate call takes all of a stage's prompts (see generate_all) and hands each
+    reply to on_reply as it ends. On the slot engine (a GPU) rows refill the slots across the whole
+    call, so none waits for a batch's longest reply; elsewhere transformers' generate takes
+    batch_size prompts at a time."""
+
+    streams = True
 
     def __init__(self, name, device=None):
         self.tokenizer = load_tokenizer(name)
@@ -476,31 +479,39 @@ class HFBackend:
         self.model = load_model(name, device=device)
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = self.tokenizer.eos_token_id if eos is None else eos
-        self.streams = slot_engine_runs(self.model)
 
     def prompt_length(self, messages):
         return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                       return_dict=True)["input_ids"])
 
-    def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p, on_reply=None):
-        """Replies in order; on_reply(i, text) also hears of each as it ends."""
+    def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p, on_reply=None, batch_size=None):
+        """Replies in order; on_reply(i, text) also hears of each as it ends. batch_size: prompts a call of
+        transformers' generate (default: all); the slot engine takes them all."""
         texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         text = lambda row: self.tokenizer.decode(row, skip_special_tokens=True).strip()  # noqa: E731
-        rows = generate_ids(self.model, ids, seeds, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_token_id,
-                            on_row=on_reply and (lambda i, row: on_reply(i, text(row))))
-        return [text(row) for row in rows]
+        step = batch_size if batch_size and not slot_engine_runs(self.model) else max(1, len(ids))
+        replies = []
+        for a in range(0, len(ids), step):
+            rows = generate_ids(self.model, ids[a:a + step], seeds[a:a + step], max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, eos_ids=self.eos_ids,
+                                pad_id=self.tokenizer.pad_token_id,
+                                on_row=on_reply and (lambda i, row, a=a: on_reply(a + i, text(row))))
+            replies += map(text, rows)
+        return replies
 
 
 class OpenAIBackend:
     """OpenAI-compatible servers (vLLM, llama.cpp, Ollama, transformers serve, OpenAI): one base URL,
     or several replicas of the same model that share the requests (a fleet on many machines).
 
-    Requests of a batch go out concurrently, dealt to the servers in turn; the openai client retries
+    Requests go out concurrently, batch_size at a time, dealt to the servers in turn, and each
+    reply is handed on as it comes (it streams, as HFBackend does); the openai client retries
     timeouts, 408/409/429 and 5xx replies with exponential backoff, and a request that still fails
     on its server is tried once on each other one, so a dead replica costs time, not records.
     """
+
+    streams = True
 
     def __init__(self, name, base_urls, api_key="", retries=5, timeout=600):
         import openai  # only this backend needs it (its import takes ~0.5 s)
@@ -534,13 +545,25 @@ class OpenAIBackend:
             return text
         return None
 
-    def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p):
-        """Replies in order; None where a request failed on every server, after the retries."""
-        with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-            texts = list(pool.map(lambda a: self._one(*a, max_new_tokens, temperature, top_p),
-                                  zip(range(len(prompts)), prompts, seeds)))
-        if all(t is None for t in texts):
-            raise InputError(f"{', '.join(self.urls)}: every request of a batch failed (see above); is a server up?")
+    def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p, on_reply=None, batch_size=None):
+        """Replies in order; None where a request failed on every server, after the retries. batch_size
+        requests are out at a time (default: all); on_reply(i, text) hears of each reply as it comes, once
+        the first batch_size are in. batch_size failures in a row: no server is up (InputError)."""
+        texts, width, came, failed = [None] * len(prompts), max(1, min(batch_size or len(prompts), len(prompts))), [], 0
+        with ThreadPoolExecutor(max_workers=width) as pool:
+            futures = {pool.submit(self._one, k, p, s, max_new_tokens, temperature, top_p): k
+                       for k, (p, s) in enumerate(zip(prompts, seeds))}
+            for future in as_completed(futures):
+                came.append(futures[future])
+                texts[came[-1]] = future.result()
+                failed = failed + 1 if texts[came[-1]] is None else 0
+                if failed == width:  # at the start, before anything is handed on: nothing is written
+                    pool.shutdown(cancel_futures=True)
+                    raise InputError(f"{', '.join(self.urls)}: {width} requests in a row failed (see above); "
+                                     f"is a server up?")
+                if on_reply is not None and len(came) >= width:
+                    for k in came if len(came) == width else came[-1:]:
+                        on_reply(k, texts[k])
         return texts
 
 
@@ -562,8 +585,8 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
     Jobs are sorted by prompt length and cut into batches over the whole list, so a
     resumed run meets the same batches as an uninterrupted one; `on_batch(jobs, texts)`
     gets each finished batch, in order (a text is None where a server request failed, to
-    retry on a rerun). A backend that streams (HFBackend on a GPU) gets all the jobs in one
-    call and reports each reply as it ends: a batch is handed on once its replies are in,
+    retry on a rerun). A backend that streams (HFBackend, OpenAIBackend) gets all the jobs in
+    one call and reports each reply as it ends: a batch is handed on once its replies are in,
     while the next batches' rows already decode. Others get a batch a call. Returns the
     number of jobs generated.
 
@@ -631,7 +654,7 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
         flush()  # batches with no job of this process's
         if getattr(backend, "streams", False):
             if mine:
-                backend.generate(prompts, seeds, on_reply=on_reply, **sampling)
+                backend.generate(prompts, seeds, on_reply=on_reply, batch_size=batch_size, **sampling)
         else:
             for g in range(0, len(shares), world):
                 a, b = starts[g], starts[min(g + world, len(shares))]  # N batches' shares: about a batch a call

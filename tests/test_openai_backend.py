@@ -135,7 +135,7 @@ def test_retry_backoff_and_failures(capsys):
         assert {k: body[k] for k in ("model", "max_tokens", "temperature", "top_p")} == {
             "model": "some-model", "max_tokens": 16, "temperature": 0.7, "top_p": 0.9}
         assert sorted(b["seed"] for b, _ in Stub.seen) == [5, 5, 6, 7]  # 2**40 + 7 sent modulo 2**31
-        with pytest.raises(common.InputError, match="every request of a batch failed"):
+        with pytest.raises(common.InputError, match=r"\d+ requests in a row failed"):
             backend.generate(prompts[2:], [1], **sampling)
         with pytest.raises(common.InputError, match="the openai backend needs --base-url"):
             common.load_backend("openai", "m", "")
@@ -162,3 +162,71 @@ def test_requests_spread_over_servers_and_a_dead_one_loses_nothing(capsys):
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+class Slow(Stub):
+    """Chat completions after the delay a prompt names ("wait 0.3"), counting the requests in flight."""
+
+    lock, now, most = threading.Lock(), 0, 0
+
+    def do_POST(self):
+        seconds = float(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
+                        .split()[-1])
+        with Slow.lock:
+            Slow.now += 1
+            Slow.most = max(Slow.most, Slow.now)
+        time.sleep(seconds)
+        with Slow.lock:
+            Slow.now -= 1
+        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": f"waited {seconds}"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+
+def test_requests_stream_batch_size_at_a_time():
+    """batch_size requests are out at a time, and each reply is handed on as it comes (a slow one does not hold
+    the others back), once the first batch_size are in; if those all failed, nothing is handed on."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = common.OpenAIBackend("m", f"http://127.0.0.1:{server.server_port}/v1", retries=1)
+        waits = [0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+        prompts = [[{"role": "user", "content": f"wait {w}"}] for w in waits]
+        heard = []
+        texts = backend.generate(prompts, list(range(7)), max_new_tokens=8, temperature=0.0, top_p=1.0,
+                                 batch_size=2, on_reply=lambda k, t: heard.append((k, t)))
+        assert texts == [f"waited {w}" for w in waits]
+        assert Slow.most == 2 and sorted(heard) == list(enumerate(texts))
+        assert heard[-1][0] == 0  # the slow first request came last, after the six behind it
+    finally:
+        server.shutdown()
+        server.server_close()
+    dead = common.OpenAIBackend("m", f"http://127.0.0.1:{free_port()}/v1", retries=1)
+    heard = []
+    with pytest.raises(common.InputError, match="2 requests in a row failed"):
+        dead.generate(prompts, list(range(7)), max_new_tokens=8, temperature=0.0, top_p=1.0, batch_size=2,
+                      on_reply=lambda k, t: heard.append(k))
+    assert heard == []
+
+
+class Timed(common.OpenAIBackend):
+    """Replies scripted in the prompt: "ok 0.1" after 0.1 s, "fail 0.3" None after 0.3 s (as after the retries)."""
+
+    def _one(self, first, messages, seed, *sampling):
+        verdict, seconds = messages[-1]["content"].split()
+        time.sleep(float(seconds))
+        return verdict if verdict == "ok" else None
+
+
+def test_servers_that_die_midway_stop_the_stage():
+    """batch_size failures in a row mean no server is up: the replies before them were handed on, the rest is
+    left to a rerun. Two at a time, the replies come in order 0, 1, 2 (failed), 3 (failed): there it stops."""
+    prompts = [[{"role": "user", "content": c}] for c in ("ok 0", "ok 0.1", "fail 0.2", "fail 0.3", "ok 0.4")]
+    heard = []
+    with pytest.raises(common.InputError, match="2 requests in a row failed"):
+        Timed("m", "http://127.0.0.1:9/v1").generate(prompts, list(range(5)), max_new_tokens=8, temperature=0.0,
+                                                     top_p=1.0, batch_size=2, on_reply=lambda *a: heard.append(a))
+    assert heard == [(0, "ok"), (1, "ok"), (2, None)]
