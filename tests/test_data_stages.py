@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -614,6 +615,12 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def stage02_args(d, riddles, model, batch_size=2):
+    """Stage 02 on `riddles` into folder d: batches of batch_size, replies of at most 8 tokens."""
+    return [f"--generator={model}", f"--in-file={riddles}", f"--out-file={d / '02.jsonl'}",
+            f"--rejected-file={d / 'rej.jsonl'}", f"--batch-size={batch_size}", "--max-new-tokens=8"]
+
+
 def write_riddles(file, n=9):
     """The first n shipped seed riddles as stage 01's output."""
     seeds = load_seed_riddles(ROOT / "data" / "seed_riddles.jsonl")[:n]
@@ -625,9 +632,7 @@ def write_riddles(file, n=9):
 def test_resume_02_after_sigkill(tmp_path, chatty_llama, monkeypatch, capsys):
     riddles = write_riddles(tmp_path / "01.jsonl")
 
-    def args(d):
-        return [f"--generator={chatty_llama}", f"--in-file={riddles}", f"--out-file={d / '02.jsonl'}",
-                f"--rejected-file={d / 'rej.jsonl'}", "--batch-size=2", "--max-new-tokens=8"]
+    args = partial(stage02_args, riddles=riddles, model=chatty_llama)
 
     ref, crash = tmp_path / "ref", tmp_path / "crash"
     run_stage(monkeypatch, "02_answer_riddles.py", *args(ref))
@@ -673,9 +678,7 @@ def test_two_processes_write_what_one_writes_and_resume(tmp_path, chatty_llama, 
     """torchrun x2 (accelerate launch alike): batches dealt out, one writer, the same bytes as one process."""
     riddles = write_riddles(tmp_path / "01.jsonl")
 
-    def args(d):
-        return [f"--generator={chatty_llama}", f"--in-file={riddles}", f"--out-file={d / '02.jsonl'}",
-                f"--rejected-file={d / 'rej.jsonl'}", "--batch-size=4", "--max-new-tokens=8"]
+    args = partial(stage02_args, riddles=riddles, model=chatty_llama, batch_size=4)
 
     def two_processes(d, *more):
         r = torchrun(ROOT / "02_answer_riddles.py", *args(d), *more)
@@ -718,9 +721,7 @@ def test_two_processes_streaming_write_what_one_writes(tmp_path, chatty_llama, m
     generates a batch a call (HF generate). Resumes the same way."""
     riddles = write_riddles(tmp_path / "01.jsonl")
 
-    def args(d):
-        return [f"--generator={chatty_llama}", f"--in-file={riddles}", f"--out-file={d / '02.jsonl'}",
-                f"--rejected-file={d / 'rej.jsonl'}", "--batch-size=2", "--max-new-tokens=8"]
+    args = partial(stage02_args, riddles=riddles, model=chatty_llama)
 
     one, two = tmp_path / "one", tmp_path / "two"
     run_stage(monkeypatch, "02_answer_riddles.py", *args(one))
@@ -756,9 +757,7 @@ def test_two_processes_resume_after_sigkill_of_one(tmp_path, chatty_llama, monke
     riddles = write_riddles(tmp_path / "01.jsonl")
     names = ("02.jsonl", "rej.jsonl")
 
-    def args(d):
-        return [f"--generator={chatty_llama}", f"--in-file={riddles}", f"--out-file={d / '02.jsonl'}",
-                f"--rejected-file={d / 'rej.jsonl'}", "--batch-size=2", "--max-new-tokens=8"]
+    args = partial(stage02_args, riddles=riddles, model=chatty_llama)
 
     ref, crash, pids = tmp_path / "ref", tmp_path / "crash", tmp_path / "pids"
     run_stage(monkeypatch, "02_answer_riddles.py", *args(ref))

@@ -107,12 +107,15 @@ class Stub(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"no")
             return
-        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": f" re: {text} "}}]}).encode()
+        self.reply(f" re: {text} ")
+
+    def reply(self, content):
+        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(reply)
+        self.wfile.write(body)
 
     def log_message(self, *args):
         pass
@@ -178,12 +181,7 @@ class Slow(Stub):
         time.sleep(seconds)
         with Slow.lock:
             Slow.now -= 1
-        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": f"waited {seconds}"}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
+        self.reply(f"waited {seconds}")
 
 
 def test_requests_stream_batch_size_at_a_time():
