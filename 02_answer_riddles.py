@@ -17,8 +17,9 @@ A request that failed (openai backend) is written nowhere, so a rerun retries it
 for 1,700, 117 s for 7,400, answers of 80-400 tokens, loading included); the CPU demo above: ~50 s on 2 cores.
 """
 
-from common import (MessageStage, check_template, check_unique_ids, configure, generate_all, load_backend, path,
+from common import (check_template, check_unique_ids, configure, generate_all, load_backend, path,
                     read_conversations, require_stage)
+from message_stage import MessageStage
 from riddles import clean_answer
 
 # -----------------------------------------------------------------------------

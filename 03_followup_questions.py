@@ -24,9 +24,10 @@ Runtime: ~1.5 min for ~1.7k conversations of Mistral-7B on one H200 (the rehears
 the CPU demo above: ~25 s on 2 cores, plus ~20 s for the dedup (MiniLM over 265 seeds and ~45 riddles).
 """
 
-from common import (MessageStage, check_output, check_template, check_unique_ids, configure, generate_all, load_backend,
+from common import (check_output, check_template, check_unique_ids, configure, generate_all, load_backend,
                     path, read_conversations, require_stage, write_jsonl_atomic)
 from dedup import drop_duplicates, load_embedder, seed_item
+from message_stage import MessageStage
 from riddles import clean_followup, load_seed_rows
 
 # -----------------------------------------------------------------------------

@@ -20,9 +20,10 @@ The data card is rewritten from the stage files at the end of each run that fini
 30 s for 512, answers of 60-300 tokens); the CPU demo above: ~25 s on 2 cores.
 """
 
-from common import (MessageStage, check_unique_ids, configure, generate_all, load_backend, path, read_conversations,
+from common import (check_unique_ids, configure, generate_all, load_backend, path, read_conversations,
                     require_stage)
 from datacard import generator_tokenizer, write_card
+from message_stage import MessageStage
 from riddles import clean_answer
 
 # -----------------------------------------------------------------------------

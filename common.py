@@ -3,12 +3,13 @@
 - knobs and one-line errors (`configure`, InputError: from knobs.py), project paths, ids;
 - JSONL records: line-numbered reading, crash-safe appending and resume, atomic writes;
 - model loading: hub ids, local folders, the bundled offline model (alias smollm2);
-- generation: one path from chat prompts to replies (generate_ids), local or over HTTP;
-- stages 02-04's writer (MessageStage): one generated message appended per record;
+- generation: one path from chat prompts to replies (generate_ids), local or over HTTP, and
+  generate_all, which runs a stage's jobs through a backend into its writer;
 - ChatML: the template, its tokenization with the assistant-only loss mask, the collators
   (padded and packed) and token-budget batches.
-The riddle text rules live in riddles.py, the student and its loss (stage 05) in training.py,
-the GPU fast paths in engine.py, and what stage 07 reports in evaluation.py.
+The riddle text rules live in riddles.py, stages 02-04's writer in message_stage.py, the student and
+its loss (stage 05) in training.py, the GPU fast paths in engine.py, and what stage 07 reports in
+evaluation.py.
 """
 
 import hashlib
@@ -19,9 +20,9 @@ import random
 import re
 import shutil
 import sys
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -611,9 +612,7 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     todo = [b for b in batches if any(j["id"] not in done for j in b)]
     shares = [b[rank::world] for b in todo]  # this process's jobs of each batch
-    starts = [0]
-    for share in shares:
-        starts.append(starts[-1] + len(share))
+    starts = [0, *accumulate(map(len, shares))]  # where each share begins in `mine`
     mine = [j for share in shares for j in share]
     texts, left = [None] * len(mine), [len(share) for share in shares]
     batch_of = [b for b, share in enumerate(shares) for _ in share]
@@ -664,76 +663,6 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
     if rank > 0:
         raise SystemExit(0)
     return count
-
-
-# -----------------------------------------------------------------------------
-# Stages 02-04: one generated message appended to each record
-
-
-class MessageStage:
-    """Stages 02-04: append one generated message to each record, resumably.
-
-    clean(text) -> (content, reason): a kept reply becomes the record's next message in
-    out_file, a rejected one goes to rejected_file as {"id", "reason", "text"} (also a reply
-    holding a chat control string: "control_token"). Ids in
-    either file are done, so a rerun skips them; a failed request (None) is retried.
-    """
-
-    def __init__(self, records, role, clean, out_file, rejected_file, overwrite):
-        self.by_id, self.role, self.clean = {r["id"]: r for r in records}, role, clean
-        self.out = Appender(out_file, overwrite=overwrite)
-        self.rejected = Appender(rejected_file, overwrite=overwrite)
-        self.done = self.out.done | self.rejected.done
-        self.skipped = sum(i in self.done for i in self.by_id)
-        self.counts, self.start = Counter(), time.time()
-
-    def save(self, batch, texts):
-        """generate_all's on_batch: write one finished batch to the two files."""
-        good, bad = [], []
-        for job, text in zip(batch, texts):
-            if text is None:
-                self.counts["failed"] += 1
-                continue
-            kept, rejected = self.verdict(job, text)
-            if rejected:
-                self.counts[rejected["reason"]] += 1
-                bad.append(rejected)
-            else:
-                good.append(kept)
-        self.out.write(good)
-        self.rejected.write(bad)
-        self.counts["kept"] += len(good)
-
-    def verdict(self, job, text):
-        """One reply -> (the record to keep, None), or (None, the reject {"id", "reason", "text", ...})."""
-        content, reason = self.clean(text)
-        if not reason and control_string(content):
-            reason = "control_token"  # as cleaned and stored: NFKC could have made one of full-width signs
-        if reason:
-            return None, {"id": job["id"], "reason": reason, "text": text}
-        # Stripped as read_conversations strips: no turn may start with whitespace (tokenization rule).
-        messages = self.by_id[job["id"]]["messages"] + [{"role": self.role, "content": content.strip()}]
-        return {"id": job["id"], "messages": messages}, None
-
-    def reject(self, records):
-        """Write rejects decided before generation (stage 03's reworded duplicates), except ids already done."""
-        fresh = [r for r in records if r["id"] not in self.done]
-        self.rejected.write(fresh)
-        self.done.update(r["id"] for r in fresh)
-        self.counts.update(r["reason"] for r in fresh)
-
-    def finish(self, stage, what, extra=""):
-        """Close the files and print the summary line (extra: more of it, before the skipped count); exit 1 if
-        requests failed (rerun retries)."""
-        self.out.close()
-        self.rejected.close()
-        kept, failed = self.counts.pop("kept", 0), self.counts.pop("failed", 0)
-        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.counts.items())) or "none"
-        print(f"{stage}: kept {kept:,} {what}, rejected {sum(self.counts.values()):,} ({reasons}), {extra}"
-              f"skipped {self.skipped:,} as existing, failed {failed:,}; {len(self.out.done):,} in "
-              f"{self.out.file.name}; {time.time() - self.start:.0f}s")
-        if failed:
-            raise SystemExit(f"{failed:,} requests failed; rerun to retry them")
 
 
 def check_unique_ids(records, file):

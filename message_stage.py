@@ -1,0 +1,77 @@
+"""Stages 02-04's writer: one generated message appended to each record, resumably.
+
+MessageStage is generate_all's on_batch for 02-04 (and, through judge.JudgeStage, for 04b): each reply
+is cleaned and kept as the record's next message, or written to the rejects with its reason; ids in
+either file are done, so a rerun skips them; finish prints the stage's summary line.
+"""
+
+import time
+from collections import Counter
+
+from common import Appender, control_string
+
+
+class MessageStage:
+    """Stages 02-04: append one generated message to each record, resumably.
+
+    clean(text) -> (content, reason): a kept reply becomes the record's next message in
+    out_file, a rejected one goes to rejected_file as {"id", "reason", "text"} (also a reply
+    holding a chat control string: "control_token"). Ids in
+    either file are done, so a rerun skips them; a failed request (None) is retried.
+    """
+
+    def __init__(self, records, role, clean, out_file, rejected_file, overwrite):
+        self.by_id, self.role, self.clean = {r["id"]: r for r in records}, role, clean
+        self.out = Appender(out_file, overwrite=overwrite)
+        self.rejected = Appender(rejected_file, overwrite=overwrite)
+        self.done = self.out.done | self.rejected.done
+        self.skipped = sum(i in self.done for i in self.by_id)
+        self.counts, self.start = Counter(), time.time()
+
+    def save(self, batch, texts):
+        """generate_all's on_batch: write one finished batch to the two files."""
+        good, bad = [], []
+        for job, text in zip(batch, texts):
+            if text is None:
+                self.counts["failed"] += 1
+                continue
+            kept, rejected = self.verdict(job, text)
+            if rejected:
+                self.counts[rejected["reason"]] += 1
+                bad.append(rejected)
+            else:
+                good.append(kept)
+        self.out.write(good)
+        self.rejected.write(bad)
+        self.counts["kept"] += len(good)
+
+    def verdict(self, job, text):
+        """One reply -> (the record to keep, None), or (None, the reject {"id", "reason", "text", ...})."""
+        content, reason = self.clean(text)
+        if not reason and control_string(content):
+            reason = "control_token"  # as cleaned and stored: NFKC could have made one of full-width signs
+        if reason:
+            return None, {"id": job["id"], "reason": reason, "text": text}
+        # Stripped as read_conversations strips: no turn may start with whitespace (tokenization rule).
+        messages = self.by_id[job["id"]]["messages"] + [{"role": self.role, "content": content.strip()}]
+        return {"id": job["id"], "messages": messages}, None
+
+    def reject(self, records):
+        """Write rejects decided before generation (stage 03's reworded duplicates), except ids already done."""
+        fresh = [r for r in records if r["id"] not in self.done]
+        self.rejected.write(fresh)
+        self.done.update(r["id"] for r in fresh)
+        self.counts.update(r["reason"] for r in fresh)
+
+    def finish(self, stage, what, extra=""):
+        """Close the files and print the summary line (extra: more of it, before the skipped count); exit 1 if
+        requests failed (rerun retries)."""
+        self.out.close()
+        self.rejected.close()
+        kept, failed = self.counts.pop("kept", 0), self.counts.pop("failed", 0)
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.counts.items())) or "none"
+        print(f"{stage}: kept {kept:,} {what}, rejected {sum(self.counts.values()):,} ({reasons}), {extra}"
+              f"skipped {self.skipped:,} as existing, failed {failed:,}; {len(self.out.done):,} in "
+              f"{self.out.file.name}; {time.time() - self.start:.0f}s")
+        if failed:
+            raise SystemExit(f"{failed:,} requests failed; rerun to retry them")
