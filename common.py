@@ -551,7 +551,8 @@ class OpenAIBackend:
         requests are out at a time (default: all); on_reply(i, text) hears of each reply as it comes, once
         the first batch_size are in. batch_size failures in a row: no server is up (InputError)."""
         texts, width, came, failed = [None] * len(prompts), max(1, min(batch_size or len(prompts), len(prompts))), [], 0
-        with ThreadPoolExecutor(max_workers=width) as pool:
+        pool = ThreadPoolExecutor(max_workers=width)
+        try:
             futures = {pool.submit(self._one, k, p, s, max_new_tokens, temperature, top_p): k
                        for k, (p, s) in enumerate(zip(prompts, seeds))}
             for future in as_completed(futures):
@@ -559,12 +560,13 @@ class OpenAIBackend:
                 texts[came[-1]] = future.result()
                 failed = failed + 1 if texts[came[-1]] is None else 0
                 if failed == width:  # at the start, before anything is handed on: nothing is written
-                    pool.shutdown(cancel_futures=True)
                     raise InputError(f"{', '.join(self.urls)}: {width} requests in a row failed (see above); "
                                      f"is a server up?")
                 if on_reply is not None and len(came) >= width:
                     for k in came if len(came) == width else came[-1:]:
                         on_reply(k, texts[k])
+        finally:  # an error or Ctrl-C: the requests not yet out are dropped, those out are waited for
+            pool.shutdown(cancel_futures=True)
         return texts
 
 

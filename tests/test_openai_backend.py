@@ -211,9 +211,13 @@ def test_requests_stream_batch_size_at_a_time():
 
 
 class Timed(common.OpenAIBackend):
-    """Replies scripted in the prompt: "ok 0.1" after 0.1 s, "fail 0.3" None after 0.3 s (as after the retries)."""
+    """Replies scripted in the prompt: "ok 0.1" after 0.1 s, "fail 0.3" None after 0.3 s (as after the retries).
+    Keeps the indices of the requests sent."""
+
+    sent = []
 
     def _one(self, first, messages, seed, *sampling):
+        Timed.sent.append(first)
         verdict, seconds = messages[-1]["content"].split()
         time.sleep(float(seconds))
         return verdict if verdict == "ok" else None
@@ -221,10 +225,25 @@ class Timed(common.OpenAIBackend):
 
 def test_servers_that_die_midway_stop_the_stage():
     """batch_size failures in a row mean no server is up: the replies before them were handed on, the rest is
-    left to a rerun. Two at a time, the replies come in order 0, 1, 2 (failed), 3 (failed): there it stops."""
-    prompts = [[{"role": "user", "content": c}] for c in ("ok 0", "ok 0.1", "fail 0.2", "fail 0.3", "ok 0.4")]
-    heard = []
+    left to a rerun. Two at a time, the replies come in order 0, 1, 2 (failed), 3 (failed): there it stops,
+    and the requests not yet sent never are (nor after a crash in the writer)."""
+    prompts = [[{"role": "user", "content": c}] for c in
+               ("ok 0", "ok 0.1", "fail 0.2", "fail 0.3", "ok 0.4", "ok 0.4", "ok 0", "ok 0")]
+    heard, sampling = [], dict(max_new_tokens=8, temperature=0.0, top_p=1.0, batch_size=2)
+    backend = Timed("m", "http://127.0.0.1:9/v1")
     with pytest.raises(common.InputError, match="2 requests in a row failed"):
-        Timed("m", "http://127.0.0.1:9/v1").generate(prompts, list(range(5)), max_new_tokens=8, temperature=0.0,
-                                                     top_p=1.0, batch_size=2, on_reply=lambda *a: heard.append(a))
+        backend.generate(prompts, list(range(8)), on_reply=lambda *a: heard.append(a), **sampling)
     assert heard == [(0, "ok"), (1, "ok"), (2, None)]
+    assert 6 not in Timed.sent and 7 not in Timed.sent  # 4 and 5 were out: waited for
+    Timed.sent.clear()
+
+    def crash(k, text):
+        raise Died
+
+    with pytest.raises(Died):
+        backend.generate([[{"role": "user", "content": "ok 0.3"}]] * 8, list(range(8)), on_reply=crash, **sampling)
+    assert sorted(Timed.sent) == [0, 1, 2, 3]  # 0 and 1 came, 2 and 3 were out
+
+
+class Died(Exception):
+    pass
