@@ -490,15 +490,18 @@ class HFBackend:
         transformers' generate (default: all); the slot engine takes them all."""
         texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        text = lambda row: self.tokenizer.decode(row, skip_special_tokens=True).strip()  # noqa: E731
+        replies = [None] * len(ids)
+
+        def ended(i, row):  # each row decoded once, as it ends
+            replies[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+            if on_reply is not None:
+                on_reply(i, replies[i])
+
         step = batch_size if batch_size and not slot_engine_runs(self.model) else max(1, len(ids))
-        replies = []
         for a in range(0, len(ids), step):
-            rows = generate_ids(self.model, ids[a:a + step], seeds[a:a + step], max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, eos_ids=self.eos_ids,
-                                pad_id=self.tokenizer.pad_token_id,
-                                on_row=on_reply and (lambda i, row, a=a: on_reply(a + i, text(row))))
-            replies += map(text, rows)
+            generate_ids(self.model, ids[a:a + step], seeds[a:a + step], max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p, eos_ids=self.eos_ids, pad_id=self.tokenizer.pad_token_id,
+                         on_row=lambda i, row, a=a: ended(a + i, row))
         return replies
 
 
@@ -550,7 +553,8 @@ class OpenAIBackend:
         """Replies in order; None where a request failed on every server, after the retries. batch_size
         requests are out at a time (default: all); on_reply(i, text) hears of each reply as it comes, once
         the first batch_size are in. batch_size failures in a row: no server is up (InputError)."""
-        texts, width, came, failed = [None] * len(prompts), max(1, min(batch_size or len(prompts), len(prompts))), [], 0
+        width = max(1, min(batch_size or len(prompts), len(prompts)))
+        texts, came, failed = [None] * len(prompts), [], 0  # came: indices in the order their replies came
         pool = ThreadPoolExecutor(max_workers=width)
         try:
             futures = {pool.submit(self._one, k, p, s, max_new_tokens, temperature, top_p): k

@@ -717,8 +717,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def test_two_processes_streaming_write_what_one_writes(tmp_path, chatty_llama, monkeypatch):
     """The GPU path of 01-04 under torchrun x2, on CPU: each process streams its share through the slot engine
-    and gathers a batch as soon as its share of it is in; the writer writes the bytes of one process that
-    generates a batch a call (HF generate). Resumes the same way."""
+    and gathers a batch once its shares of it and of the next batch are in; the writer writes the bytes of one
+    process on transformers' generate. Resumes the same way."""
     riddles = write_riddles(tmp_path / "01.jsonl")
 
     args = partial(stage02_args, riddles=riddles, model=chatty_llama)
