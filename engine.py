@@ -11,6 +11,7 @@ Nothing here imports the pipeline's own modules; tests/test_engine.py checks eac
 against the plain transformers one, and bench/bench.py measures them.
 """
 
+import copy
 import inspect
 import sys
 import time
@@ -173,6 +174,14 @@ class _Slots:
         self.decode, self.used, self.prefill = decode, None, None
         self.fused = None  # _fuse_projections' weights, when _decode_forward runs the decode steps
 
+    def first(self, rows):
+        """The same cache and inputs cut to the first `rows` slots: a decode step over fewer rows."""
+        part = copy.copy(self)
+        part.k, part.v = [t[:rows] for t in self.k], [t[:rows] for t in self.v]
+        part.ids, part.token, part.pos = self.ids[:rows], self.token[:rows], self.pos[:rows]
+        part.cu_q, part.cu_k = self.cu_q[:rows + 1], self.cu_k[:rows + 1]
+        return part
+
 
 def _forward_slots(model, ids, positions, slots):
     inner = model.model
@@ -265,8 +274,9 @@ def _prefill(model, slots, rows, prompts):
     return model.lm_head(h[0, (cu[1:] - 1).to(dev)]).float()
 
 
-def _graphed(fn, device):
-    """fn captured once as a CUDA graph: each replay costs one launch instead of hundreds."""
+def _graphed(fn, device, pool=None):
+    """fn captured once as a CUDA graph: each replay costs one launch instead of hundreds. Graphs
+    that never run at once can share a memory pool (torch.cuda.graph_pool_handle())."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -274,7 +284,7 @@ def _graphed(fn, device):
             fn()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
 
     def replay():
@@ -285,8 +295,8 @@ def _graphed(fn, device):
 
 
 def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, max_slots=256,
-                  prefill_tokens=16384, cuda_graph=True, decode="auto", fused=True, processor=None, stats=None,
-                  on_row=None):
+                  prefill_tokens=16384, cuda_graph=True, decode="auto", fused=True, shrink=True, processor=None,
+                  stats=None, on_row=None):
     """Reply token ids for each prompt (token id lists), up to max_slots rows decoding at once.
 
     A row that ends frees its slot and the next prompts are prefilled into free slots, so
@@ -295,9 +305,10 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     edit the logits first, with tensor ops only (the benchmark forces reply lengths with it).
     Prompts are prefilled packed, up to prefill_tokens a call. decode picks the decode attention
     ("kernel", "flash" or "sdpa": _decode_attention; "auto" the first that runs here), fused=False
-    decodes through HF's own layers instead of _decode_forward: both only to compare.
-    stats (a dict) gets prefill and decode seconds, and counts. on_row(i, ids) hears of each
-    reply as it ends (prompt index, its token ids), while the others decode on.
+    decodes through HF's own layers instead of _decode_forward, shrink=False runs every decode step
+    over all the slots: all three only to compare. stats (a dict) gets prefill and decode seconds,
+    and counts (decode_rows: the rows the decode steps ran, free ones included). on_row(i, ids)
+    hears of each reply as it ends (prompt index, its token ids), while the others decode on.
     """
     from transformers import AttentionInterface
 
@@ -313,7 +324,8 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     owner, last, pos, steps = [-1] * count, [0] * count, [0] * count, [0] * count  # per slot
     drawn = 0  # prompts prefilled so far, in order
     stats = {} if stats is None else stats
-    stats.update(slots=count, length=length, prefill_s=0.0, prefill_calls=0, decode_s=0.0, decode_steps=0)
+    stats.update(slots=count, length=length, prefill_s=0.0, prefill_calls=0, decode_s=0.0, decode_steps=0,
+                 decode_rows=0)
 
     def pick(logits, rows, row_steps, row_seeds):
         if processor is not None:
@@ -342,15 +354,40 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
             slots.token, slots.pos, step_of = inputs
             seed_of = torch.zeros(count, dtype=torch.long, device=dev)
             row_of = torch.zeros(count, dtype=torch.long, device=dev)
-            # Sampling is part of the step, so a CUDA graph replays decode and sampling as one launch.
-            eager = lambda: pick(_decode_step(model, slots), row_of, step_of, seed_of)  # noqa: E731
-            step = eager
-            if cuda_graph and dev.type == "cuda":
-                try:
-                    step = _graphed(eager, dev)
-                except RuntimeError as e:  # still correct without the graph, only slower
-                    print(f"slot_generate: no CUDA graph ({str(e)[:200]}); decoding eagerly", file=sys.stderr)
-                    step = eager
+            # A decode step runs over the first `size` slots, the fewest of `sizes` that hold the rows still
+            # decoding (compact moves them there), so the last rows of a call do not pay for all the slots.
+            sizes = sorted({count} | {b for i in range(12) for b in (1 << i, 3 << i) if b < count and shrink})
+            step_of_size, pool = {}, None
+
+            def step(size):
+                nonlocal cuda_graph, pool
+                if size not in step_of_size:
+                    part = slots.first(size)
+                    # Sampling is part of the step, so a CUDA graph replays decode and sampling as one launch.
+                    eager = lambda: pick(_decode_step(model, part), row_of[:size], step_of[:size],  # noqa: E731
+                                         seed_of[:size])
+                    step_of_size[size] = eager
+                    if cuda_graph and dev.type == "cuda":
+                        pool = pool or torch.cuda.graph_pool_handle()
+                        try:
+                            step_of_size[size] = _graphed(eager, dev, pool)
+                        except RuntimeError as e:  # still correct without the graph, only slower
+                            print(f"slot_generate: no CUDA graph ({str(e)[:200]}); decoding eagerly", file=sys.stderr)
+                            cuda_graph = False
+                return step_of_size[size]()
+
+            def compact(size):
+                """Move the rows decoding in slots from `size` on into free slots below it, with their cache."""
+                movers = [s for s in range(size, count) if owner[s] >= 0]
+                holes = [s for s in range(size) if owner[s] < 0][:len(movers)]
+                src, dst = torch.tensor(movers, device=dev), torch.tensor(holes, device=dev)
+                written = max(pos[s] for s in movers)  # positions in the cache; the last token is not yet
+                for cache in slots.k + slots.v:
+                    cache[dst, :written] = cache[src, :written]
+                row_of[dst], seed_of[dst] = row_of[src], seed_of[src]
+                for a, b in zip(holes, movers):
+                    owner[a], last[a], pos[a], steps[a], owner[b] = owner[b], last[b], pos[b], steps[b], -1
+
             while True:
                 free = [s for s in range(count) if owner[s] < 0]
                 # Refill in groups (an eighth of the slots), not one row per prefill call.
@@ -359,11 +396,11 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                     t = time.perf_counter()
                     free = free[:waiting]
                     while free:
-                        chunk, rows, size = [], [], 0
-                        while free and (not rows or size + len(prompts[drawn]) <= prefill_tokens):
+                        chunk, rows, packed = [], [], 0
+                        while free and (not rows or packed + len(prompts[drawn]) <= prefill_tokens):
                             chunk.append(free.pop(0))
                             rows.append(drawn)
-                            size += len(prompts[drawn])
+                            packed += len(prompts[drawn])
                             drawn += 1
                         logits = _prefill(model, slots, chunk, [prompts[i] for i in rows])
                         here = torch.tensor(chunk, device=dev)
@@ -380,9 +417,14 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                 if not active:
                     break
                 t = time.perf_counter()
+                size = next(b for b in sizes if b >= len(active))
+                if active[-1] >= size:
+                    compact(size)
+                    active = [s for s in range(size) if owner[s] >= 0]
                 inputs.copy_(torch.tensor([last, [pos[s] if owner[s] >= 0 else 0 for s in range(count)], steps]))
-                tokens = step().tolist()
+                tokens = step(size).tolist()
                 stats["decode_steps"] += 1
+                stats["decode_rows"] += size
                 for s in active:
                     pos[s] += 1
                     take(s, tokens[s])

@@ -65,8 +65,9 @@ REPLY_MAX = 500
 TEMPERATURE = 0.7  # sampling as the stages do (per-row seeded)
 TOP_P = 0.95
 REF_SECONDS = 60.0  # time box of the one-prompt-at-a-time reference loop
-SLOTS = ["256:flash:hf", "256", "384", "128"]  # slot_generate: max rows decoding at once[:kernel|flash|sdpa = that
-# decode attention, else the best][:hf = HF's decoder layers in decode, not the fused ones][:round1 = ROUND1's]
+SLOTS = ["256:flat", "256", "384", "512"]  # slot_generate: max rows decoding at once[:kernel|flash|sdpa = that
+# decode attention, else the best][:hf = HF's decoder layers in decode, not the fused ones][:flat = every decode
+# step over all slots, not the fewest that hold the rows decoding][:round1 = ROUND1's]
 ROUND1 = ""  # gen: an earlier engine.py for SLOTS "N:round1" (git show 462d44e:engine.py > /tmp/engine_round1.py)
 STATIC_REQUESTS = 256  # HF generate in one left-padded batch of this many requests (0: skip)
 CB_SECONDS = 60.0  # time box of continuous batching (0: skip)

@@ -118,12 +118,13 @@ def run_gen(bench):
     for spec in map(str, bench.SLOTS):
         slots, *flags = spec.split(":")
         decode = next((f for f in flags if f in ("kernel", "flash", "sdpa")), "auto")
-        fused = "hf" not in flags
+        fused, shrink = "hf" not in flags, "flat" not in flags
         name = ("ours: slot_generate, {} slots, CUDA graph"
                 + ("" if decode == "auto" else f", {decode} decode attention")
                 + ("" if fused else ", HF's layers in decode")
+                + ("" if shrink else ", every step over all slots")
                 + (f", engine of {bench.ROUND1}" if "round1" in flags else ""))
-        generate, extra = slot_generate, {"decode": decode, "fused": fused}
+        generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink}
         if "round1" in flags:  # the engine.py of an earlier commit, side by side
             import importlib.util
 
@@ -157,6 +158,8 @@ def run_gen(bench):
         record(name.format(stats["slots"]), sum(got), seconds, batch=stats["slots"],
                note=f"{n_req} requests; prefill {stats['prefill_s']:.1f} s in {stats['prefill_calls']} calls, "
                     f"{stats['decode_steps']} decode steps of {decode_ms:.1f} ms"
+                    + (f" over {stats['decode_rows'] / max(1, stats['decode_steps']):.0f} rows"
+                       if "decode_rows" in stats else "")
                     + (f"; {len(bad)} rows off their forced length" if bad else ""))
 
     # Correctness on this card, in fp32 (bf16 ties flip greedy picks): a 2-layer model with

@@ -62,6 +62,39 @@ def test_slot_generate_reports_each_reply_as_it_ends(tiny_llama):
     assert replies == dict(enumerate(texts))
 
 
+def test_slot_generate_runs_the_last_rows_on_fewer_slots(tiny_llama):
+    """As rows end, decode steps run over the fewest slots that hold the rest: the long row of the last
+    slot moves, with its cache, to a free slot below, and each row gets the tokens it gets when every
+    step runs all the slots."""
+    backend = HFBackend(tiny_llama, device="cpu")
+    tok, model = backend.tokenizer, backend.model
+    ids = tok([tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in PROMPTS],
+              add_special_tokens=False)["input_ids"]
+    eos = model.generation_config.eos_token_id
+    targets = torch.tensor([3, 5, 2, 4, 2, 12])  # reply lengths, forced: the last prompt's outlasts the rest
+    got = {}
+
+    def keep(logits, r, steps):  # each row's logits at each step (a free slot repeats its row's last), forced lengths
+        for key, row in zip(zip(r.tolist(), steps.tolist()), logits):
+            seen.setdefault(key, row)
+        return force_lengths(logits, targets[r], steps, eos)
+
+    for shrink in (True, False):
+        stats, seen = {}, {}
+        got[shrink] = slot_generate(model, ids, list(range(6)), max_new_tokens=12, temperature=0.8, top_p=0.9,
+                                    eos_ids=eos, max_slots=6, shrink=shrink, stats=stats, processor=keep)
+        got[shrink, "rows"], got[shrink, "logits"] = (stats["decode_rows"], stats["decode_steps"]), seen
+    assert got[True] == got[False]
+    assert got[True, "logits"].keys() == got[False, "logits"].keys()
+    for key, logits in got[True, "logits"].items():
+        torch.testing.assert_close(logits, got[False, "logits"][key], rtol=1e-5, atol=1e-5)
+    assert [len(row) for row in got[True]] == (targets - 1).tolist()
+    # The first token comes with the prefill; a row of target t decodes t - 1 steps: 6 rows decode at
+    # step 1, 4 at step 2, 3 at 3, 2 at 4, and the long row alone 7 more steps.
+    assert got[False, "rows"] == (6 * 11, 11)
+    assert got[True, "rows"] == (6 + 4 + 3 + 2 + 7 * 1, 11)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_fused_decode_gives_hf_generates_tokens(arch):
     """_decode_forward (fused q|k|v and gate|up, kernels.py's torch versions on CPU) picks HF generate's
