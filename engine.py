@@ -91,10 +91,11 @@ def _flash(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, scale, used=None):
 
 
 def _slot_attention(module, query, key, value, attention_mask, scaling=None, slot_cache=None, **kwargs):
-    """Attention that writes to and reads from the slot cache (prefill or one decode step).
+    """Attention that writes to and reads from the slot cache (prefill or one decode step) where
+    _fused_layers does not run (slots.fused is None: other decoders, or fused=False).
 
-    Prefill: the prompts come packed in one row, causal within each. Decode (of the decoders
-    _decode_forward does not run): one token per slot at its own position (_decode_attention).
+    Prefill: the prompts come packed in one row, causal within each. Decode: one token per slot at
+    its own position (_decode_attention).
     Returns [rows, q_len, heads, dim].
     """
     c = slot_cache
@@ -172,7 +173,7 @@ class _Slots:
             decode = "kernel" if self.flash and decode_attention_fits(dev, model.dtype, dim) else (
                 "flash" if self.flash else "sdpa")
         self.decode, self.used, self.prefill = decode, None, None
-        self.fused = None  # _fuse_projections' weights, when _decode_forward runs the decode steps
+        self.fused = None  # _fuse_projections' weights, when _fused_layers runs prefill and decode steps
 
     def first(self, rows):
         """The same cache and inputs cut to the first `rows` slots: a decode step over fewer rows."""
@@ -212,7 +213,7 @@ def _fusable(model):
 
 def _fuse_projections(model):
     """Each layer's q|k|v and gate|up weights as one matrix each, [(qkv, qkv bias), (gate_up, its bias)]
-    a layer: two fewer matmuls a decode step, and larger ones. The layers' own weights become views
+    a layer: two fewer matmuls a step, and larger ones. The layers' own weights become views
     of these (nothing is stored twice, the model computes as before); done once per model."""
     layers = model.model.layers
     fused = getattr(model, "_slot_fused", None)
@@ -237,41 +238,81 @@ def _fuse_projections(model):
     return model._slot_fused
 
 
+def _fused_layers(model, slots, h, cos, sin, slot, pos, attend):
+    """Each HF layer's maths through the fused weights and kernels.py's kernels, for tokens h [tokens,
+    hidden] at (slot, pos) of the cache; attend(q, layer index, scale) is the attention (decode or
+    prefill), q [tokens, rep, groups, dim] as rotary_to_cache returns it. Returns the final norm's output."""
+    inner, cfg = model.model, model.config
+    residual = None
+    for i, layer in enumerate(inner.layers):
+        (qkv, qkv_bias), (gate_up, gate_up_bias) = slots.fused[i]
+        x, residual = add_rms_norm(h, residual, layer.input_layernorm)
+        q = rotary_to_cache(F.linear(x, qkv, qkv_bias), cos, sin, slots.k[i], slots.v[i], slot, pos,
+                            cfg.num_attention_heads, cfg.num_key_value_heads)
+        h = layer.self_attn.o_proj(attend(q, i, layer.self_attn.scaling))
+        x, residual = add_rms_norm(h, residual, layer.post_attention_layernorm)
+        gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, -1)
+        h = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+    return add_rms_norm(h, residual, inner.norm)[0]
+
+
 def _decode_forward(model, slots):
     """One decode step through the fused weights and kernels (kernels.py): what each HF layer
     computes, in 4 matmuls, the attention and 5 small kernels a layer instead of 7 and ~30.
     Returns the logits of each slot's next token, [slots, vocab] in fp32."""
-    inner, c, cfg = model.model, slots, model.config
+    inner, c = model.model, slots
     h = inner.embed_tokens(c.token)
     cos, sin = inner.rotary_emb(h[:, None], c.pos[:, None])
-    residual = None
-    for i, layer in enumerate(inner.layers):
-        (qkv, qkv_bias), (gate_up, gate_up_bias) = c.fused[i]
-        x, residual = add_rms_norm(h, residual, layer.input_layernorm)
-        q = rotary_to_cache(F.linear(x, qkv, qkv_bias), cos[:, 0], sin[:, 0], c.k[i], c.v[i], c.ids, c.pos,
-                            cfg.num_attention_heads, cfg.num_key_value_heads)
-        h = layer.self_attn.o_proj(_decode_attention(q, c, i, layer.self_attn.scaling))
-        x, residual = add_rms_norm(h, residual, layer.post_attention_layernorm)
-        gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, -1)
-        h = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
-    return model.lm_head(add_rms_norm(h, residual, inner.norm)[0]).float()
+    h = _fused_layers(model, c, h, cos[:, 0], sin[:, 0], c.ids, c.pos,
+                      lambda q, i, scale: _decode_attention(q, c, i, scale))
+    return model.lm_head(h).float()
+
+
+def _prefill_attention(q, c, layer, scale, dest, cu, longest):
+    """The packed prompts' attention in layer `layer`, causal within each prompt (bounds cu): q
+    [tokens, rep, groups, dim] against the keys and values rotary_to_cache wrote at the tokens'
+    flat cache positions dest. Returns [tokens, heads * dim], heads in order."""
+    tokens, rep, groups, dim = q.shape
+    q = q.transpose(1, 2).reshape(tokens, rep * groups, dim)  # query head g * rep + r back in place
+    k, v = (cache.view(-1, groups, dim)[dest] for cache in (c.k[layer], c.v[layer]))
+    if c.flash:
+        return _flash(q, k, v, cu, cu, longest, longest, causal=True, scale=scale).view(tokens, -1)
+    # Elsewhere (CPUs, fp32, pre-Ampere GPUs) sdpa one prompt at a time on [1, heads, len, dim], as
+    # _slot_attention's prefill: given 3-d inputs torch's CPU sdpa rounds bf16 differently.
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    bounds = cu.tolist()
+    parts = [F.scaled_dot_product_attention(*(t[None, a:b].transpose(1, 2) for t in (q, k, v)), is_causal=True,
+                                            scale=scale)[0] for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(parts, 1).transpose(0, 1).reshape(tokens, -1)
 
 
 def _prefill(model, slots, rows, prompts):
-    """Write the prompts' K/V into slots `rows` (one packed row, no padding); the logits of each prompt's last token."""
+    """Write the prompts' K/V into slots `rows` (one packed row, no padding); the logits of each prompt's last token.
+
+    Through _fused_layers when the decode steps run _decode_forward (HF's layers spend much of prefill
+    in small kernels too), through HF's layers otherwise."""
     dev = model.device
     lens = torch.tensor([len(p) for p in prompts])
     cu = F.pad(lens.cumsum(0), (1, 0))
     starts = torch.repeat_interleave(cu[:-1], lens)
     positions = torch.arange(int(cu[-1])) - starts
-    dest = torch.repeat_interleave(torch.tensor(rows) * slots.k[0].shape[1], lens) + positions
-    ids = torch.tensor([t for p in prompts for t in p], device=dev)[None]
-    slots.prefill = (cu.to(dev, torch.int32), int(lens.max()), dest.to(dev))
-    try:
-        h = _forward_slots(model, ids, positions.to(dev)[None], slots)
-    finally:
-        slots.prefill = None
-    return model.lm_head(h[0, (cu[1:] - 1).to(dev)]).float()
+    slot = torch.repeat_interleave(torch.tensor(rows), lens)
+    dest = (slot * slots.k[0].shape[1] + positions).to(dev)
+    ids = torch.tensor([t for p in prompts for t in p], device=dev)
+    cu, longest, positions = cu.to(dev, torch.int32), int(lens.max()), positions.to(dev)
+    if slots.fused is not None:
+        inner = model.model
+        h = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(h[None], positions[None])
+        h = _fused_layers(model, slots, h, cos[0], sin[0], slot.to(dev), positions,
+                          lambda q, i, scale: _prefill_attention(q, slots, i, scale, dest, cu, longest))
+    else:
+        slots.prefill = (cu, longest, dest)
+        try:
+            h = _forward_slots(model, ids[None], positions[None], slots)[0]
+        finally:
+            slots.prefill = None
+    return model.lm_head(h[cu[1:] - 1]).float()
 
 
 def _graphed(fn, device, pool=None):

@@ -16,7 +16,9 @@ from helpers import CONVS
 from common import HFBackend, collate_packed, collate_padded, tokenize_chat
 import training
 from training import adapters_in_bf16, add_lora, load_student, loss_sum, supervised_tokens
+import engine
 from engine import PACKED_ATTENTION, RowSampler, force_lengths, fused_gelu, pick_tokens, slot_generate
+from kernels import rotary_to_cache
 
 PROMPTS = [[{"role": "user", "content": t}] for t in (
     "What has keys?", "I weigh 1.5 kg and I speak without a mouth. What am I?", "Footsteps!",
@@ -95,11 +97,8 @@ def test_slot_generate_runs_the_last_rows_on_fewer_slots(tiny_llama):
     assert got[True, "rows"] == (6 + 4 + 3 + 2 + 7 * 1, 11)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_fused_decode_gives_hf_generates_tokens(arch):
-    """_decode_forward (fused q|k|v and gate|up, kernels.py's torch versions on CPU) picks HF generate's
-    tokens, greedy and sampled, with biases (Llama's attention_bias and mlp_bias, Qwen2's); Qwen3's q/k
-    norms keep HF's layers. The model still computes as before with its weights turned into views."""
+def random_decoder(arch):
+    """A tiny decoder with random weights, biases too (Llama's attention_bias and mlp_bias, Qwen2's)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     shape = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
@@ -111,6 +110,15 @@ def test_fused_decode_gives_hf_generates_tokens(arch):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3) if p.dim() == 2 else p.normal_(1 if p.dim() == 1 and (p == 1).all() else 0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_fused_decode_gives_hf_generates_tokens(arch):
+    """_decode_forward (fused q|k|v and gate|up, kernels.py's torch versions on CPU) picks HF generate's
+    tokens, greedy and sampled, with biases (Llama's attention_bias and mlp_bias, Qwen2's); Qwen3's q/k
+    norms keep HF's layers. The model still computes as before with its weights turned into views."""
+    model = random_decoder(arch)
     prompts = [torch.randint(1, 300, (n,)).tolist() for n in (5, 17, 9, 30)]  # 0 pads HF generate's rows
     probe = torch.tensor([prompts[1]])
     with torch.no_grad():
@@ -131,6 +139,30 @@ def test_fused_decode_gives_hf_generates_tokens(arch):
         assert model.model.layers[1].mlp.up_proj.weight.data_ptr() > fused[1][1][0].data_ptr()  # a view of it
     with torch.no_grad():
         assert torch.equal(model(probe).logits, before)
+
+
+def test_fused_prefill_gives_hfs_logits_and_cache(monkeypatch):
+    """_prefill through the fused layers (prompts packed in one row, kernels.py's torch versions on CPU):
+    each prompt's last logits and the K/V written into its slot are HF's for that prompt alone."""
+    model = random_decoder("llama")
+    prompts = [torch.randint(1, 300, (n,)).tolist() for n in (5, 17, 1, 30)]
+    rows = [3, 0, 4, 1]  # slot 2 stays empty
+    calls = []
+    monkeypatch.setattr(engine, "rotary_to_cache", lambda *args: calls.append(1) or rotary_to_cache(*args))
+    slots = engine._Slots(model, 5, 32)
+    slots.fused = engine._fuse_projections(model)
+    with torch.inference_mode():
+        logits = engine._prefill(model, slots, rows, prompts)
+    assert len(calls) == model.config.num_hidden_layers  # the fused path ran, once a layer
+    for p, s, got in zip(prompts, rows, logits):
+        with torch.no_grad():
+            out = model(torch.tensor([p]))
+        torch.testing.assert_close(got, out.logits[0, -1], rtol=1e-5, atol=1e-5)
+        for i, layer in enumerate(out.past_key_values.layers):
+            for cache, want in ((slots.k[i], layer.keys), (slots.v[i], layer.values)):
+                torch.testing.assert_close(cache[s, :len(p)], want[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+                assert not cache[s, len(p):].any()
+    assert not any(cache[2].any() for cache in slots.k + slots.v)
 
 
 def test_pick_tokens_never_picks_an_excluded_token():
