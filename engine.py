@@ -335,7 +335,7 @@ def _graphed(fn, device, pool=None):
     return replay
 
 
-def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, max_slots=256,
+def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, max_slots=512,
                   prefill_tokens=16384, cuda_graph=True, decode="auto", fused=True, shrink=True, processor=None,
                   stats=None, on_row=None):
     """Reply token ids for each prompt (token id lists), up to max_slots rows decoding at once.
@@ -347,8 +347,9 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     Prompts are prefilled packed, up to prefill_tokens a call. decode picks the decode attention
     ("kernel", "flash" or "sdpa": _decode_attention; "auto" the first that runs here), fused=False
     decodes through HF's own layers instead of _decode_forward, shrink=False runs every decode step
-    over all the slots: all three only to compare. stats (a dict) gets prefill and decode seconds,
-    and counts (decode_rows: the rows the decode steps ran, free ones included). on_row(i, ids)
+    over all the slots: all three only to compare. stats (a dict) gets prefill and decode seconds
+    (decode_s includes capture_s, the CUDA graphs' capture), and counts (decode_rows: the rows the
+    decode steps ran, free ones included). on_row(i, ids)
     hears of each reply as it ends (prompt index, its token ids), while the others decode on.
     """
     from transformers import AttentionInterface
@@ -366,7 +367,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     drawn = 0  # prompts prefilled so far, in order
     stats = {} if stats is None else stats
     stats.update(slots=count, length=length, prefill_s=0.0, prefill_calls=0, decode_s=0.0, decode_steps=0,
-                 decode_rows=0)
+                 decode_rows=0, capture_s=0.0)
 
     def pick(logits, rows, row_steps, row_seeds):
         if processor is not None:
@@ -397,7 +398,9 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
             row_of = torch.zeros(count, dtype=torch.long, device=dev)
             # A decode step runs over the first `size` slots, the fewest of `sizes` that hold the rows still
             # decoding (compact moves them there), so the last rows of a call do not pay for all the slots.
-            sizes = sorted({count} | {b for i in range(12) for b in (1 << i, 3 << i) if b < count and shrink})
+            # Halving, five sizes at most: each is a graph to capture (~0.1 s at 7B), and below a sixteenth of
+            # 256 slots a step costs about what reading the weights does.
+            sizes = sorted({count >> k for k in range(5 if shrink else 1)} - {0})
             step_of_size, pool = {}, None
 
             def step(size):
@@ -409,12 +412,13 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                                          seed_of[:size])
                     step_of_size[size] = eager
                     if cuda_graph and dev.type == "cuda":
-                        pool = pool or torch.cuda.graph_pool_handle()
+                        pool, t = pool or torch.cuda.graph_pool_handle(), time.perf_counter()
                         try:
                             step_of_size[size] = _graphed(eager, dev, pool)
                         except RuntimeError as e:  # still correct without the graph, only slower
                             print(f"slot_generate: no CUDA graph ({str(e)[:200]}); decoding eagerly", file=sys.stderr)
                             cuda_graph = False
+                        stats["capture_s"] += time.perf_counter() - t
                 return step_of_size[size]()
 
             def compact(size):

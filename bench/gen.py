@@ -158,8 +158,8 @@ def run_gen(bench):
         record(name.format(stats["slots"]), sum(got), seconds, batch=stats["slots"],
                note=f"{n_req} requests; prefill {stats['prefill_s']:.1f} s in {stats['prefill_calls']} calls, "
                     f"{stats['decode_steps']} decode steps of {decode_ms:.1f} ms"
-                    + (f" over {stats['decode_rows'] / max(1, stats['decode_steps']):.0f} rows"
-                       if "decode_rows" in stats else "")
+                    + (f" over {stats['decode_rows'] / max(1, stats['decode_steps']):.0f} rows, "
+                       f"{stats['capture_s']:.1f} s of it capturing graphs" if "decode_rows" in stats else "")
                     + (f"; {len(bad)} rows off their forced length" if bad else ""))
 
     # Correctness on this card, in fp32 (bf16 ties flip greedy picks): a 2-layer model with
