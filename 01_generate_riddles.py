@@ -37,7 +37,7 @@ SEED_FILE = "data/seed_riddles.jsonl"  # local .jsonl/.json/.csv/.txt, or a hub 
 NUM_PROMPTS = 300  # prompts, each asking for K riddles
 K = 10  # seed riddles shown per prompt, and new riddles asked for
 PROMPT = "Here are {k} riddles:\n\n{examples}\n\nWrite {k} new riddles like these, but different from them. One riddle per line, no numbering, no answers, nothing else."  # {k}, {examples}
-BATCH_SIZE = 512  # prompts written at a time (openai: requests at once; a GPU streams all through 256 slots)
+BATCH_SIZE = 512  # prompts written at a time (openai: requests at once; a GPU streams all through 512 slots)
 MAX_NEW_TOKENS = 512  # tokens per reply
 TEMPERATURE = 0.9  # 0 = greedy
 TOP_P = 0.95  # nucleus sampling, 1.0 = off

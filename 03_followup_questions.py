@@ -36,7 +36,7 @@ BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible serve
 BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1; several, comma-separated, share the requests
 API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
 PROMPT = "A curious 10-year-old asked a riddle and got this answer.\n\n{conversation}\n\nWhat very short question would the child ask next, about the answer? Write only that question, ending with a question mark."  # {conversation}
-BATCH_SIZE = 512  # conversations written at a time (openai: requests at once; a GPU streams all through 256 slots)
+BATCH_SIZE = 512  # conversations written at a time (openai: requests at once; a GPU streams all through 512 slots)
 MAX_NEW_TOKENS = 64  # tokens per follow-up: a very short question
 TEMPERATURE = 0.9  # 0 = greedy
 TOP_P = 0.95  # nucleus sampling, 1.0 = off

@@ -31,7 +31,7 @@ GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the
 BACKEND = "hf"  # hf (local transformers) or openai (any OpenAI-compatible server)
 BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1; several, comma-separated, share the requests
 API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
-BATCH_SIZE = 512  # conversations written at a time (openai: requests at once; a GPU streams all through 256 slots)
+BATCH_SIZE = 512  # conversations written at a time (openai: requests at once; a GPU streams all through 512 slots)
 MAX_NEW_TOKENS = 512  # tokens per answer; answers cut off here are rejected
 TEMPERATURE = 0.7  # 0 = greedy
 TOP_P = 0.95  # nucleus sampling, 1.0 = off
