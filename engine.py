@@ -3,8 +3,9 @@
 - sampling: per-row seeded temperature + top-p draws (pick_tokens, RowSampler), so a row's
   text does not depend on which rows share its batch;
 - the slot engine (slot_generate): a KV cache of slots refilled as rows end, prompts prefilled
-  packed, decode steps replayed as one CUDA graph whose attention reads each slot's real length,
-  through fused layers and kernels.py's Triton kernels for Llama-layout models;
+  packed, decode steps replayed as CUDA graphs whose attention reads each slot's real length and
+  that shrink to fewer slots as the last rows end; prefill and decode through fused layers and
+  kernels.py's Triton kernels for Llama-layout models;
 - training: packed rows through torch's flash varlen attention (packed_attention) and Phi's
   GELU in one kernel (fused_gelu).
 Nothing here imports the pipeline's own modules; tests/test_engine.py checks each path

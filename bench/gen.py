@@ -366,8 +366,9 @@ def run_profile(bench):
                 for k in row["top_kernels"][:6]:
                     print(f"      {k}")
                 del slots, graph_full, graph_logits
-        # A packed prefill call of ~16k tokens into 48 slots.
+        # A packed prefill call of ~16k tokens into 48 slots, through the fused layers as slot_generate runs it.
         slots = engine._Slots(model, 48, length)
+        slots.fused = fused
         prompts = [torch.randint(3, model.config.vocab_size, (int(n),), generator=g).tolist()
                    for n in torch.randint(p_lo, p_hi + 1, (48,), generator=g)]
         while sum(map(len, prompts)) > 16384:
