@@ -350,8 +350,8 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     decodes through HF's own layers instead of _decode_forward, shrink=False runs every decode step
     over all the slots: all three only to compare. stats (a dict) gets prefill and decode seconds
     (decode_s includes capture_s, the CUDA graphs' capture), and counts (decode_rows: the rows the
-    decode steps ran, free ones included). on_row(i, ids)
-    hears of each reply as it ends (prompt index, its token ids), while the others decode on.
+    decode steps ran, free ones included). on_row(i, ids) hears of each reply as it ends (prompt
+    index, its token ids), while the others decode on.
     """
     from transformers import AttentionInterface
 
@@ -399,8 +399,8 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
             row_of = torch.zeros(count, dtype=torch.long, device=dev)
             # A decode step runs over the first `size` slots, the fewest of `sizes` that hold the rows still
             # decoding (compact moves them there), so the last rows of a call do not pay for all the slots.
-            # Halving, five sizes at most: each is a graph to capture (~0.1 s at 7B), and below a sixteenth of
-            # 256 slots a step costs about what reading the weights does.
+            # Halving, five sizes at most: each is a graph to capture (~0.1 s at 7B), and below a few dozen
+            # rows a 7B step costs about what reading its weights does, however few rows it runs.
             sizes = sorted({count >> k for k in range(5 if shrink else 1)} - {0})
             step_of_size, pool = {}, None
 
