@@ -95,7 +95,7 @@ def _slot_attention(module, query, key, value, attention_mask, scaling=None, slo
     """Attention that writes to and reads from the slot cache (prefill or one decode step) where
     _fused_layers does not run (slots.fused is None: other decoders, or fused=False).
 
-    Prefill: the prompts come packed in one row, causal within each. Decode: one token per slot at
+    Prefill: the prompts come packed in one row (_prefill_attention). Decode: one token per slot at
     its own position (_decode_attention).
     Returns [rows, q_len, heads, dim].
     """
@@ -105,18 +105,11 @@ def _slot_attention(module, query, key, value, attention_mask, scaling=None, slo
     groups = key.shape[1]
     rep = heads // groups
     if c.prefill is not None:
-        cu, longest, dest = c.prefill
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]
-        cache_k.view(-1, groups, dim).index_copy_(0, dest, k)
-        cache_v.view(-1, groups, dim).index_copy_(0, dest, v)
-        if c.flash:
-            return _flash(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, causal=True,
-                          scale=scaling).unsqueeze(0), None
-        bounds = cu.tolist()
-        parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b].repeat_interleave(rep, 1),
-                                                value[:, :, a:b].repeat_interleave(rep, 1), is_causal=True,
-                                                scale=scaling) for a, b in zip(bounds, bounds[1:])]
-        return torch.cat(parts, 2).transpose(1, 2), None
+        dest, plan = c.prefill
+        for cache, t in ((cache_k, key), (cache_v, value)):
+            cache.view(-1, groups, dim).index_copy_(0, dest, t[0].transpose(0, 1))
+        q = query[0].transpose(0, 1).contiguous()  # [tokens, heads, dim]
+        return _prefill_attention(q, c, module.layer_idx, scaling, plan).view(1, q_len, heads, dim), None
     cache_k[c.ids, c.pos] = key[:, :, 0]
     cache_v[c.ids, c.pos] = value[:, :, 0]
     q = query.reshape(rows, groups, rep, dim).transpose(1, 2)
@@ -269,51 +262,79 @@ def _decode_forward(model, slots):
     return model.lm_head(h).float()
 
 
-def _prefill_attention(q, c, layer, scale, dest, cu, longest):
-    """The packed prompts' attention in layer `layer`, causal within each prompt (bounds cu): q
-    [tokens, rep, groups, dim] against the keys and values rotary_to_cache wrote at the tokens'
-    flat cache positions dest. Returns [tokens, heads * dim], heads in order."""
-    tokens, rep, groups, dim = q.shape
-    q = q.transpose(1, 2).reshape(tokens, rep * groups, dim)  # query head g * rep + r back in place
-    k, v = (cache.view(-1, groups, dim)[dest] for cache in (c.k[layer], c.v[layer]))
-    if c.flash:
-        return _flash(q, k, v, cu, cu, longest, longest, causal=True, scale=scale).view(tokens, -1)
-    # Elsewhere (CPUs, fp32, pre-Ampere GPUs) sdpa one prompt at a time on [1, heads, len, dim], as
-    # _slot_attention's prefill: given 3-d inputs torch's CPU sdpa rounds bf16 differently.
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    bounds = cu.tolist()
-    parts = [F.scaled_dot_product_attention(*(t[None, a:b].transpose(1, 2) for t in (q, k, v)), is_causal=True,
-                                            scale=scale)[0] for a, b in zip(bounds, bounds[1:])]
+def _prefill_attention(q, c, layer, scale, plan):
+    """The packed prompts' attention in layer `layer`: q [tokens, heads, dim], each prompt's queries
+    against the keys and values at its slot's cache positions up to its own (those of a shared head
+    included, written before). plan: (keys: their flat cache positions, prompt after prompt; the
+    query and key bounds cu_q, cu_k; the longest of each). Returns [tokens, heads * dim]."""
+    keys, cu_q, cu_k, max_q, max_k = plan
+    tokens, heads, dim = q.shape
+    groups = c.k[layer].shape[2]
+    k, v = (cache.view(-1, groups, dim)[keys] for cache in (c.k[layer], c.v[layer]))
+    if c.flash:  # causal in torch's flash kernel aligns each prompt's last query with its last key
+        return _flash(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, scale=scale).view(tokens, -1)
+    # Elsewhere (CPUs, fp32, pre-Ampere GPUs) sdpa one prompt at a time on [1, heads, len, dim]: given
+    # 3-d inputs torch's CPU sdpa rounds bf16 differently.
+    k, v = k.repeat_interleave(heads // groups, 1), v.repeat_interleave(heads // groups, 1)
+    qs, ks = cu_q.tolist(), cu_k.tolist()
+    parts = []
+    for a, b, start, end in zip(qs, qs[1:], ks, ks[1:]):
+        seen = end - start - (b - a)  # keys before the first query: the shared head
+        mask = torch.ones(b - a, end - start, dtype=torch.bool, device=q.device).tril(seen) if seen else None
+        parts.append(F.scaled_dot_product_attention(q[None, a:b].transpose(1, 2), k[None, start:end].transpose(1, 2),
+                                                    v[None, start:end].transpose(1, 2), attn_mask=mask,
+                                                    is_causal=not seen, scale=scale)[0])
     return torch.cat(parts, 1).transpose(0, 1).reshape(tokens, -1)
 
 
-def _prefill(model, slots, rows, prompts):
-    """Write the prompts' K/V into slots `rows` (one packed row, no padding); the logits of each prompt's last token.
+def _cache_positions(rows, lens, length, first=0):
+    """Flat cache positions (slot * length + position) of positions first .. first + n - 1 of each
+    slot in rows (n from lens), slot after slot; and their bounds, cu [len(rows) + 1]."""
+    lens = torch.as_tensor(lens)
+    cu = F.pad(lens.cumsum(0), (1, 0))
+    positions = first + torch.arange(int(cu[-1])) - torch.repeat_interleave(cu[:-1], lens)
+    return torch.repeat_interleave(torch.as_tensor(rows), lens) * length + positions, cu
+
+
+def _prefill(model, slots, rows, prompts, start=0):
+    """Write the prompts' K/V into slots `rows` (one packed row, no padding) from position `start` on;
+    the logits of each prompt's last token. The positions before `start` hold a shared head (written
+    before, attended to as each prompt's beginning).
 
     Through _fused_layers when the decode steps run _decode_forward (HF's layers spend much of prefill
     in small kernels too), through HF's layers otherwise."""
-    dev = model.device
-    lens = torch.tensor([len(p) for p in prompts])
-    cu = F.pad(lens.cumsum(0), (1, 0))
-    starts = torch.repeat_interleave(cu[:-1], lens)
-    positions = torch.arange(int(cu[-1])) - starts
-    slot = torch.repeat_interleave(torch.tensor(rows), lens)
-    dest = (slot * slots.k[0].shape[1] + positions).to(dev)
-    ids = torch.tensor([t for p in prompts for t in p], device=dev)
-    cu, longest, positions = cu.to(dev, torch.int32), int(lens.max()), positions.to(dev)
+    dev, length = model.device, slots.k[0].shape[1]
+    lens = [len(p) for p in prompts]
+    dest, cu = _cache_positions(rows, lens, length, start)
+    keys, cu_k = _cache_positions(rows, [n + start for n in lens], length) if start else (dest, cu)
+    plan = (keys.to(dev), cu.to(dev, torch.int32), cu_k.to(dev, torch.int32), max(lens), max(lens) + start)
+    dest, ids = dest.to(dev), torch.tensor([t for p in prompts for t in p], device=dev)
+    slot, positions = dest // length, dest % length
     if slots.fused is not None:
+        def attend(q, layer, scale):  # q [tokens, rep, groups, dim] (rotary_to_cache): query head g * rep + r at [r, g]
+            return _prefill_attention(q.transpose(1, 2).reshape(len(q), -1, q.shape[-1]), slots, layer, scale, plan)
+
         inner = model.model
         h = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(h[None], positions[None])
-        h = _fused_layers(model, slots, h, cos[0], sin[0], slot.to(dev), positions,
-                          lambda q, i, scale: _prefill_attention(q, slots, i, scale, dest, cu, longest))
+        h = _fused_layers(model, slots, h, cos[0], sin[0], slot, positions, attend)
     else:
-        slots.prefill = (cu, longest, dest)
+        slots.prefill = (dest, plan)
         try:
             h = _forward_slots(model, ids[None], positions[None], slots)[0]
         finally:
             slots.prefill = None
-    return model.lm_head(h[cu[1:] - 1]).float()
+    return model.lm_head(h[plan[1][1:] - 1]).float()
+
+
+def _shared_head(prompts, least=16):
+    """How many first tokens all prompts share (a system prompt, an instruction before each record),
+    at most all but the shortest prompt's last; 0 when fewer than `least`."""
+    first, n = prompts[0], min(map(len, prompts)) - 1
+    for p in prompts[1:]:
+        if p[:n] != first[:n]:
+            n = next(j for j in range(n) if p[j] != first[j])
+    return n if n >= least else 0
 
 
 def _graphed(fn, device, pool=None):
@@ -337,21 +358,23 @@ def _graphed(fn, device, pool=None):
 
 
 def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, max_slots=512,
-                  prefill_tokens=16384, cuda_graph=True, decode="auto", fused=True, shrink=True, processor=None,
-                  stats=None, on_row=None):
+                  prefill_tokens=16384, cuda_graph=True, decode="auto", fused=True, shrink=True, share_head=True,
+                  processor=None, stats=None, on_row=None):
     """Reply token ids for each prompt (token id lists), up to max_slots rows decoding at once.
 
     A row that ends frees its slot and the next prompts are prefilled into free slots, so
     short replies stop costing work. Rows sample with pick_tokens (own seed, own step): the
     same draws as HFBackend's generate path. processor(logits, prompt_indices, steps) may
     edit the logits first, with tensor ops only (the benchmark forces reply lengths with it).
-    Prompts are prefilled packed, up to prefill_tokens a call. decode picks the decode attention
-    ("kernel", "flash" or "sdpa": _decode_attention; "auto" the first that runs here), fused=False
-    decodes through HF's own layers instead of _decode_forward, shrink=False runs every decode step
-    over all the slots: all three only to compare. stats (a dict) gets prefill and decode seconds
-    (decode_s includes capture_s, the CUDA graphs' capture), and counts (decode_rows: the rows the
-    decode steps ran, free ones included). on_row(i, ids) hears of each reply as it ends (prompt
-    index, its token ids), while the others decode on.
+    Prompts are prefilled packed, up to prefill_tokens a call; the first tokens all prompts share (16 or
+    more: an instruction before each record) once, their K/V then copied into each slot. decode picks
+    the decode attention ("kernel", "flash" or "sdpa": _decode_attention; "auto" the first that runs
+    here), fused=False decodes through HF's own layers instead of _decode_forward, shrink=False runs
+    every decode step over all the slots, share_head=False prefills each prompt whole: all four only
+    to compare. stats (a dict) gets prefill and decode seconds (decode_s includes capture_s, the CUDA
+    graphs' capture), and counts (shared: the head's tokens; prefill_tokens: the tokens prefilled;
+    decode_rows: the rows the decode steps ran, free ones included). on_row(i, ids) hears of each
+    reply as it ends (prompt index, its token ids), while the others decode on.
     """
     from transformers import AttentionInterface
 
@@ -367,8 +390,9 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     owner, last, pos, steps = [-1] * count, [0] * count, [0] * count, [0] * count  # per slot
     drawn = 0  # prompts prefilled so far, in order
     stats = {} if stats is None else stats
-    stats.update(slots=count, length=length, prefill_s=0.0, prefill_calls=0, decode_s=0.0, decode_steps=0,
-                 decode_rows=0, capture_s=0.0)
+    shared = _shared_head(prompts) if share_head else 0
+    stats.update(slots=count, length=length, shared=shared, prefill_s=0.0, prefill_calls=0, prefill_tokens=0,
+                 decode_s=0.0, decode_steps=0, decode_rows=0, capture_s=0.0)
 
     def pick(logits, rows, row_steps, row_seeds):
         if processor is not None:
@@ -434,6 +458,14 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                 for a, b in zip(holes, movers):
                     owner[a], last[a], pos[a], steps[a], owner[b] = owner[b], last[b], pos[b], steps[b], -1
 
+            head = []  # the shared head's K and V (prefilled once, into slot 0, free until the first refill)
+            if shared:
+                t = time.perf_counter()
+                _prefill(model, slots, [0], [prompts[0][:shared]])
+                head = [cache[0, :shared].clone() for cache in slots.k + slots.v]
+                stats["prefill_tokens"] += shared
+                stats["prefill_s"] += time.perf_counter() - t
+
             while True:
                 free = [s for s in range(count) if owner[s] < 0]
                 # Refill in groups (an eighth of the slots), not one row per prefill call.
@@ -443,13 +475,15 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                     free = free[:waiting]
                     while free:
                         chunk, rows, packed = [], [], 0
-                        while free and (not rows or packed + len(prompts[drawn]) <= prefill_tokens):
+                        while free and (not rows or packed + len(prompts[drawn]) - shared <= prefill_tokens):
                             chunk.append(free.pop(0))
                             rows.append(drawn)
-                            packed += len(prompts[drawn])
+                            packed += len(prompts[drawn]) - shared
                             drawn += 1
-                        logits = _prefill(model, slots, chunk, [prompts[i] for i in rows])
                         here = torch.tensor(chunk, device=dev)
+                        for cache, part in zip(slots.k + slots.v, head):
+                            cache[here, :shared] = part
+                        logits = _prefill(model, slots, chunk, [prompts[i][shared:] for i in rows], start=shared)
                         row_of[here] = torch.tensor(rows, device=dev)
                         seed_of[here] = torch.tensor([seeds[i] for i in rows], dtype=torch.long, device=dev)
                         tokens = pick(logits, row_of[here], torch.zeros_like(here), seed_of[here]).tolist()
@@ -457,6 +491,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                             owner[s], pos[s], steps[s] = i, len(prompts[i]), 0
                             take(s, token)
                         stats["prefill_calls"] += 1
+                        stats["prefill_tokens"] += packed
                     stats["prefill_s"] += time.perf_counter() - t
                     continue
                 active = [s for s in range(count) if owner[s] >= 0]

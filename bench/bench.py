@@ -7,7 +7,8 @@ token ids instead of text. Five parts, each writing JSON under --out:
          GPU), HF generate in static batches, and transformers' continuous batching.
          Each request's reply length is drawn from 60-500 and forced (eos at that length).
          Checks: fp32 greedy = HF generate; in bf16, the decode logits of the flash and split-KV
-         attention and the fused layers vs whole-slot sdpa through HF's layers; kernels.self_check.
+         attention and the fused layers vs whole-slot sdpa through HF's layers, and of prompts whose
+         shared head is prefilled once vs with each prompt; kernels.self_check.
   profile where a decode step's time goes (graph replay with and without sampling, CUDA time
          per kind of kernel) at 256 and 384 slots of realistic context; a packed prefill call.
   train  Phi-2 shape, 4-bit NF4 QLoRA r=32: the reference (bs 1, GA 16, grad checkpointing,

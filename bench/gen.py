@@ -186,29 +186,38 @@ def run_gen(bench):
     # same tokens: the logits of every step of 8 rows, on the 2-layer model and at the real shape
     # (32 random layers amplify bf16 rounding: there a difference says less).
     forced = torch.randint(3, cfg.vocab_size, (8, 33), generator=g).to(bench.device)
+    head = torch.randint(3, cfg.vocab_size, (64,), generator=g).tolist()  # an instruction all prompts start with
 
-    def logits_of(net, **variant):
+    def logits_of(net, head=(), **variant):
         seen = []
 
         def keep(logits, r, steps):
             seen.append(logits[r.argsort()].clone())
             return torch.full_like(logits, float("-inf")).scatter_(1, forced[r, steps][:, None], 0.0)
 
-        slot_generate(net, [prompts[i] for i in few], [0] * 8, max_new_tokens=32, temperature=0.0, top_p=1.0,
+        slot_generate(net, [[*head, *prompts[i]] for i in few], [0] * 8, max_new_tokens=32, temperature=0.0, top_p=1.0,
                       eos_ids=eos, max_slots=8, cuda_graph=False, processor=keep, **variant)
         return torch.stack(seen)
+
+    def compare(name, what, a, base):
+        rel = ((a - base).abs().max() / base.abs().max()).item()
+        same = [int((a.argmax(-1) == base.argmax(-1)).sum()), a.shape[0] * a.shape[1]]
+        check[name] = {"max_abs_diff_over_max_abs": rel, "argmax_equal": same}
+        print(f"  bf16 check, {what}: logits max |diff| / max |logit| {rel:.2g}; argmax equal {same[0]} of {same[1]}")
 
     for label, net in (("2 layers", tiny.to(model.dtype)), ("real shape", model)):
         base = logits_of(net, decode="sdpa", fused=False)  # whole-slot sdpa through HF's layers: round one's maths
         flash = "flash" if bench.device == "cuda" else "sdpa"  # the CPU smoke test has no flash kernel
         for what, variant in (("flash", dict(decode=flash, fused=False)), ("flash + fused layers", dict(decode=flash)),
                               ("split-KV kernel + fused layers", dict(decode="auto"))):
-            a = logits_of(net, **variant)
-            rel = ((a - base).abs().max() / base.abs().max()).item()
-            same = [int((a.argmax(-1) == base.argmax(-1)).sum()), a.shape[0] * a.shape[1]]
-            check[f"bf16_{what}_vs_sdpa_hf_{label}"] = {"max_abs_diff_over_max_abs": rel, "argmax_equal": same}
-            print(f"  bf16 check, {label}: {what} vs whole-slot sdpa through HF's layers, logits max |diff| / "
-                  f"max |logit| {rel:.2g}; argmax equal {same[0]} of {same[1]}")
+            compare(f"bf16_{what}_vs_sdpa_hf_{label}", f"{label}: {what} vs whole-slot sdpa through HF's layers",
+                    logits_of(net, **variant), base)
+        # A 64-token head before each prompt, prefilled once (flash with fewer queries than keys) vs with each prompt
+        stats = {}
+        name = f"bf16_shared_head_vs_whole_prompts_{label}"
+        compare(name, f"{label}: a shared head prefilled once vs with each prompt",
+                logits_of(net, head, stats=stats), logits_of(net, head, share_head=False))
+        check[name]["shared"] = stats["shared"]  # the head's tokens that slot_generate found (64 here)
     if bench.device == "cuda":
         import kernels
 

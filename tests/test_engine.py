@@ -165,6 +165,46 @@ def test_fused_prefill_gives_hfs_logits_and_cache(monkeypatch):
     assert not any(cache[2].any() for cache in slots.k + slots.v)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_shared_head_is_prefilled_once_with_the_same_logits(fused):
+    """The first tokens all prompts share are prefilled once and copied into each slot, also into slots
+    that earlier rows used: each row gets the logits and tokens of prefilling its prompt whole, through
+    the fused layers and through HF's."""
+    model = random_decoder("llama")
+    head = torch.randint(1, 300, (20,)).tolist()
+    prompts = [head + [first] + torch.randint(1, 300, (n,)).tolist()  # they differ from their 21st token on
+               for first, n in zip((5, 6, 7, 8, 9), (3, 11, 0, 25, 6))]
+    eos = model.config.vocab_size  # never drawn: every reply runs to max_new_tokens
+    got = {}
+
+    def keep(logits, r, steps):
+        for key, row in zip(zip(r.tolist(), steps.tolist()), logits):
+            seen.setdefault(key, row)
+        return logits
+
+    for share in (True, False):
+        stats, seen = {}, {}
+        got[share] = slot_generate(model, prompts, [3, 1, 4, 1, 5], max_new_tokens=6, temperature=0.8, top_p=0.9,
+                                   eos_ids=eos, max_slots=2, fused=fused, share_head=share, stats=stats, processor=keep)
+        got[share, "stats"], got[share, "logits"] = stats, seen
+    assert got[True] == got[False]
+    assert got[True, "logits"].keys() == got[False, "logits"].keys() and len(got[True, "logits"]) == 5 * 6
+    for key, logits in got[True, "logits"].items():
+        torch.testing.assert_close(logits, got[False, "logits"][key], rtol=1e-5, atol=1e-5)
+    assert (got[True, "stats"]["shared"], got[False, "stats"]["shared"]) == (20, 0)
+    total = sum(map(len, prompts))
+    assert (got[True, "stats"]["prefill_tokens"], got[False, "stats"]["prefill_tokens"]) == (total - 4 * 20, total)
+
+
+def test_shared_head_counts_the_common_tokens():
+    assert engine._shared_head([[1] * 30 + [2], [1] * 30 + [3, 4]]) == 30
+    assert engine._shared_head([[1] * 30, [1] * 40]) == 29  # the shortest prompt keeps a token to prefill
+    assert engine._shared_head([[1] * 40, [1] * 15 + [2] * 25]) == 0  # fewer than 16: not worth a call
+    assert engine._shared_head([[1] * 40, [1] * 15 + [2] * 25], least=8) == 15
+    assert engine._shared_head([[1] * 40, [1] * 30, [2] * 40]) == 0
+    assert engine._shared_head([[1] * 10, [1] * 10]) == 0
+
+
 def test_pick_tokens_never_picks_an_excluded_token():
     # Seed 2, step 3098, token 514 (vocab 4096) draw a uniform that float32 rounds to 1.0; its
     # Gumbel noise was inf and -inf + inf = NaN won the argmax: a token top-p had removed got
