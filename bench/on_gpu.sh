@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU runs issue 12 still owes, one lent-machine call each (under 10 minutes), JSON under $OUT.
+# Run from the repository root on the GPU machine:
+#   bash bench/on_gpu.sh gen      # one H100: goal 1 (generation, the bench's mix) and goal 4 (05's QLoRA)
+#   bash bench/on_gpu.sh stages   # one H100: the rehearsal's 01-04 at their defaults (the README's stage times)
+#   bash bench/on_gpu.sh gpus2    # two GPUs of one host: goal 2 (stage 02 with 1 and 2 processes, same call)
+#   bash bench/on_gpu.sh head     # one GPU: stage 02 with the engine of 48d6c6f against this one (the shared
+#                                 # head prefilled once), twice, interleaved; first, here:
+#                                 # mkdir -p .gpu-wheels/old && git show 48d6c6f:engine.py > .gpu-wheels/old/engine.py
+# The machine has torch, transformers, peft and accelerate, but no bitsandbytes, protobuf or network.
+# Prepare here, then pass carry [".gpu-wheels", "out/models/assets"] (out/models/assets: made by `make test`):
+#   pip download --no-deps -d .gpu-wheels bitsandbytes==0.50.2 protobuf==7.36.2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p "${OUT:=out/on_gpu}" out/rehearsal
+OUT=$(realpath "$OUT")  # the device sets an absolute $OUT; the runs below change folder
+REH=$(realpath out/rehearsal)  # the rehearsal's random models (14.5 GB) stay out of $OUT, which travels back
+ARGS=${ARGS:-}  # more rehearsal arguments; ARGS="--scale=0.02 --riddles=6" smoke-tests this script on a CPU
+python3 -m pip install --no-deps -q .gpu-wheels/*.whl
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/cards.txt" || true
+
+case "${1:-}" in
+gen)
+  # 256 slots with every step over all of them (part one's engine) against the defaults, side by side; the first
+  # row also compiles the Triton kernels, so it is repeated last. An 80 GB card caps 512 slots at ~300.
+  python3 bench/bench.py --part=gen --out="$OUT" --slots=256:flat,256,512,256:flat --static-requests=0 \
+    --cb-seconds=0 --ref-seconds=5 2>&1 | tee "$OUT/gen.log"
+  python3 bench/bench.py --part=train --out="$OUT" --train-configs=varlen:8192:0.125:sum:fused:bf16lora \
+    --ref-steps=2 2>&1 | tee "$OUT/train.log"
+  ;;
+stages)
+  python3 rehearsal.py --stages=01,02,03,04 --out="$REH" $ARGS 2>&1 | tee "$OUT/rehearsal.log"
+  cp "$REH/rehearsal.json" "$OUT/rehearsal_01-04.json"
+  ;;
+gpus2)
+  # Stage 02 at the recipe's 1,700 riddles and at 7,400 (where generation outweighs the ~14 s a process
+  # pays before its first reply), one process, then two; each rehearsal.json is copied before the next run.
+  for riddles in 1700 7400; do
+    for gpus in 1 2; do
+      python3 rehearsal.py --stages=02 --gpus=$gpus --riddles=$riddles --out="$REH" $ARGS 2>&1 \
+        | tee "$OUT/stage02_${riddles}_${gpus}gpu.log"
+      cp "$REH/rehearsal.json" "$OUT/stage02_${riddles}_${gpus}gpu.json"
+    done
+  done
+  ;;
+head)
+  rm -rf /tmp/old && mkdir -p /tmp/old
+  tar --exclude=./out --exclude=./.gpu-wheels --exclude=./.venv --exclude=./.git -cf - . | tar -xf - -C /tmp/old
+  cp .gpu-wheels/old/engine.py /tmp/old/engine.py
+  mkdir -p /tmp/old/out/models && cp -r out/models/assets /tmp/old/out/models/
+  for run in 1 2; do
+    for tree in /tmp/old "$(pwd)"; do
+      name=$([ "$tree" = /tmp/old ] && echo old || echo new)
+      (cd "$tree" && python3 rehearsal.py --stages=02 --riddles=1700 --out="$REH" $ARGS) 2>&1 \
+        | tee "$OUT/head_${name}_$run.log"
+      cp "$REH/rehearsal.json" "$OUT/head_${name}_$run.json"
+    done
+  done
+  ;;
+*)
+  echo "usage: bash bench/on_gpu.sh gen|stages|gpus2|head" >&2
+  exit 2
+  ;;
+esac
