@@ -1,8 +1,9 @@
 """kernels.py: each Triton kernel gives its torch version's values; the rotary's torch version is HF's.
 
 The kernels run in Triton's interpreter on CPU where Triton is installed (CPU builds of torch
-come without it: then that test is skipped; bench/bench.py runs the same check on the GPU in
-bf16). The interpreter truncates float32 to bfloat16 where a GPU rounds, so it checks float16.
+come without it; `make test` installs it, else those tests skip; bench/bench.py runs the same
+check on the GPU in bf16), alone and inside slot_generate. The interpreter truncates float32 to
+bfloat16 where a GPU rounds, so they check float16.
 """
 
 import json
@@ -28,6 +29,59 @@ def test_triton_kernels_equal_their_torch_versions():
     attention = got.pop("decode_attention")  # split-KV sums in another order: float16 rounding, ~5e-4
     assert got == {"uniform_noise": 0.0, "rms_norm": 0.0, "add_rms_norm": 0.0, "rotary_to_cache": 0.0}
     assert attention < 2e-3
+
+
+# Run by test_slot_generate_through_the_kernels_gives_the_torch_versions_logits in Triton's interpreter.
+SLOT_RUN = """
+import json, torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+import kernels
+from engine import slot_generate
+
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8,
+                     num_key_value_heads=2, max_position_embeddings=128)
+model = AutoModelForCausalLM.from_config(config).half().eval()
+head = torch.randint(1, 300, (20,)).tolist()  # a shared head: prefilled once, at other positions than the rest
+prompts = [head + [first] + torch.randint(1, 300, (n,)).tolist() for first, n in zip(range(5), (3, 9, 0, 14, 6))]
+forced = torch.randint(1, 300, (5, 8))
+
+
+def run(triton, decode, force):
+    kernels._use_triton = (lambda device: True) if triton else (lambda device: False)
+    seen = {}
+
+    def keep(logits, r, steps):
+        for key, row in zip(zip(r.tolist(), steps.tolist()), logits):
+            seen.setdefault(key, row)
+        return torch.full_like(logits, float("-inf")).scatter_(1, forced[r, steps][:, None], 0.0) if force else logits
+
+    out = slot_generate(model, prompts, [11, 22, 33, 44, 55], max_new_tokens=6, temperature=0.8, top_p=0.9,
+                        eos_ids=300, max_slots=3, decode=decode, processor=keep)
+    return out, torch.stack([seen[key] for key in sorted(seen)])
+
+
+tokens, logits = run(True, "sdpa", False)  # sampled: the noise, norm and rotary kernels in the real steps
+want_tokens, want_logits = run(False, "sdpa", False)
+_, kernel_logits = run(True, "kernel", True)  # teacher-forced: the split-KV attention too
+_, forced_logits = run(False, "sdpa", True)
+rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+print(json.dumps({"tokens_equal": tokens == want_tokens, "rows": [len(t) for t in tokens],
+                  "rel_diff": rel(logits, want_logits), "kernel_attention_rel_diff": rel(kernel_logits, forced_logits)}))
+"""
+
+
+def test_slot_generate_through_the_kernels_gives_the_torch_versions_logits():
+    """slot_generate with every kernel in Triton's interpreter (float16, a shared head, slots refilled and
+    shrinking): the torch versions' tokens, and their logits within float16 rounding (the norm's float32
+    sums run in another order, which can flip an element's last bit), the split-KV attention too."""
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, "-c", SLOT_RUN], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["tokens_equal"] and got["rows"] == [6] * 5
+    assert got["rel_diff"] < 2e-3 and got["kernel_attention_rel_diff"] < 5e-3  # seen: 5e-4 and 7e-4
 
 
 def test_rotary_to_cache_is_hfs_rotary_and_cache_write():
