@@ -67,7 +67,8 @@ _, kernel_logits = run(True, "kernel", True)  # teacher-forced: the split-KV att
 _, forced_logits = run(False, "sdpa", True)
 rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
 print(json.dumps({"tokens_equal": tokens == want_tokens, "rows": [len(t) for t in tokens],
-                  "rel_diff": rel(logits, want_logits), "kernel_attention_rel_diff": rel(kernel_logits, forced_logits)}))
+                  "rel_diff": rel(logits, want_logits),
+                  "kernel_attention_rel_diff": rel(kernel_logits, forced_logits)}))
 """
 
 
