@@ -612,8 +612,10 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
     rank, world = process_share()
     if world > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(best_device())  # NCCL gathers on this process's GPU
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            torch.cuda.set_device(best_device())  # CUDA graphs and Triton kernels run on the current device
+        # gloo on GPUs too: the gathers carry a batch's texts, which need no NCCL start-up, no GPU memory
+        # beside the KV cache, no copies through the GPU (and the tests run this same path on CPU).
+        dist.init_process_group("gloo")
     order = sorted(jobs, key=lambda j: (-backend.prompt_length(j["prompt"]), j["id"]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     todo = [b for b in batches if any(j["id"] not in done for j in b)]
