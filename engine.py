@@ -307,7 +307,8 @@ def _prefill(model, slots, rows, prompts, start=0):
     lens = [len(p) for p in prompts]
     dest, cu = _cache_positions(rows, lens, length, start)
     keys, cu_k = _cache_positions(rows, [n + start for n in lens], length) if start else (dest, cu)
-    plan = (keys.to(dev), cu.to(dev, torch.int32), cu_k.to(dev, torch.int32), max(lens), max(lens) + start)
+    cu_q, cu_k = cu.to(dev, torch.int32), cu_k.to(dev, torch.int32)
+    plan = (keys.to(dev), cu_q, cu_k, max(lens), max(lens) + start)
     dest, ids = dest.to(dev), torch.tensor([t for p in prompts for t in p], device=dev)
     slot, positions = dest // length, dest % length
     if slots.fused is not None:
@@ -324,7 +325,7 @@ def _prefill(model, slots, rows, prompts, start=0):
             h = _forward_slots(model, ids[None], positions[None], slots)[0]
         finally:
             slots.prefill = None
-    return model.lm_head(h[plan[1][1:] - 1]).float()
+    return model.lm_head(h[cu_q[1:] - 1]).float()
 
 
 def _shared_head(prompts, least=16):
