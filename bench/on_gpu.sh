@@ -5,7 +5,7 @@
 #   bash bench/on_gpu.sh stages   # one H100: the rehearsal's 01-04 at their defaults (the README's stage times)
 #   bash bench/on_gpu.sh gpus2    # two GPUs of one host: goal 2 (stage 02 with 1 and 2 processes, same call)
 #   bash bench/on_gpu.sh head     # one GPU: stage 02 with the engine of 48d6c6f against this one (the shared
-#                                 # head prefilled once), twice, interleaved; first, here:
+#                                 # head prefilled once), twice, interleaved, then bench/startup.py; first, here:
 #                                 # mkdir -p .gpu-wheels/old && git show 48d6c6f:engine.py > .gpu-wheels/old/engine.py
 # The machine has torch, transformers, peft and accelerate, but no bitsandbytes, protobuf or network.
 # Prepare here, then pass carry [".gpu-wheels", "out/models/assets"] (out/models/assets: made by `make test`):
@@ -57,6 +57,9 @@ head)
       cp "$REH/rehearsal.json" "$OUT/head_${name}_$run.json"
     done
   done
+  # A stage process's fixed cost, and CUDA started in a thread beside the imports (bench/startup.py)
+  python3 bench/startup.py --model="$(ls -d "$REH"/models/mistralai--* | head -1)" --runs=3 --out="$OUT" 2>&1 \
+    | tee "$OUT/startup.log"
   ;;
 *)
   echo "usage: bash bench/on_gpu.sh gen|stages|gpus2|head" >&2
