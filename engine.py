@@ -359,8 +359,8 @@ def _graphed(fn, device, pool=None):
 
 
 def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, max_slots=512,
-                  prefill_tokens=16384, cuda_graph=True, decode="auto", fused=True, shrink=True, share_head=True,
-                  processor=None, stats=None, on_row=None):
+                  prefill_tokens=16384, kv_memory=0.6, cuda_graph=True, decode="auto", fused=True, shrink=True,
+                  share_head=True, processor=None, stats=None, on_row=None):
     """Reply token ids for each prompt (token id lists), up to max_slots rows decoding at once.
 
     A row that ends frees its slot and the next prompts are prefilled into free slots, so
@@ -368,7 +368,9 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     same draws as HFBackend's generate path. processor(logits, prompt_indices, steps) may
     edit the logits first, with tensor ops only (the benchmark forces reply lengths with it).
     Prompts are prefilled packed, up to prefill_tokens a call; the first tokens all prompts share (16 or
-    more: an instruction before each record) once, their K/V then copied into each slot. decode picks
+    more: an instruction before each record) once, their K/V then copied into each slot. On a GPU the
+    slots take at most kv_memory of its free memory (the rest: prefill's activations, the sampler,
+    the CUDA graphs; the benchmark compares shares). decode picks
     the decode attention ("kernel", "flash" or "sdpa": _decode_attention; "auto" the first that runs
     here), fused=False decodes through HF's own layers instead of _decode_forward, shrink=False runs
     every decode step over all the slots, share_head=False prefills each prompt whole: all four only
@@ -386,7 +388,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     dev = model.device
     if dev.type == "cuda":
         free = torch.cuda.mem_get_info(dev)[0]
-        count = max(1, min(count, int(0.6 * free) // slot_bytes(model, length)))
+        count = max(1, min(count, int(kv_memory * free) // slot_bytes(model, length)))
     outs = [[] for _ in prompts]
     owner, last, pos, steps = [-1] * count, [0] * count, [0] * count, [0] * count  # per slot
     drawn = 0  # prompts prefilled so far, in order

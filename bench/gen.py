@@ -119,12 +119,14 @@ def run_gen(bench):
         slots, *flags = spec.split(":")
         decode = next((f for f in flags if f in ("kernel", "flash", "sdpa")), "auto")
         fused, shrink = "hf" not in flags, "flat" not in flags
+        kv = next((float(f[2:]) for f in flags if f.startswith("kv")), 0.6)
         name = ("ours: slot_generate, {} slots, CUDA graph"
                 + ("" if decode == "auto" else f", {decode} decode attention")
                 + ("" if fused else ", HF's layers in decode")
                 + ("" if shrink else ", every step over all slots")
+                + ("" if kv == 0.6 else f", the KV cache in {kv:.0%} of free memory")
                 + (f", engine of {bench.ROUND1}" if "round1" in flags else ""))
-        generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink}
+        generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink, "kv_memory": kv}
         if "round1" in flags:  # the engine.py of an earlier commit, side by side
             import importlib.util
 
