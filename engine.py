@@ -367,17 +367,17 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     short replies stop costing work. Rows sample with pick_tokens (own seed, own step): the
     same draws as HFBackend's generate path. processor(logits, prompt_indices, steps) may
     edit the logits first, with tensor ops only (the benchmark forces reply lengths with it).
-    Prompts are prefilled packed, up to prefill_tokens a call; the first tokens all prompts share (16 or
-    more: an instruction before each record) once, their K/V then copied into each slot. On a GPU the
-    slots take at most kv_memory of its free memory (the rest: prefill's activations, the sampler,
-    the CUDA graphs; the benchmark compares shares). decode picks
-    the decode attention ("kernel", "flash" or "sdpa": _decode_attention; "auto" the first that runs
-    here), fused=False decodes through HF's own layers instead of _decode_forward, shrink=False runs
-    every decode step over all the slots, share_head=False prefills each prompt whole: all four only
-    to compare. stats (a dict) gets prefill and decode seconds (decode_s includes capture_s, the CUDA
-    graphs' capture), and counts (shared: the head's tokens; prefill_tokens: the tokens prefilled;
-    decode_rows: the rows the decode steps ran, free ones included). on_row(i, ids) hears of each
-    reply as it ends (prompt index, its token ids), while the others decode on.
+    Prompts are prefilled packed, up to prefill_tokens a call; the first tokens all prompts share
+    (16 or more: an instruction before each record) once, their K/V then copied into each slot. On a
+    GPU the slots take at most kv_memory of its free memory (the rest: prefill's activations, the
+    sampler, the CUDA graphs). decode picks the decode attention ("kernel", "flash" or "sdpa":
+    _decode_attention; "auto" the first that runs here), fused=False decodes through HF's own layers
+    instead of _decode_forward, shrink=False runs every decode step over all the slots,
+    share_head=False prefills each prompt whole: these four only to compare. stats (a dict) gets
+    prefill and decode seconds (decode_s includes capture_s, the CUDA graphs' capture), and counts
+    (shared: the head's tokens; prefill_tokens: the tokens prefilled; decode_rows: the rows the
+    decode steps ran, free ones included). on_row(i, ids) hears of each reply as it ends (prompt
+    index, its token ids), while the others decode on.
     """
     from transformers import AttentionInterface
 
@@ -469,33 +469,37 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                 stats["prefill_tokens"] += shared
                 stats["prefill_s"] += time.perf_counter() - t
 
+            def refill(free):
+                """Prefill the next prompts into the free slots, packed up to prefill_tokens a call; each
+                row's first token comes with it."""
+                nonlocal drawn
+                t = time.perf_counter()
+                while free:
+                    chunk, rows, packed = [], [], 0
+                    while free and (not rows or packed + len(prompts[drawn]) - shared <= prefill_tokens):
+                        chunk.append(free.pop(0))
+                        rows.append(drawn)
+                        packed += len(prompts[drawn]) - shared
+                        drawn += 1
+                    here = torch.tensor(chunk, device=dev)
+                    for cache, part in zip(slots.k + slots.v, head):
+                        cache[here, :shared] = part
+                    logits = _prefill(model, slots, chunk, [prompts[i][shared:] for i in rows], start=shared)
+                    row_of[here] = torch.tensor(rows, device=dev)
+                    seed_of[here] = torch.tensor([seeds[i] for i in rows], dtype=torch.long, device=dev)
+                    tokens = pick(logits, row_of[here], torch.zeros_like(here), seed_of[here]).tolist()
+                    for s, i, token in zip(chunk, rows, tokens):
+                        owner[s], pos[s], steps[s] = i, len(prompts[i]), 0
+                        take(s, token)
+                    stats["prefill_calls"] += 1
+                    stats["prefill_tokens"] += packed
+                stats["prefill_s"] += time.perf_counter() - t
+
             while True:
                 free = [s for s in range(count) if owner[s] < 0]
-                # Refill in groups (an eighth of the slots), not one row per prefill call.
                 waiting = len(prompts) - drawn
-                if waiting and len(free) >= min(waiting, max(1, count // 8)):
-                    t = time.perf_counter()
-                    free = free[:waiting]
-                    while free:
-                        chunk, rows, packed = [], [], 0
-                        while free and (not rows or packed + len(prompts[drawn]) - shared <= prefill_tokens):
-                            chunk.append(free.pop(0))
-                            rows.append(drawn)
-                            packed += len(prompts[drawn]) - shared
-                            drawn += 1
-                        here = torch.tensor(chunk, device=dev)
-                        for cache, part in zip(slots.k + slots.v, head):
-                            cache[here, :shared] = part
-                        logits = _prefill(model, slots, chunk, [prompts[i][shared:] for i in rows], start=shared)
-                        row_of[here] = torch.tensor(rows, device=dev)
-                        seed_of[here] = torch.tensor([seeds[i] for i in rows], dtype=torch.long, device=dev)
-                        tokens = pick(logits, row_of[here], torch.zeros_like(here), seed_of[here]).tolist()
-                        for s, i, token in zip(chunk, rows, tokens):
-                            owner[s], pos[s], steps[s] = i, len(prompts[i]), 0
-                            take(s, token)
-                        stats["prefill_calls"] += 1
-                        stats["prefill_tokens"] += packed
-                    stats["prefill_s"] += time.perf_counter() - t
+                if waiting and len(free) >= min(waiting, max(1, count // 8)):  # an eighth of the slots at once
+                    refill(free[:waiting])
                     continue
                 active = [s for s in range(count) if owner[s] >= 0]
                 if not active:
