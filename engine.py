@@ -470,16 +470,17 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                 stats["prefill_s"] += time.perf_counter() - t
 
             def refill(free):
-                """Prefill the next prompts into the free slots, packed up to prefill_tokens a call; each
-                row's first token comes with it."""
+                """Prefill the next prompts into the free slots, packed up to prefill_tokens a call (the shared
+                head counted in each prompt: its keys are read again for each); each row's first token comes
+                with it."""
                 nonlocal drawn
                 t = time.perf_counter()
                 while free:
-                    chunk, rows, packed = [], [], 0
-                    while free and (not rows or packed + len(prompts[drawn]) - shared <= prefill_tokens):
+                    chunk, rows, packed = [], [], 0  # packed: whole prompts, the keys the call's attention reads
+                    while free and (not rows or packed + len(prompts[drawn]) <= prefill_tokens):
                         chunk.append(free.pop(0))
                         rows.append(drawn)
-                        packed += len(prompts[drawn]) - shared
+                        packed += len(prompts[drawn])
                         drawn += 1
                     here = torch.tensor(chunk, device=dev)
                     for cache, part in zip(slots.k + slots.v, head):
@@ -492,7 +493,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                         owner[s], pos[s], steps[s] = i, len(prompts[i]), 0
                         take(s, token)
                     stats["prefill_calls"] += 1
-                    stats["prefill_tokens"] += packed
+                    stats["prefill_tokens"] += packed - shared * len(rows)
                 stats["prefill_s"] += time.perf_counter() - t
 
             while True:

@@ -185,7 +185,8 @@ def test_shared_head_is_prefilled_once_with_the_same_logits(fused):
     for share in (True, False):
         stats, seen = {}, {}
         got[share] = slot_generate(model, prompts, [3, 1, 4, 1, 5], max_new_tokens=6, temperature=0.8, top_p=0.9,
-                                   eos_ids=eos, max_slots=2, fused=fused, share_head=share, stats=stats, processor=keep)
+                                   eos_ids=eos, max_slots=2, prefill_tokens=50, fused=fused, share_head=share,
+                                   stats=stats, processor=keep)
         got[share, "stats"], got[share, "logits"] = stats, seen
     assert got[True] == got[False]
     assert got[True, "logits"].keys() == got[False, "logits"].keys() and len(got[True, "logits"]) == 5 * 6
@@ -194,6 +195,9 @@ def test_shared_head_is_prefilled_once_with_the_same_logits(fused):
     assert (got[True, "stats"]["shared"], got[False, "stats"]["shared"]) == (20, 0)
     total = sum(map(len, prompts))
     assert (got[True, "stats"]["prefill_tokens"], got[False, "stats"]["prefill_tokens"]) == (total - 4 * 20, total)
+    # A call packs whole prompts up to prefill_tokens either way (the keys its attention reads): the same calls,
+    # here one prompt a call (24, 32, 21, 46 and 27 tokens; 2 slots, and no two fit in 50).
+    assert got[True, "stats"]["prefill_calls"] == got[False, "stats"]["prefill_calls"] == 5
 
 
 def test_shared_head_counts_the_common_tokens():
