@@ -330,12 +330,14 @@ def _prefill(model, slots, rows, prompts, start=0):
 
 def _shared_head(prompts, least=16):
     """How many first tokens all prompts share (a system prompt, an instruction before each record),
-    at most all but the shortest prompt's last; 0 when fewer than `least`."""
+    at most all but the shortest prompt's last; 0 when fewer than `least`, or for a single prompt."""
     first, n = prompts[0], min(map(len, prompts)) - 1
     for p in prompts[1:]:
-        if p[:n] != first[:n]:
-            n = next(j for j in range(n) if p[j] != first[j])
-    return n if n >= least else 0
+        if n < least:
+            break
+        if p[:n] != first[:n]:  # lists compare fast; else find where they part
+            n = next((j for j in range(n) if p[j] != first[j]), n)
+    return n if n >= least and len(prompts) > 1 else 0
 
 
 def _graphed(fn, device, pool=None):

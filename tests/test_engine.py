@@ -207,6 +207,9 @@ def test_shared_head_counts_the_common_tokens():
     assert engine._shared_head([[1] * 40, [1] * 15 + [2] * 25], least=8) == 15
     assert engine._shared_head([[1] * 40, [1] * 30, [2] * 40]) == 0
     assert engine._shared_head([[1] * 10, [1] * 10]) == 0
+    assert engine._shared_head([[1] * 40]) == 0  # a single prompt: nothing to share
+    assert engine._shared_head([[], [1] * 40]) == 0
+    assert engine._shared_head([(1,) * 30 + (2,), [1] * 30 + [3]]) == 30  # any sequences of ids
 
 
 def test_pick_tokens_never_picks_an_excluded_token():

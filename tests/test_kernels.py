@@ -36,7 +36,7 @@ SLOT_RUN = """
 import json, torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 import kernels
-from engine import slot_generate
+from engine import force_lengths, slot_generate
 
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8,
@@ -44,7 +44,10 @@ config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=192, num
 model = AutoModelForCausalLM.from_config(config).half().eval()
 head = torch.randint(1, 300, (20,)).tolist()  # a shared head: prefilled once, at other positions than the rest
 prompts = [head + [first] + torch.randint(1, 300, (n,)).tolist() for first, n in zip(range(5), (3, 9, 0, 14, 6))]
+targets = torch.tensor([2, 6, 3, 6, 4])  # reply lengths with the eos (0): rows end apart, the last on fewer slots
 forced = torch.randint(1, 300, (5, 8))
+forced[torch.arange(5), targets - 1] = 0
+stats = {}
 
 
 def run(triton, decode, force):
@@ -54,19 +57,22 @@ def run(triton, decode, force):
     def keep(logits, r, steps):
         for key, row in zip(zip(r.tolist(), steps.tolist()), logits):
             seen.setdefault(key, row)
-        return torch.full_like(logits, float("-inf")).scatter_(1, forced[r, steps][:, None], 0.0) if force else logits
+        if force:
+            return torch.full_like(logits, float("-inf")).scatter_(1, forced[r, steps][:, None], 0.0)
+        return force_lengths(logits, targets[r], steps, 0)
 
     out = slot_generate(model, prompts, [11, 22, 33, 44, 55], max_new_tokens=6, temperature=0.8, top_p=0.9,
-                        eos_ids=300, max_slots=3, decode=decode, processor=keep)
+                        eos_ids=0, max_slots=3, decode=decode, processor=keep, stats=stats)
     return out, torch.stack([seen[key] for key in sorted(seen)])
 
 
 tokens, logits = run(True, "sdpa", False)  # sampled: the noise, norm and rotary kernels in the real steps
+steps = [stats["decode_steps"], stats["decode_rows"]]
 want_tokens, want_logits = run(False, "sdpa", False)
 _, kernel_logits = run(True, "kernel", True)  # teacher-forced: the split-KV attention too
 _, forced_logits = run(False, "sdpa", True)
 rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
-print(json.dumps({"tokens_equal": tokens == want_tokens, "rows": [len(t) for t in tokens],
+print(json.dumps({"tokens_equal": tokens == want_tokens, "rows": [len(t) for t in tokens], "steps": steps,
                   "rel_diff": rel(logits, want_logits),
                   "kernel_attention_rel_diff": rel(kernel_logits, forced_logits)}))
 """
@@ -81,7 +87,9 @@ def test_slot_generate_through_the_kernels_gives_the_torch_versions_logits():
                           capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.splitlines()[-1])
-    assert got["tokens_equal"] and got["rows"] == [6] * 5
+    assert got["tokens_equal"] and got["rows"] == [1, 5, 2, 5, 3]
+    decode_steps, decode_rows = got["steps"]
+    assert decode_rows < 3 * decode_steps  # some steps ran on fewer than the 3 slots
     assert got["rel_diff"] < 2e-3 and got["kernel_attention_rel_diff"] < 5e-3  # seen: 5e-4 and 7e-4
 
 
