@@ -190,15 +190,15 @@ def run_gen(bench):
     forced = torch.randint(3, cfg.vocab_size, (8, 33), generator=g).to(bench.device)
     head = torch.randint(3, cfg.vocab_size, (64,), generator=g).tolist()  # an instruction all prompts start with
 
-    def logits_of(net, head=(), **variant):
+    def logits_of(net, before=(), **variant):  # before: tokens put before each prompt
         seen = []
 
         def keep(logits, r, steps):
             seen.append(logits[r.argsort()].clone())
             return torch.full_like(logits, float("-inf")).scatter_(1, forced[r, steps][:, None], 0.0)
 
-        slot_generate(net, [[*head, *prompts[i]] for i in few], [0] * 8, max_new_tokens=32, temperature=0.0, top_p=1.0,
-                      eos_ids=eos, max_slots=8, cuda_graph=False, processor=keep, **variant)
+        slot_generate(net, [[*before, *prompts[i]] for i in few], [0] * 8, max_new_tokens=32, temperature=0.0,
+                      top_p=1.0, eos_ids=eos, max_slots=8, cuda_graph=False, processor=keep, **variant)
         return torch.stack(seen)
 
     def compare(name, what, a, base):
