@@ -601,7 +601,7 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
     are dealt out, each process generates its share on its own GPU, and the first process
     alone gets the batches back whole, in order (each once the next one is in too), and writes
     them: one writer, the same files as one process (each row samples from its own seed). The
-    other processes exit here when all is done.
+    group started here ends here, and the other processes exit here when all is done.
     """
     tokenizer = getattr(backend, "tokenizer", None)  # the hf backend's: its own special tokens count too
     for j in jobs:
@@ -610,7 +610,8 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
             raise InputError(f"{desc}: the prompt of {j['id']} holds {found!r}, a control token of the generator; "
                              f"text must stay text")
     rank, world = process_share()
-    if world > 1 and not dist.is_initialized():
+    started = world > 1 and not dist.is_initialized()  # the group is ours to end
+    if started:
         if torch.cuda.is_available():
             torch.cuda.set_device(best_device())  # CUDA graphs and Triton kernels run on the current device
         # gloo on GPUs too: the gathers carry a batch's texts, which need no NCCL start-up, no GPU memory
@@ -668,6 +669,11 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
                 for k, text in enumerate(backend.generate(prompts[a:b], seeds[a:b], **sampling) if b > a else (), a):
                     on_reply(k, text)
         flush()
+    if started:
+        # All gathers are done: end the group here. Left to the interpreter's exit, gloo's threads can abort a
+        # process (SIGABRT, "terminate called without an active exception"), mostly the other one, which exits
+        # right after the last gather, and torchrun fails a run that wrote everything.
+        dist.destroy_process_group()
     if rank > 0:
         raise SystemExit(0)
     return count
