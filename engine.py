@@ -13,6 +13,7 @@ against the plain transformers one, and bench/bench.py measures them.
 """
 
 import copy
+import functools
 import inspect
 import sys
 import time
@@ -543,13 +544,18 @@ def _packed_bounds(position_ids):
 
 def _varlen(query, key, value, cu, longest, scaling):
     """torch's flash varlen kernel on [tokens, heads, dim]; causal within each sequence."""
-    from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10, and only needed on a GPU
-
-    params = inspect.signature(varlen_attn).parameters
+    varlen_attn, params = _varlen_attn()
     extra = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "scale" in params:
         extra["scale"] = scaling
     return varlen_attn(query, key, value, cu, cu, longest, longest, **extra)
+
+
+@functools.cache
+def _varlen_attn():
+    from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10, and only needed on a GPU
+
+    return varlen_attn, inspect.signature(varlen_attn).parameters
 
 
 def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
