@@ -383,6 +383,41 @@ def test_lean_lora_forward_is_peft_forward_under_autocast(tiny_phi, four_bit, dr
         assert F.cosine_similarity(a, b, dim=0) > 0.9999
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_lean_nf4_gives_bitsandbytes_loss_and_gradients_bit_for_bit(tiny_phi, monkeypatch, checkpointed):
+    """lean_nf4 (load_student applies it to 4-bit models): the same loss and LoRA gradients as
+    bitsandbytes' own 4-bit matmul, bit for bit, with and without checkpointed layers; without
+    gradients bitsandbytes' forward runs."""
+    model, tok = bf16_student(tiny_phi, monkeypatch, four_bit=True)
+    adapters_in_bf16(model)
+    if checkpointed:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    batch = collate_packed([tokenize_chat(tok, c) for c in CONVS])
+    calls = []
+    dequantized = training._dequantized
+    monkeypatch.setattr(training, "_dequantized", lambda *a: calls.append(a) or dequantized(*a))
+
+    lean, lean_grads = loss_and_lora_grads(model, batch)
+    n_lean = len(calls)
+    training.lean_nf4(model, on=False)
+    plain, plain_grads = loss_and_lora_grads(model, batch)
+    assert len(calls) == n_lean
+    # 6 linears x 2 layers dequantized in forward; in backward those whose input needs a gradient: all 6
+    # of layer 1, only dense in layer 0 (q, k, v, fc1 and fc2 see frozen embeddings). Checkpointing
+    # recomputes (and HF's makes the embeddings' output need a gradient): more.
+    assert n_lean == 12 + 7 if not checkpointed else n_lean > 12 + 7
+    assert lean == plain
+    assert lean_grads.keys() == plain_grads.keys()
+    assert all(torch.equal(lean_grads[n], g) for n, g in plain_grads.items())
+    assert sum(g.abs().sum() for g in plain_grads.values()) > 0
+
+    training.lean_nf4(model)
+    with torch.no_grad():
+        assert loss_sum(model, batch).item() / supervised_tokens(batch) == pytest.approx(plain, rel=1e-3)
+    assert len(calls) == n_lean
+
+
 def test_lean_lora_forward_defers_to_peft_when_disabled_or_merged(tiny_phi, monkeypatch):
     model, tok = bf16_student(tiny_phi, monkeypatch)
     batch = collate_packed([tokenize_chat(tok, c) for c in CONVS])
