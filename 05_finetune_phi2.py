@@ -71,6 +71,8 @@ FULL_COPIES = False                  # train full lm_head + embed_tokens copies 
 PACKED = True                        # padding-free rows; false: right-padded batches
 TOKENS_PER_BATCH = 8192              # tokens per micro-batch (per GPU), >= MAX_LENGTH; ~the reference's 16 x ~480
 GRAD_ACCUM = 1                       # micro-batches per optimizer step (per GPU)
+OPTIMIZER = "adamw"                  # adamw: torch's AdamW (fused on a GPU); paged_adamw_32bit: the reference's
+                                     # (bitsandbytes; the same maths, but it waits for the GPU after each tensor)
 LR = 2e-5                            # learning rate, constant after warmup
 WARMUP_STEPS = 0                     # linear warmup, optimizer steps
 WEIGHT_DECAY = 0.0                   # AdamW weight decay
@@ -89,7 +91,9 @@ configure(globals())
 RECIPE = {k: globals()[k] for k in ("STUDENT", "MAX_LENGTH", "TRAIN_ON_HEADER", "EVAL_FRACTION", "SEED",
                                     "LOAD_IN_4BIT", "DOUBLE_QUANT", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT",
                                     "LORA_TARGETS", "FULL_COPIES", "PACKED", "TOKENS_PER_BATCH", "GRAD_ACCUM",
-                                    "LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP")}
+                                    "OPTIMIZER", "LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP")}
+if OPTIMIZER not in ("adamw", "paged_adamw_32bit"):
+    raise InputError(f"--optimizer {OPTIMIZER!r}: use adamw or paged_adamw_32bit")
 if TOKENS_PER_BATCH < MAX_LENGTH:
     raise InputError(f"--tokens-per-batch ({TOKENS_PER_BATCH}) must be at least --max-length ({MAX_LENGTH})")
 
@@ -118,6 +122,7 @@ previous = None
 if run_file.exists() and not OVERWRITE:
     previous = read_json(run_file)
     try:
+        previous["recipe"].setdefault("OPTIMIZER", "paged_adamw_32bit")  # a run from before the knob
         changed = [k.lower() for k in RECIPE if previous["recipe"].get(k) != RECIPE[k]]
         changed += ["data"] if previous["data_sha1"] != data_sha1 else []
     except (KeyError, AttributeError, TypeError):
@@ -207,14 +212,18 @@ accelerator.wait_for_everyone()
 # -----------------------------------------------------------------------------
 # Optimizer, resume, the training loop
 
-# Only here, once the inputs are checked: on CPU its import prints a kernel warning, and a bad input
-# must stay one line.
-import bitsandbytes as bnb  # noqa: E402
+params = [p for _, p in trainable]
+if OPTIMIZER == "adamw":
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=accelerator.device.type == "cuda")
+else:
+    # Only here, once the inputs are checked: on CPU its import prints a kernel warning, and a bad input
+    # must stay one line.
+    import bitsandbytes as bnb
 
-if accelerator.device.type == "cpu":
-    say("note: on CPU bitsandbytes' paged AdamW runs as plain 32-bit AdamW (nothing to page out)")
-    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-optimizer = bnb.optim.PagedAdamW32bit([p for _, p in trainable], lr=LR, weight_decay=WEIGHT_DECAY)
+    if accelerator.device.type == "cpu":
+        say("note: on CPU bitsandbytes' paged AdamW runs as plain 32-bit AdamW (nothing to page out)")
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    optimizer = bnb.optim.PagedAdamW32bit(params, lr=LR, weight_decay=WEIGHT_DECAY)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (WARMUP_STEPS + 1)))
 model, optimizer = accelerator.prepare(model, optimizer)
 unwrapped = accelerator.unwrap_model(model)

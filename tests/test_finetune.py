@@ -197,19 +197,20 @@ def data_file(tmp_path_factory):
     return file
 
 
-def train_args(student, data, out, *extra):
+def train_args(student, data, out, *extra, optimizer="adamw"):
     return ("05_finetune_phi2.py", f"--student={student}", f"--data={data}", f"--adapter={out}", "--epochs=2",
             "--tokens-per-batch=160", "--max-length=160", "--grad-accum=2", "--lr=1e-3", "--lora-r=4",
-            "--lora-alpha=8", "--keep-checkpoints=2", "--gradient-checkpointing=0", *extra)
+            "--lora-alpha=8", "--keep-checkpoints=2", "--gradient-checkpointing=0", f"--optimizer={optimizer}", *extra)
 
 
 def flat_tensors(state, prefix=""):
-    """The tensors of an optimizer state; bitsandbytes nests its moments in a dict."""
+    """The tensors of an optimizer state but its step count (torch keeps it as a tensor); bitsandbytes nests its
+    moments in a dict."""
     out = {}
     for k, v in state.items():
         if isinstance(v, dict):
             out.update(flat_tensors(v, f"{prefix}{k}."))
-        elif torch.is_tensor(v):
+        elif torch.is_tensor(v) and k != "step":
             out[prefix + k] = v
     return out
 
@@ -218,21 +219,47 @@ def read_log(out):
     return [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_resume_equals_uninterrupted_run(tiny_llama, data_file, tmp_path):
+def test_the_two_optimizers_take_the_same_steps():
+    """05's --optimizer: torch's AdamW and bitsandbytes' paged AdamW 32-bit are the same maths."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(4096)]
+    a, b = ([p.clone().requires_grad_() for p in start] for _ in range(2))
+    opt_a, opt_b = torch.optim.AdamW(a, lr=1e-3, weight_decay=0.01), bnb.optim.PagedAdamW32bit(b, lr=1e-3,
+                                                                                                weight_decay=0.01)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in start]
+        for params, opt in ((a, opt_a), (b, opt_b)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    assert all((x - p).abs().max() > 1e-3 for x, p in zip(a, start))  # they moved
+    assert all(torch.allclose(x, y, rtol=0, atol=1e-6) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_32bit"])
+def test_resume_equals_uninterrupted_run(tiny_llama, data_file, tmp_path, optimizer):
     from safetensors.torch import load_file
 
     full, cut = tmp_path / "full", tmp_path / "cut"
-    r = run_script(*train_args(tiny_llama, data_file, full))
+    r = run_script(*train_args(tiny_llama, data_file, full, optimizer=optimizer))
     assert r.returncode == 0, r.stderr[-3000:]
     run = json.loads((full / "run.json").read_text())
     steps = run["steps_done"]
     assert run["finished"] and steps == 2 * run["steps_per_epoch"] and steps >= 6
     assert "05: trained steps 1-" in r.stdout
 
-    r = run_script(*train_args(tiny_llama, data_file, cut, f"--max-steps={steps // 2 + 1}"))
+    r = run_script(*train_args(tiny_llama, data_file, cut, f"--max-steps={steps // 2 + 1}", optimizer=optimizer))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((cut / "run.json").read_text())["steps_done"] == steps // 2 + 1
-    r = run_script(*train_args(tiny_llama, data_file, cut))
+    if optimizer == "paged_adamw_32bit":  # the only one before the knob: a run.json without it resumes with it
+        run = json.loads((cut / "run.json").read_text())
+        del run["recipe"]["OPTIMIZER"]
+        (cut / "run.json").write_text(json.dumps(run))
+        r = run_script(*train_args(tiny_llama, data_file, cut))
+        assert r.returncode == 2 and "holds a run with other optimizer" in r.stderr
+    r = run_script(*train_args(tiny_llama, data_file, cut, optimizer=optimizer))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from step-{steps // 2 + 1:06d}" in r.stdout
     assert json.loads((cut / "run.json").read_text())["steps_done"] == steps
@@ -264,13 +291,13 @@ def test_resume_equals_uninterrupted_run(tiny_llama, data_file, tmp_path):
     assert evals[0]["step"] == 0 and len(evals) == 1 + 2 * 2 and set(evals[-1]) == {"step", "epoch", "eval_loss"}
 
     # A finished run is not retrained; other recipe knobs are refused; --overwrite starts afresh.
-    r = run_script(*train_args(tiny_llama, data_file, full))
+    r = run_script(*train_args(tiny_llama, data_file, full, optimizer=optimizer))
     assert r.returncode == 0 and "nothing to do" in r.stdout
-    r = run_script(*train_args(tiny_llama, data_file, full, "--lr=5e-4"))
+    r = run_script(*train_args(tiny_llama, data_file, full, "--lr=5e-4", optimizer=optimizer))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: {full} holds a run with other lr: rerun with --overwrite to start afresh"]
     r = run_script(*train_args(tiny_llama, data_file, full, "--lr=5e-4", "--overwrite", "--max-steps=1",
-                               "--eval-fraction=0"))
+                               "--eval-fraction=0", optimizer=optimizer))
     assert r.returncode == 0, r.stderr[-3000:]
     assert [x["step"] for x in read_log(full)] == [1]
     assert not (full / "checkpoints" / f"step-{steps:06d}").exists()
