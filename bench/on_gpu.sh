@@ -4,6 +4,12 @@
 #   bash bench/on_gpu.sh gen      # one H100: goal 1 (generation, the bench's mix) and goal 4 (05's QLoRA)
 #   bash bench/on_gpu.sh stages   # one H100: the rehearsal's 01-04 at their defaults (the README's stage times)
 #   bash bench/on_gpu.sh gpus2    # two GPUs of one host: goal 2 (stage 02 with 1 and 2 processes, same call)
+#   bash bench/on_gpu.sh lean     # one GPU: goal 4, 05's configuration against bitsandbytes' 4-bit matmul and
+#                                 # against its paged AdamW, interleaved twice, and where a micro-batch's host
+#                                 # time goes (bench/train.py host_profile)
+#   bash bench/on_gpu.sh lean3    # one GPU: goal 4, 05's configuration now and before, and without lean_nf4, x3
+#   bash bench/on_gpu.sh late     # one GPU: the rehearsal's 05 and 06 at their defaults (07 needs lm-eval's wheel,
+#                                 # which does not fit in one upload beside bitsandbytes')
 #   bash bench/on_gpu.sh head     # one GPU: stage 02 with the engine of 48d6c6f against this one (the shared
 #                                 # head prefilled once), twice, interleaved, then bench/startup.py; first, here:
 #                                 # mkdir -p .gpu-wheels/old && git show 48d6c6f:engine.py > .gpu-wheels/old/engine.py
@@ -29,6 +35,23 @@ gen)
     --cb-seconds=0 --ref-seconds=5 2>&1 | tee "$OUT/gen.log"
   python3 bench/bench.py --part=train --out="$OUT" --train-configs=varlen:8192:0.125:sum:fused:bf16lora \
     --ref-steps=2 2>&1 | tee "$OUT/train.log"
+  ;;
+lean)
+  A=varlen:8192:0.125:sum:fused:bf16lora
+  python3 bench/bench.py --part=train --out="$OUT" --train-configs=$A,$A:bnb4bit,$A:paged,$A,$A:bnb4bit,$A:paged \
+    --train-profile=$A --train-tokens=160000 --ref-steps=1 2>&1 | tee "$OUT/train.log"
+  ;;
+lean3)
+  # 05's configuration now and before this round (bitsandbytes' 4-bit matmul and paged AdamW), and lean_nf4 alone,
+  # interleaved three times, 320k tokens each
+  A=varlen:8192:0.125:sum:fused:bf16lora
+  python3 bench/bench.py --part=train --out="$OUT" --train-tokens=320000 --ref-steps=1 \
+    --train-configs=$A,$A:bnb4bit,$A:bnb4bit:paged,$A,$A:bnb4bit,$A:bnb4bit:paged,$A,$A:bnb4bit,$A:bnb4bit:paged \
+    2>&1 | tee "$OUT/train.log"
+  ;;
+late)
+  python3 rehearsal.py --stages=05,06 --out="$REH" $ARGS 2>&1 | tee "$OUT/rehearsal.log"
+  cp "$REH/rehearsal.json" "$OUT/rehearsal_05-06.json"
   ;;
 stages)
   python3 rehearsal.py --stages=01,02,03,04 --out="$REH" $ARGS 2>&1 | tee "$OUT/rehearsal.log"
@@ -63,7 +86,7 @@ head)
     | tee "$OUT/startup.log"
   ;;
 *)
-  echo "usage: bash bench/on_gpu.sh gen|stages|gpus2|head" >&2
+  echo "usage: bash bench/on_gpu.sh gen|lean|lean3|late|stages|gpus2|head" >&2
   exit 2
   ;;
 esac

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from common import collate_padded
-from training import adapters_in_bf16, add_lora, load_student, loss_sum, micro_batches, supervised_tokens
+from training import adapters_in_bf16, add_lora, lean_nf4, load_student, loss_sum, micro_batches, supervised_tokens
 from engine import fused_gelu, packed_attention
 import shapes
 from gen import TRAIN_KERNELS, kernel_table
@@ -109,18 +109,21 @@ LOSSES = {"sum": loss_sum, "chunked": chunked_loss_sum, "full": full_loss_sum}
 def parse(config):
     """attention:budget:ckpt fraction:loss[:flag...], flags: fused (GELU), bf16lora (adapter maths in bf16,
     adapters_in_bf16), peftbf16 (the same before 2026-12-04: peft's forward under autocast), compile
-    (torch.compile of each decoder layer)."""
+    (torch.compile of each decoder layer), bnb4bit (bitsandbytes' 4-bit matmul, not lean_nf4's), paged
+    (bitsandbytes' paged AdamW 32-bit, the reference's, not torch's fused AdamW)."""
     attn, budget, frac, loss, *flags = config.split(":")
     return attn, int(budget), float(frac), loss, set(flags)
 
 
 FLAG_NAMES = {"fused": "fused gelu", "bf16lora": "bf16 adapters", "peftbf16": "peft's adapters under autocast",
-              "compile": "compiled layers"}
+              "compile": "compiled layers", "bnb4bit": "bitsandbytes' 4-bit matmul",
+              "paged": "paged AdamW"}
 
 
 def set_flags(model, flags):
     """The flags of parse() that wrap modules: adapters in bf16, compiled decoder layers."""
     adapters_in_bf16(model, "bf16lora" in flags)
+    lean_nf4(model, "bnb4bit" not in flags)
     if "peftbf16" in flags:
         import functools
 
@@ -159,13 +162,15 @@ def set_checkpointing(model, frac):
         layer.gradient_checkpointing = i < round(frac * len(layers))
 
 
-def optimizer(bench, model):
+def optimizer(bench, model, paged=False):
+    """05's: torch's AdamW, fused on a GPU; paged: the reference's, bitsandbytes' paged AdamW 32-bit (it
+    synchronizes the GPU after each tensor)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if bench.device == "cuda":
+    if paged and bench.device == "cuda":
         import bitsandbytes as bnb
 
-        return bnb.optim.PagedAdamW32bit(params, lr=2e-5)  # the recipe's optimizer
-    return torch.optim.AdamW(params, lr=2e-5)
+        return bnb.optim.PagedAdamW32bit(params, lr=2e-5)
+    return torch.optim.AdamW(params, lr=2e-5, fused=bench.device == "cuda")
 
 
 def bound_of(frac):
@@ -199,10 +204,11 @@ def run_train(bench):
     bench.reset_memory()
     model, _ = load_student(folder, load_in_4bit=four_bit)
     set_gelu(model, False)  # load_student fuses it on a GPU; the reference ran gelu_new
+    lean_nf4(model, False)  # and bitsandbytes' own 4-bit matmul
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = add_lora(model, full_copies=True)
     model.train()
-    opt = optimizer(bench, model)
+    opt = optimizer(bench, model, paged=True)
 
     def ref_step(seqs):
         for ex in seqs:
@@ -244,7 +250,6 @@ def run_train(bench):
     print(f"  same loss: packed {a:.5f}, padded {b:.5f}, chunked {c:.5f}")
     bench.save("train.json", rows, same_loss=check)
     model.train()
-    opt = optimizer(bench, model)
 
     for config in bench.TRAIN_CONFIGS:
         attn, budget, frac, loss, flags = parse(config)
@@ -254,6 +259,7 @@ def run_train(bench):
         set_checkpointing(model, frac)
         set_gelu(model, "fused" in flags)
         set_flags(model, flags)
+        opt = optimizer(bench, model, paged="paged" in flags)
         batches = micro_batches(examples, budget, packed=True, seed=bench.SEED)
         bench.reset_memory()
         try:
@@ -283,7 +289,9 @@ def run_train(bench):
                     tokens = sum(step(b) for b in batches[2:4])
                     bench.sync()
                 kinds, top = kernel_table(prof, 2, TRAIN_KERNELS)
-                check["profile"] = {"config": config, "tokens_per_step": tokens / 2, "kernels_ms": kinds, "top": top}
+                check["profile"] = {"config": config, "tokens_per_step": tokens / 2, "kernels_ms": kinds, "top": top,
+                                    "host": host_profile(bench, model, opt, [batches[(2 + i) % len(batches)]
+                                                                             for i in range(4)], LOSSES[loss])}
                 print(f"  profile of {config}: CUDA ms per micro-batch of ~{tokens // 2} tokens: {kinds}")
                 for k in top[:10]:
                     print(f"      {k}")
@@ -297,6 +305,45 @@ def run_train(bench):
             print(f"  {config:<40} {error}")
             bench.save("train.json", rows, same_loss=check)
     bench.save("train.json", rows, same_loss=check)
+
+
+def host_profile(bench, model, opt, batches, loss_fn):
+    """Where the host's time goes in a micro-batch: each phase timed as the host runs it (no sync, so
+    the GPU runs behind), then the wait for the GPU; and a cProfile of the same, top functions by own time."""
+    import cProfile
+    import pstats
+
+    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0, "wait for the GPU": 0.0}
+    for b in batches:
+        t0 = time.perf_counter()
+        b = {k: v.to(bench.device) for k, v in b.items()}
+        loss = loss_fn(model, b) / max(1, supervised_tokens(b))
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        bench.sync()
+        for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+            phases[k] += 1000 * dt / len(batches)
+    prof = cProfile.Profile()
+    prof.enable()
+    for b in batches[:2]:
+        b = {k: v.to(bench.device) for k, v in b.items()}
+        (loss_fn(model, b) / max(1, supervised_tokens(b))).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    bench.sync()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, primitive calls, own s, cumulative s, callers)}
+    top = sorted(((round(1000 * v[2] / 2, 2), round(1000 * v[3] / 2, 2), v[1] // 2, f"{Path(k[0]).name}:{k[1]}:{k[2]}")
+                  for k, v in stats.items()), reverse=True)[:30]
+    print(f"  host ms per micro-batch: { {k: round(v, 1) for k, v in phases.items()} }")
+    for row in top[:15]:
+        print(f"      own {row[0]} ms, cumulative {row[1]} ms, {row[2]} calls: {row[3]}")
+    return {"phases_ms": {k: round(v, 2) for k, v in phases.items()},
+            "cprofile_top_own_ms_cum_ms_calls": top}
 
 
 # =============================================================================
