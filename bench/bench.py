@@ -10,7 +10,9 @@ token ids instead of text. Five parts, each writing JSON under --out:
          attention and the fused layers vs whole-slot sdpa through HF's layers, and of prompts whose
          shared head is prefilled once vs with each prompt; kernels.self_check.
   profile where a decode step's time goes (graph replay with and without sampling, CUDA time
-         per kind of kernel) at 256 and 384 slots of realistic context; a packed prefill call.
+         per kind of kernel) at 256 and 384 slots of realistic context; a packed prefill call and
+         its kernels; the weight matmuls of one decode step at 64 to 16k rows (gen.gemm_sweep).
+         bench/gemm_probe.py times them one matrix at a time, every 8 rows.
   train  Phi-2 shape, 4-bit NF4 QLoRA r=32: the reference (bs 1, GA 16, grad checkpointing,
          full fp32 lm_head/embed copies) vs packed token-budget micro-batches with varlen
          attention, trainable token rows, per-token-mean loss, at several budgets,

@@ -350,6 +350,8 @@ def run_profile(bench):
             reply = torch.randint(r_lo, r_hi + 1, (count,), generator=g)
             ctx = plen + (torch.rand(count, generator=g) * reply).long()  # a row somewhere in its reply
             for decode, layers in (("sdpa", "HF"), ("flash", "HF"), ("flash", "fused"), ("auto", "fused")):
+                if decode == "flash" and bench.device != "cuda":  # --tiny on a CPU: no flash kernel
+                    continue
                 bench.reset_memory()
                 slots = engine._Slots(model, count, length, decode)
                 slots.fused = fused if layers == "fused" else None
@@ -385,14 +387,41 @@ def run_profile(bench):
         while sum(map(len, prompts)) > 16384:
             prompts.pop()
         tokens = sum(map(len, prompts))
-        ms = timed(lambda: engine._prefill(model, slots, list(range(len(prompts))), prompts), 5)
+        prefill = lambda: engine._prefill(model, slots, list(range(len(prompts))), prompts)  # noqa: E731
+        ms = timed(prefill, 5)
         flop = 2 * weight_bytes / 2 * tokens
         out["prefill"] = {"prompts": len(prompts), "tokens": tokens, "ms": round(ms, 1),
                           "tflops": round(flop / ms / 1e9, 1)}
+        with profile(activities=[ProfilerActivity.CUDA if bench.device == "cuda" else ProfilerActivity.CPU]) as prof:
+            prefill()
+            bench.sync()
+        out["prefill"]["kernels_ms"], out["prefill"]["top_kernels"] = kernel_table(prof, 1)
         print(f"  prefill: {len(prompts)} prompts, {tokens} tokens packed in {ms:.0f} ms "
-              f"({out['prefill']['tflops']} TFLOP/s of weight matmuls)")
+              f"({out['prefill']['tflops']} TFLOP/s of weight matmuls); kernels {out['prefill']['kernels_ms']}")
+        for k in out["prefill"]["top_kernels"][:8]:
+            print(f"      {k}")
+        out["gemm"] = gemm_sweep(bench, model, fused, timed)
     (bench.out_dir / "profile.json").write_text(json.dumps({"card": bench.card(), "versions": bench.versions(), **out},
                                                            indent=1))
+
+
+def gemm_sweep(bench, model, fused, timed):
+    """The weight matmuls of one step (each layer's q|k|v, o, gate|up and down, then lm_head) at M rows:
+    ms, TFLOP/s and the rate the weights are read at. Where a decode step stops being bandwidth-bound, and
+    what prefill tokens riding along would cost."""
+    weights = [w for i, layer in enumerate(model.model.layers)
+               for w in (fused[i][0][0], layer.self_attn.o_proj.weight, fused[i][1][0], layer.mlp.down_proj.weight)]
+    weights.append(model.lm_head.weight)
+    params, nbytes = sum(w.numel() for w in weights), sum(w.numel() * w.element_size() for w in weights)
+    rows = []
+    for m in (64, 128, 192, 256, 320, 384, 448, 512, 768, 1024, 2048, 4096, 16384):
+        xs = {w.shape[1]: torch.randn(m, w.shape[1], device=bench.device, dtype=model.dtype) for w in weights}
+        ms = timed(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights], 5)
+        rows.append({"rows": m, "ms": round(ms, 3), "tflops": round(2 * m * params / ms / 1e9, 1),
+                     "gb_s": round(nbytes / ms / 1e6)})
+        print(f"  weight matmuls of one step at {m} rows: {ms:.2f} ms, {rows[-1]['tflops']} TFLOP/s, "
+              f"weights read at {rows[-1]['gb_s']} GB/s")
+    return rows
 
 
 def slot_bytes_per_token(model):

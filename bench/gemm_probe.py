@@ -1,0 +1,47 @@
+"""Mistral-7B's weight matmuls one matrix at a time (a layer's q|k|v, o, gate|up and down, and lm_head),
+at each row count given, under cuBLASLt and cuBLAS: where a decode step's matmul time jumps with the rows
+(engine._matmul_rows pads around such jumps). One GPU, random bf16 weights.
+
+  python bench/gemm_probe.py [ROWS,ROWS,...]     # default 176..528 every 16
+
+Prints a line per library and row count (step_ms: 32 layers' matmuls + lm_head); JSON to
+$OUT/gemm_probe.json (OUT defaults to the current folder).
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (32000, 4096)}
+PER_STEP = {"qkv": 32, "o": 32, "gate_up": 32, "down": 32, "lm_head": 1}
+
+
+def ms_of(x, w, runs=20):
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(runs):
+        torch.nn.functional.linear(x, w)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / runs
+
+
+weights = {k: torch.randn(n, m, device="cuda", dtype=torch.bfloat16) * 0.02 for k, (n, m) in SHAPES.items()}
+counts = [int(a) for a in sys.argv[1].split(",")] if len(sys.argv) > 1 else list(range(176, 529, 16))
+rows = []
+for lib in ("cublaslt", "cublas"):
+    torch.backends.cuda.preferred_blas_library(lib)
+    for m in counts:
+        row = {"lib": lib, "rows": m}
+        for k, w in weights.items():
+            row[k] = round(ms_of(torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16), w), 4)
+        row["step_ms"] = round(sum(row[k] * PER_STEP[k] for k in SHAPES), 3)
+        rows.append(row)
+        print(lib, m, row["step_ms"], {k: row[k] for k in SHAPES}, flush=True)
+with open(os.path.join(os.environ.get("OUT", "."), "gemm_probe.json"), "w") as f:
+    json.dump(rows, f, indent=1)
