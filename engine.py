@@ -169,6 +169,7 @@ class _Slots:
                 "flash" if self.flash else "sdpa")
         self.decode, self.used, self.prefill = decode, None, None
         self.fused = None  # _fuse_projections' weights, when _fused_layers runs prefill and decode steps
+        self.rows = {}  # a decode step's matmul rows by weight shape, where more run faster (_matmul_rows)
 
     def first(self, rows):
         """The same cache and inputs cut to the first `rows` slots: a decode step over fewer rows."""
@@ -203,7 +204,8 @@ def _fusable(model):
     cfg, layer = model.config, model.model.layers[0]
     return (cfg.model_type in ("llama", "mistral", "qwen2") and getattr(cfg, "hidden_act", None) == "silu"
             and not hasattr(layer.self_attn, "q_norm") and hasattr(layer.mlp, "gate_proj")
-            and all(type(m) is torch.nn.Linear for m in (layer.self_attn.q_proj, layer.mlp.gate_proj)))
+            and all(type(m) is torch.nn.Linear for m in (layer.self_attn.q_proj, layer.self_attn.o_proj,
+                                                           layer.mlp.gate_proj, layer.mlp.down_proj, model.lm_head)))
 
 
 def _fuse_projections(model):
@@ -233,21 +235,63 @@ def _fuse_projections(model):
     return model._slot_fused
 
 
+def _linear(x, weight, bias, rows):
+    """F.linear(x, weight, bias), run at rows.get(weight.shape) rows (x padded with zeros, the result cut
+    back) where _matmul_rows found that faster."""
+    n, m = len(x), rows.get(weight.shape, len(x))
+    return F.linear(F.pad(x, (0, 0, 0, m - n)), weight, bias)[:n] if m > n else F.linear(x, weight, bias)
+
+
+_timed_rows = {}  # (device, dtype, weight shape, rows) -> the rows to run that matmul at
+
+
+def _matmul_rows(weights, rows):
+    """{weight shape: row count} for a decode step of `rows` rows: for each weight, the multiple of 8 up
+    to an eighth above `rows` at which x @ weight.T runs fastest, where that is 5% faster than at `rows`.
+    cuBLAS picks its kernel by the row count: on an H100, Mistral-7B's gate|up takes 0.20 ms at 437 rows,
+    0.16 at 456 and 0.30 at 448 (bench/runs/2026-12-05/round2h_gemm_rows_h100.json). Timed once per
+    shape and row count; none off a GPU."""
+    plan = {}
+    if not weights[0].is_cuda:
+        return plan
+    for w in weights:
+        key = (w.device, w.dtype, tuple(w.shape), rows)
+        if key not in _timed_rows:
+            ms = {}
+            for m in [rows] + list(range(rows // 8 * 8 + 8, rows + rows // 8 + 1, 8)):
+                x = torch.randn(m, w.shape[1], device=w.device, dtype=w.dtype)
+                for _ in range(3):
+                    F.linear(x, w)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(10):
+                    F.linear(x, w)
+                end.record()
+                end.synchronize()
+                ms[m] = start.elapsed_time(end)
+            best = min(ms, key=ms.get)
+            _timed_rows[key] = best if ms[best] < 0.95 * ms[rows] else rows
+        if _timed_rows[key] != rows:
+            plan[w.shape] = _timed_rows[key]
+    return plan
+
+
 def _fused_layers(model, slots, h, cos, sin, slot, pos, attend):
     """Each HF layer's maths through the fused weights and kernels.py's kernels, for tokens h [tokens,
     hidden] at (slot, pos) of the cache; attend(q, layer index, scale) is the attention (decode or
     prefill), q [tokens, rep, groups, dim] as rotary_to_cache returns it. Returns the final norm's output."""
-    inner, cfg = model.model, model.config
+    inner, cfg, rows = model.model, model.config, slots.rows
     residual = None
     for i, layer in enumerate(inner.layers):
         (qkv, qkv_bias), (gate_up, gate_up_bias) = slots.fused[i]
+        o, down = layer.self_attn.o_proj, layer.mlp.down_proj
         x, residual = add_rms_norm(h, residual, layer.input_layernorm)
-        q = rotary_to_cache(F.linear(x, qkv, qkv_bias), cos, sin, slots.k[i], slots.v[i], slot, pos,
+        q = rotary_to_cache(_linear(x, qkv, qkv_bias, rows), cos, sin, slots.k[i], slots.v[i], slot, pos,
                             cfg.num_attention_heads, cfg.num_key_value_heads)
-        h = layer.self_attn.o_proj(attend(q, i, layer.self_attn.scaling))
+        h = _linear(attend(q, i, layer.self_attn.scaling), o.weight, o.bias, rows)
         x, residual = add_rms_norm(h, residual, layer.post_attention_layernorm)
-        gate, up = F.linear(x, gate_up, gate_up_bias).chunk(2, -1)
-        h = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        gate, up = _linear(x, gate_up, gate_up_bias, rows).chunk(2, -1)
+        h = _linear(layer.mlp.act_fn(gate) * up, down.weight, down.bias, rows)
     return add_rms_norm(h, residual, inner.norm)[0]
 
 
@@ -260,7 +304,7 @@ def _decode_forward(model, slots):
     cos, sin = inner.rotary_emb(h[:, None], c.pos[:, None])
     h = _fused_layers(model, c, h, cos[:, 0], sin[:, 0], c.ids, c.pos,
                       lambda q, i, scale: _decode_attention(q, c, i, scale))
-    return model.lm_head(h).float()
+    return _linear(h, model.lm_head.weight, model.lm_head.bias, c.rows).float()
 
 
 def _prefill_attention(q, c, layer, scale, plan):
@@ -363,7 +407,7 @@ def _graphed(fn, device, pool=None):
 
 def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, max_slots=512,
                   prefill_tokens=16384, kv_memory=0.6, cuda_graph=True, decode="auto", fused=True, shrink=True,
-                  share_head=True, processor=None, stats=None, on_row=None):
+                  share_head=True, pad_rows=True, processor=None, stats=None, on_row=None):
     """Reply token ids for each prompt (token id lists), up to max_slots rows decoding at once.
 
     A row that ends frees its slot and the next prompts are prefilled into free slots, so
@@ -376,8 +420,10 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     sampler, the CUDA graphs). decode picks the decode attention ("kernel", "flash" or "sdpa":
     _decode_attention; "auto" the first that runs here), fused=False decodes through HF's own layers
     instead of _decode_forward, shrink=False runs every decode step over all the slots,
-    share_head=False prefills each prompt whole: these four only to compare. stats (a dict) gets
-    prefill and decode seconds (decode_s includes capture_s, the CUDA graphs' capture), and counts
+    share_head=False prefills each prompt whole, pad_rows=False runs each decode matmul at the step's
+    own row count (not _matmul_rows' choice): these five only to compare. stats (a dict) gets
+    prefill and decode seconds (decode_s includes capture_s: the CUDA graphs' capture, _matmul_rows' timing),
+    padded (step size: {weight shape: the rows its matmul runs at}, where _matmul_rows padded), and counts
     (shared: the head's tokens; prefill_tokens: the tokens prefilled; decode_rows: the rows the
     decode steps ran, free ones included). on_row(i, ids) hears of each reply as it ends (prompt
     index, its token ids), while the others decode on.
@@ -433,11 +479,20 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
             # rows a 7B step costs about what reading its weights does, however few rows it runs.
             sizes = sorted({count >> k for k in range(5 if shrink else 1)} - {0})
             step_of_size, pool = {}, None
+            layer = model.model.layers[0]  # a decode step's weight shapes, for _matmul_rows
+            matmuls = weights and [weights[0][0][0], layer.self_attn.o_proj.weight, weights[0][1][0],
+                                   layer.mlp.down_proj.weight, model.lm_head.weight]
 
             def step(size):
                 nonlocal cuda_graph, pool
                 if size not in step_of_size:
                     part = slots.first(size)
+                    if pad_rows and matmuls:
+                        t = time.perf_counter()
+                        part.rows = _matmul_rows(matmuls, size)
+                        stats["capture_s"] += time.perf_counter() - t
+                        if part.rows:
+                            stats.setdefault("padded", {})[size] = {f"{n}x{k}": m for (n, k), m in part.rows.items()}
                     # Sampling is part of the step, so a CUDA graph replays decode and sampling as one launch.
                     eager = lambda: pick(_decode_step(model, part), row_of[:size], step_of[:size],  # noqa: E731
                                          seed_of[:size])

@@ -125,8 +125,10 @@ def run_gen(bench):
                 + ("" if fused else ", HF's layers in decode")
                 + ("" if shrink else ", every step over all slots")
                 + ("" if kv == 0.6 else f", the KV cache in {kv:.0%} of free memory")
+                + (", matmuls at the step's own rows" if "rows0" in flags else "")
                 + (f", engine of {bench.ROUND1}" if "round1" in flags else ""))
-        generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink, "kv_memory": kv}
+        generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink, "kv_memory": kv,
+                                          "pad_rows": "rows0" not in flags}
         if "round1" in flags:  # the engine.py of an earlier commit, side by side
             import importlib.util
 
@@ -162,6 +164,7 @@ def run_gen(bench):
                     f"{stats['decode_steps']} decode steps of {decode_ms:.1f} ms"
                     + (f" over {stats['decode_rows'] / max(1, stats['decode_steps']):.0f} rows, "
                        f"{stats['capture_s']:.1f} s of it capturing graphs" if "decode_rows" in stats else "")
+                    + (f"; matmuls padded: {stats['padded']}" if stats.get("padded") else "")
                     + (f"; {len(bad)} rows off their forced length" if bad else ""))
 
     # Correctness on this card, in fp32 (bf16 ties flip greedy picks): a 2-layer model with

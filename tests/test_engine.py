@@ -141,6 +141,37 @@ def test_fused_decode_gives_hf_generates_tokens(arch):
         assert torch.equal(model(probe).logits, before)
 
 
+def test_decode_matmuls_padded_to_more_rows_give_the_same_logits(monkeypatch):
+    """Where _matmul_rows (GPU only) picks more rows for a decode step's matmuls, they run on zero-padded
+    inputs and the result is cut back: each row gets the logits and tokens of the unpadded steps."""
+    model = random_decoder("llama")
+    prompts = [torch.randint(1, 300, (n,)).tolist() for n in (5, 17, 9, 30, 3, 11)]
+    eos, targets = 299, torch.tensor([3, 5, 2, 4, 2, 12])
+    got = {}
+
+    def keep(logits, r, steps):
+        for key, row in zip(zip(r.tolist(), steps.tolist()), logits):
+            seen.setdefault(key, row)
+        return force_lengths(logits, targets[r], steps, eos)
+
+    for pad in (True, False):
+        if pad:
+            monkeypatch.setattr(engine, "_matmul_rows", lambda weights, rows: {w.shape: rows + 5 for w in weights})
+        stats, seen = {}, {}
+        got[pad] = slot_generate(model, prompts, list(range(6)), max_new_tokens=12, temperature=0.8, top_p=0.9,
+                                 eos_ids=eos, max_slots=6, stats=stats, processor=keep)
+        got[pad, "logits"], got[pad, "padded"] = seen, stats.get("padded")
+        monkeypatch.undo()
+    assert got[True] == got[False]
+    assert got[True, "logits"].keys() == got[False, "logits"].keys()
+    for key, logits in got[True, "logits"].items():
+        torch.testing.assert_close(logits, got[False, "logits"][key], rtol=1e-5, atol=1e-5)
+    assert got[False, "padded"] is None
+    assert got[True, "padded"] == {size: {"96x64": size + 5, "64x64": size + 5, "192x64": size + 5,
+                                          "64x96": size + 5, "300x64": size + 5} for size in (1, 3, 6)}
+    assert not engine._timed_rows  # off a GPU nothing is timed
+
+
 def test_fused_prefill_gives_hfs_logits_and_cache(monkeypatch):
     """_prefill through the fused layers (prompts packed in one row, kernels.py's torch versions on CPU):
     each prompt's last logits and the K/V written into its slot are HF's for that prompt alone."""
