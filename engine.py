@@ -417,7 +417,8 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     Prompts are prefilled packed, up to prefill_tokens a call; the first tokens all prompts share
     (16 or more: an instruction before each record) once, their K/V then copied into each slot. On a
     GPU the slots take at most kv_memory of its free memory (the rest: prefill's activations, the
-    sampler, the CUDA graphs). decode picks the decode attention ("kernel", "flash" or "sdpa":
+    sampler, the CUDA graphs), and a decode step's matmuls run at the row counts _matmul_rows times
+    fastest. decode picks the decode attention ("kernel", "flash" or "sdpa":
     _decode_attention; "auto" the first that runs here), fused=False decodes through HF's own layers
     instead of _decode_forward, shrink=False runs every decode step over all the slots,
     share_head=False prefills each prompt whole, pad_rows=False runs each decode matmul at the step's
