@@ -5,7 +5,8 @@
 - the slot engine (slot_generate): a KV cache of slots refilled as rows end, prompts prefilled
   packed, decode steps replayed as CUDA graphs whose attention reads each slot's real length and
   that shrink to fewer slots as the last rows end; prefill and decode through fused layers and
-  kernels.py's Triton kernels for Llama-layout models;
+  kernels.py's Triton kernels for Llama-layout models, each decode matmul at the row count timed
+  fastest;
 - training: packed rows through torch's flash varlen attention (packed_attention) and Phi's
   GELU in one kernel (fused_gelu).
 Nothing here imports the pipeline's own modules; tests/test_engine.py checks each path
@@ -245,30 +246,33 @@ def _linear(x, weight, bias, rows):
 _timed_rows = {}  # (device, dtype, weight shape, rows) -> the rows to run that matmul at
 
 
-def _matmul_rows(weights, rows):
+def _cuda_ms(weight, rows):
+    """Milliseconds of x @ weight.T for random x of `rows` rows on its GPU (mean of 10, after 3)."""
+    x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=weight.dtype)
+    for _ in range(3):
+        F.linear(x, weight)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        F.linear(x, weight)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 10
+
+
+def _matmul_rows(weights, rows, ms_of=_cuda_ms):
     """{weight shape: row count} for a decode step of `rows` rows: for each weight, the multiple of 8 up
     to an eighth above `rows` at which x @ weight.T runs fastest, where that is 5% faster than at `rows`.
     cuBLAS picks its kernel by the row count: on an H100, Mistral-7B's gate|up takes 0.20 ms at 437 rows,
-    0.16 at 456 and 0.30 at 448 (bench/runs/2026-12-05/round2h_gemm_rows_h100.json). Timed once per
-    shape and row count; none off a GPU."""
+    0.16 at 456 and 0.30 at 448 (bench/runs/2026-12-05/round2h_gemm_rows_h100.json). Timed (ms_of) once
+    per shape and row count; none off a GPU."""
     plan = {}
-    if not weights[0].is_cuda:
+    if ms_of is _cuda_ms and not weights[0].is_cuda:
         return plan
     for w in weights:
         key = (w.device, w.dtype, tuple(w.shape), rows)
         if key not in _timed_rows:
-            ms = {}
-            for m in [rows] + list(range(rows // 8 * 8 + 8, rows + rows // 8 + 1, 8)):
-                x = torch.randn(m, w.shape[1], device=w.device, dtype=w.dtype)
-                for _ in range(3):
-                    F.linear(x, w)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(10):
-                    F.linear(x, w)
-                end.record()
-                end.synchronize()
-                ms[m] = start.elapsed_time(end)
+            ms = {m: ms_of(w, m) for m in [rows] + list(range(rows // 8 * 8 + 8, rows + rows // 8 + 1, 8))}
             best = min(ms, key=ms.get)
             _timed_rows[key] = best if ms[best] < 0.95 * ms[rows] else rows
         if _timed_rows[key] != rows:

@@ -172,6 +172,26 @@ def test_decode_matmuls_padded_to_more_rows_give_the_same_logits(monkeypatch):
     assert not engine._timed_rows  # off a GPU nothing is timed
 
 
+def test_matmul_rows_pads_only_where_a_few_more_rows_run_5_percent_faster(monkeypatch):
+    """_matmul_rows tries the multiples of 8 up to an eighth above the step's rows, keeps the fastest where
+    it beats the step's own count by 5% or more, and times each shape and count once."""
+    monkeypatch.setattr(engine, "_timed_rows", {})
+    slow_437, flat = torch.zeros(8, 4), torch.zeros(6, 4)
+    calls = []
+
+    def ms_of(w, m):  # slow_437: 448 slower still, 456 20% faster; flat: 464 only 4% faster
+        calls.append((w.shape[0], m))
+        return ({456: 0.8, 448: 1.5} if w.shape[0] == 8 else {464: 0.96}).get(m, 1.0)
+
+    plan = engine._matmul_rows([slow_437, flat], 437, ms_of)
+    assert plan == {slow_437.shape: 456}
+    assert [m for n, m in calls if n == 8] == [437, 440, 448, 456, 464, 472, 480, 488]  # up to 437 + 437 // 8
+    calls.clear()
+    assert engine._matmul_rows([slow_437, flat], 437, ms_of) == plan and not calls
+    assert engine._matmul_rows([slow_437], 64, ms_of) == {} and calls == [(8, 64), (8, 72)]
+    assert engine._matmul_rows([slow_437], 437) == {}  # off a GPU the default timer is not asked: no plan
+
+
 def test_fused_prefill_gives_hfs_logits_and_cache(monkeypatch):
     """_prefill through the fused layers (prompts packed in one row, kernels.py's torch versions on CPU):
     each prompt's last logits and the K/V written into its slot are HF's for that prompt alone."""
