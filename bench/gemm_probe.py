@@ -11,24 +11,16 @@ $OUT/gemm_probe.json (OUT defaults to the current folder).
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine import _cuda_ms  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (32000, 4096)}
 PER_STEP = {"qkv": 32, "o": 32, "gate_up": 32, "down": 32, "lm_head": 1}
-
-
-def ms_of(x, w, runs=20):
-    for _ in range(3):
-        torch.nn.functional.linear(x, w)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(runs):
-        torch.nn.functional.linear(x, w)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / runs
 
 
 weights = {k: torch.randn(n, m, device="cuda", dtype=torch.bfloat16) * 0.02 for k, (n, m) in SHAPES.items()}
@@ -39,7 +31,7 @@ for lib in ("cublaslt", "cublas"):
     for m in counts:
         row = {"lib": lib, "rows": m}
         for k, w in weights.items():
-            row[k] = round(ms_of(torch.randn(m, w.shape[1], device="cuda", dtype=torch.bfloat16), w), 4)
+            row[k] = round(_cuda_ms(w, m), 4)
         row["step_ms"] = round(sum(row[k] * PER_STEP[k] for k in SHAPES), 3)
         rows.append(row)
         print(lib, m, row["step_ms"], {k: row[k] for k in SHAPES}, flush=True)
