@@ -169,7 +169,7 @@ class _Slots:
             decode = "kernel" if self.flash and decode_attention_fits(dev, model.dtype, dim) else (
                 "flash" if self.flash else "sdpa")
         self.decode, self.used, self.prefill = decode, None, None
-        self.fused = None  # _fuse_projections' weights, when _fused_layers runs prefill and decode steps
+        self.fused = None  # _slot_weights' weights, when _fused_layers runs prefill and decode steps
         self.rows = {}  # a decode step's matmul rows by weight shape, where more run faster (_matmul_rows)
 
     def first(self, rows):
@@ -236,25 +236,60 @@ def _fuse_projections(model):
     return model._slot_fused
 
 
+def _slot_weights(model, fp8=False):
+    """Each layer's [q|k|v, o, gate|up, down] as (weight, bias) pairs (_fuse_projections' joined ones), the
+    weights as Fp8 copies when fp8: made once per model and kept beside its own (half their bytes)."""
+    fused = _fuse_projections(model)
+    layers = [[qkv, (a.o_proj.weight, a.o_proj.bias), gate_up, (m.down_proj.weight, m.down_proj.bias)]
+              for (qkv, gate_up), a, m in ((f, layer.self_attn, layer.mlp) for f, layer in zip(fused, model.model.layers))]
+    if not fp8:
+        return layers
+    if getattr(model, "_slot_fp8", (None,))[0] is not fused:
+        with torch.no_grad():
+            model._slot_fp8 = (fused, [[(Fp8(w), b) for w, b in layer] for layer in layers])
+    return model._slot_fp8[1]
+
+
+class Fp8:
+    """A weight [out, in] in float8 e4m3, one fp32 scale per output row (its largest magnitude / 448),
+    for _matmul: half the bytes of bf16, and an H100's tensor cores multiply it twice as fast."""
+
+    def __init__(self, weight):
+        scale = weight.abs().amax(1, keepdim=True).float().clamp(min=1e-12) / 448
+        self.data, self.scale = (weight / scale).to(torch.float8_e4m3fn), scale.t().contiguous()
+        self.shape, self.dtype, self.device, self.is_cuda = weight.shape, weight.dtype, weight.device, weight.is_cuda
+
+
+def _matmul(x, weight, bias=None):
+    """F.linear(x, weight, bias); for an Fp8 weight, x scaled and rounded to float8 row by row (each row's
+    largest magnitude to 448) and the product rescaled, in x's dtype."""
+    if not isinstance(weight, Fp8):
+        return F.linear(x, weight, bias)
+    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 448
+    out = torch._scaled_mm((x / scale).to(torch.float8_e4m3fn), weight.data.t(), scale_a=scale,
+                           scale_b=weight.scale, out_dtype=x.dtype)
+    return out if bias is None else out + bias
+
+
 def _linear(x, weight, bias, rows):
-    """F.linear(x, weight, bias), run at rows.get(weight.shape) rows (x padded with zeros, the result cut
+    """_matmul(x, weight, bias), run at rows.get(weight.shape) rows (x padded with zeros, the result cut
     back) where _matmul_rows found that faster."""
     n, m = len(x), rows.get(weight.shape, len(x))
-    return F.linear(F.pad(x, (0, 0, 0, m - n)), weight, bias)[:n] if m > n else F.linear(x, weight, bias)
+    return _matmul(F.pad(x, (0, 0, 0, m - n)), weight, bias)[:n] if m > n else _matmul(x, weight, bias)
 
 
 _timed_rows = {}  # (device, dtype, weight shape, rows) -> the rows to run that matmul at
 
 
 def _cuda_ms(weight, rows):
-    """Milliseconds of x @ weight.T for random x of `rows` rows on its GPU (mean of 10, after 3)."""
+    """Milliseconds of _matmul(x, weight) for random x of `rows` rows on its GPU (mean of 10, after 3)."""
     x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=weight.dtype)
     for _ in range(3):
-        F.linear(x, weight)
+        _matmul(x, weight)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(10):
-        F.linear(x, weight)
+        _matmul(x, weight)
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 10
@@ -270,7 +305,7 @@ def _matmul_rows(weights, rows, ms_of=_cuda_ms):
     if ms_of is _cuda_ms and not weights[0].is_cuda:
         return plan
     for w in weights:
-        key = (w.device, w.dtype, tuple(w.shape), rows)
+        key = (type(w), w.device, w.dtype, tuple(w.shape), rows)
         if key not in _timed_rows:
             ms = {m: ms_of(w, m) for m in [rows] + list(range(rows // 8 * 8 + 8, rows + rows // 8 + 1, 8))}
             best = min(ms, key=ms.get)
@@ -287,15 +322,14 @@ def _fused_layers(model, slots, h, cos, sin, slot, pos, attend):
     inner, cfg, rows = model.model, model.config, slots.rows
     residual = None
     for i, layer in enumerate(inner.layers):
-        (qkv, qkv_bias), (gate_up, gate_up_bias) = slots.fused[i]
-        o, down = layer.self_attn.o_proj, layer.mlp.down_proj
+        qkv, o, gate_up, down = slots.fused[i]
         x, residual = add_rms_norm(h, residual, layer.input_layernorm)
-        q = rotary_to_cache(_linear(x, qkv, qkv_bias, rows), cos, sin, slots.k[i], slots.v[i], slot, pos,
+        q = rotary_to_cache(_linear(x, *qkv, rows), cos, sin, slots.k[i], slots.v[i], slot, pos,
                             cfg.num_attention_heads, cfg.num_key_value_heads)
-        h = _linear(attend(q, i, layer.self_attn.scaling), o.weight, o.bias, rows)
+        h = _linear(attend(q, i, layer.self_attn.scaling), *o, rows)
         x, residual = add_rms_norm(h, residual, layer.post_attention_layernorm)
-        gate, up = _linear(x, gate_up, gate_up_bias, rows).chunk(2, -1)
-        h = _linear(layer.mlp.act_fn(gate) * up, down.weight, down.bias, rows)
+        gate, up = _linear(x, *gate_up, rows).chunk(2, -1)
+        h = _linear(layer.mlp.act_fn(gate) * up, *down, rows)
     return add_rms_norm(h, residual, inner.norm)[0]
 
 
@@ -411,7 +445,7 @@ def _graphed(fn, device, pool=None):
 
 def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, max_slots=512,
                   prefill_tokens=16384, kv_memory=0.6, cuda_graph=True, decode="auto", fused=True, shrink=True,
-                  share_head=True, pad_rows=True, processor=None, stats=None, on_row=None):
+                  share_head=True, pad_rows=True, fp8=False, processor=None, stats=None, on_row=None):
     """Reply token ids for each prompt (token id lists), up to max_slots rows decoding at once.
 
     A row that ends frees its slot and the next prompts are prefilled into free slots, so
@@ -426,7 +460,9 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     _decode_attention; "auto" the first that runs here), fused=False decodes through HF's own layers
     instead of _decode_forward, shrink=False runs every decode step over all the slots,
     share_head=False prefills each prompt whole, pad_rows=False runs each decode matmul at the step's
-    own row count (not _matmul_rows' choice): these five only to compare. stats (a dict) gets
+    own row count (not _matmul_rows' choice): these five only to compare. fp8=True runs the layers'
+    matmuls on float8 copies of their weights (Fp8, made once, kept beside the model's own) and
+    float8-rounded inputs: about twice the matmul rate on an H100, other logits (the head stays bf16). stats (a dict) gets
     prefill and decode seconds (decode_s includes capture_s: the CUDA graphs' capture, _matmul_rows' timing),
     padded (step size: {weight shape: the rows its matmul runs at}, where _matmul_rows padded), and counts
     (shared: the head's tokens; prefill_tokens: the tokens prefilled; decode_rows: the rows the
@@ -440,6 +476,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     length = -(-(max(map(len, prompts)) + max_new_tokens) // 64) * 64
     count = min(len(prompts), max_slots)
     dev = model.device
+    weights = _slot_weights(model, fp8) if fused and _fusable(model) else None  # before the free memory is read
     if dev.type == "cuda":
         free = torch.cuda.mem_get_info(dev)[0]
         count = max(1, min(count, int(kv_memory * free) // slot_bytes(model, length)))
@@ -467,7 +504,6 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
             if on_row is not None:
                 on_row(i, outs[i])
 
-    weights = _fuse_projections(model) if fused and _fusable(model) else None
     old = model.config._attn_implementation
     model.set_attn_implementation("slots")
     try:
@@ -484,9 +520,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
             # rows a 7B step costs about what reading its weights does, however few rows it runs.
             sizes = sorted({count >> k for k in range(5 if shrink else 1)} - {0})
             step_of_size, pool = {}, None
-            layer = model.model.layers[0]  # a decode step's weight shapes, for _matmul_rows
-            matmuls = weights and [weights[0][0][0], layer.self_attn.o_proj.weight, weights[0][1][0],
-                                   layer.mlp.down_proj.weight, model.lm_head.weight]
+            matmuls = weights and [w for w, _ in weights[0]] + [model.lm_head.weight]  # for _matmul_rows
 
             def step(size):
                 nonlocal cuda_graph, pool

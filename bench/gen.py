@@ -126,9 +126,10 @@ def run_gen(bench):
                 + ("" if shrink else ", every step over all slots")
                 + ("" if kv == 0.6 else f", the KV cache in {kv:.0%} of free memory")
                 + (", matmuls at the step's own rows" if "rows0" in flags else "")
+                + (", float8 weights" if "fp8" in flags else "")
                 + (f", engine of {bench.ROUND1}" if "round1" in flags else ""))
         generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink, "kv_memory": kv,
-                                          "pad_rows": "rows0" not in flags}
+                                          "pad_rows": "rows0" not in flags, "fp8": "fp8" in flags}
         if "round1" in flags:  # the engine.py of an earlier commit, side by side
             import importlib.util
 
@@ -214,7 +215,8 @@ def run_gen(bench):
         base = logits_of(net, decode="sdpa", fused=False)  # whole-slot sdpa through HF's layers: round one's maths
         flash = "flash" if bench.device == "cuda" else "sdpa"  # the CPU smoke test has no flash kernel
         for what, variant in (("flash", dict(decode=flash, fused=False)), ("flash + fused layers", dict(decode=flash)),
-                              ("split-KV kernel + fused layers", dict(decode="auto"))):
+                              ("split-KV kernel + fused layers", dict(decode="auto")),
+                              ("float8 weights + split-KV kernel + fused layers", dict(decode="auto", fp8=True))):
             compare(f"bf16_{what}_vs_sdpa_hf_{label}", f"{label}: {what} vs whole-slot sdpa through HF's layers",
                     logits_of(net, **variant), base)
         # A 64-token head before each prompt, prefilled once (flash with fewer queries than keys) vs with each prompt
@@ -336,7 +338,7 @@ def run_profile(bench):
     length = -(-(p_hi + r_hi) // 64) * 64
     g = torch.Generator().manual_seed(bench.SEED)
     out = {"length": length, "rows": []}
-    fused = engine._fuse_projections(model)
+    fused = engine._slot_weights(model)
 
     def timed(fn, n=20):
         fn()
@@ -412,9 +414,7 @@ def gemm_sweep(bench, model, fused, timed):
     """The weight matmuls of one step (each layer's q|k|v, o, gate|up and down, then lm_head) at M rows:
     ms, TFLOP/s and the rate the weights are read at. Where a decode step stops being bandwidth-bound, and
     what prefill tokens riding along would cost."""
-    weights = [w for i, layer in enumerate(model.model.layers)
-               for w in (fused[i][0][0], layer.self_attn.o_proj.weight, fused[i][1][0], layer.mlp.down_proj.weight)]
-    weights.append(model.lm_head.weight)
+    weights = [w for layer in fused for w, _ in layer] + [model.lm_head.weight]
     params, nbytes = sum(w.numel() for w in weights), sum(w.numel() * w.element_size() for w in weights)
     rows = []
     for m in (64, 128, 192, 256, 320, 384, 448, 512, 768, 1024, 2048, 4096, 16384):

@@ -192,6 +192,70 @@ def test_matmul_rows_pads_only_where_a_few_more_rows_run_5_percent_faster(monkey
     assert engine._matmul_rows([slow_437], 437) == {}  # off a GPU the default timer is not asked: no plan
 
 
+def float8_rounded(t):
+    """t's rows rounded to float8 e4m3, each scaled so its largest magnitude is 448, and scaled back (fp32)."""
+    scale = t.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448
+    return (t.float() / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_matmul_multiplies_each_row_rounded_to_float8(dtype):
+    """_matmul with an Fp8 weight: the input's rows and the weight's rows each rounded to float8 at their
+    own scale, multiplied, the bias added, in the input's dtype; rows of any magnitude (zero too) keep
+    float8's ~3% error, not one row's scale for all."""
+    torch.manual_seed(0)
+    x = (torch.randn(6, 64) * torch.tensor([1e-3, 1, 1, 30, 1e4, 0])[:, None]).to(dtype)
+    w, bias = (torch.randn(96, 64) * 0.3).to(dtype), torch.randn(96).to(dtype)
+    got = engine._matmul(x, engine.Fp8(w), bias)
+    assert got.dtype == dtype
+    want = F.linear(float8_rounded(x), float8_rounded(w), bias.float())
+    off = (got.float() - want).abs() / want.abs().amax(1, keepdim=True)  # each row against its own size
+    assert off.max() < (1e-2 if dtype == torch.bfloat16 else 1e-6), off.max()
+    got, exact = engine._matmul(x, engine.Fp8(w)).float(), F.linear(x.float(), w.float())
+    assert not got[-1].any()  # the zero row
+    error = (got - exact)[:-1].norm(dim=1) / exact[:-1].norm(dim=1)
+    assert ((error > 0.005) & (error < 0.08)).all(), error  # rounded (not the exact product), each row alike
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fp8_slot_generate_runs_each_layer_matmul_on_float8(arch, monkeypatch):
+    """slot_generate(fp8=True), prefill and decode: the logits of each layer's matmuls run on float8-rounded
+    inputs and weights (emulated here in fp32 through the bf16 path), lm_head not; the float8 copies are made
+    once and the model's own weights stay."""
+    model = random_decoder(arch)
+    prompts = [torch.randint(1, 300, (n,)).tolist() for n in (5, 17, 9, 30)]
+    forced = torch.randint(1, 300, (4, 12))
+    probe = torch.tensor([prompts[1]])
+    with torch.no_grad():
+        before = model(probe).logits
+
+    def logits(fp8):
+        seen = {}
+
+        def keep(logits, r, steps):  # each row's logits at each step, the tokens forced
+            for key, row in zip(zip(r.tolist(), steps.tolist()), logits):
+                seen.setdefault(key, row.clone())
+            return torch.full_like(logits, float("-inf")).scatter_(1, forced[r, steps][:, None], 0.0)
+
+        slot_generate(model, prompts, [0] * 4, max_new_tokens=12, temperature=0.0, top_p=1.0, eos_ids=[],
+                      max_slots=3, prefill_tokens=40, fp8=fp8, processor=keep)
+        return torch.stack([seen[k] for k in sorted(seen)])
+
+    got = logits(True)
+    copies = model._slot_fp8[1]
+    assert logits(True).equal(got) and model._slot_fp8[1] is copies
+    plain = engine._matmul
+    monkeypatch.setattr(engine, "_matmul", lambda x, w, b=None: plain(x, w, b) if w is model.lm_head.weight
+                        else F.linear(float8_rounded(x), float8_rounded(w), b))
+    want = logits(False)
+    assert got.shape == (48, 300)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    monkeypatch.undo()
+    assert (got - logits(False)).abs().max() > 0.1  # float8 changes the logits
+    with torch.no_grad():
+        assert torch.equal(model(probe).logits, before)
+
+
 def test_fused_prefill_gives_hfs_logits_and_cache(monkeypatch):
     """_prefill through the fused layers (prompts packed in one row, kernels.py's torch versions on CPU):
     each prompt's last logits and the K/V written into its slot are HF's for that prompt alone."""
@@ -201,7 +265,7 @@ def test_fused_prefill_gives_hfs_logits_and_cache(monkeypatch):
     calls = []
     monkeypatch.setattr(engine, "rotary_to_cache", lambda *args: calls.append(1) or rotary_to_cache(*args))
     slots = engine._Slots(model, 5, 32)
-    slots.fused = engine._fuse_projections(model)
+    slots.fused = engine._slot_weights(model)
     with torch.inference_mode():
         logits = engine._prefill(model, slots, rows, prompts)
     assert len(calls) == model.config.num_hidden_layers  # the fused path ran, once a layer
