@@ -22,8 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import (add_rms_norm, decode_attention, decode_attention_fits, decode_attention_torch, rotary_to_cache,
-                     uniform_noise)
+from kernels import (add_rms_norm, decode_attention, decode_attention_fits, decode_attention_torch, float8_rows,
+                     float8_rows_torch, rotary_to_cache, uniform_noise)
 
 # transformers is imported where it is used: importing it imports huggingface_hub, which reads
 # HF_HUB_OFFLINE once, and stage 07 sets that only after its network probe.
@@ -255,8 +255,8 @@ class Fp8:
     for _matmul: half the bytes of bf16, and an H100's tensor cores multiply it twice as fast."""
 
     def __init__(self, weight):
-        scale = weight.abs().amax(1, keepdim=True).float().clamp(min=1e-12) / 448
-        self.data, self.scale = (weight / scale).to(torch.float8_e4m3fn), scale.t().contiguous()
+        self.data, scale = float8_rows_torch(weight)
+        self.scale = scale.t().contiguous()
         self.shape, self.dtype, self.device, self.is_cuda = weight.shape, weight.dtype, weight.device, weight.is_cuda
 
 
@@ -265,9 +265,8 @@ def _matmul(x, weight, bias=None):
     largest magnitude to 448) and the product rescaled, in x's dtype."""
     if not isinstance(weight, Fp8):
         return F.linear(x, weight, bias)
-    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 448
-    out = torch._scaled_mm((x / scale).to(torch.float8_e4m3fn), weight.data.t(), scale_a=scale,
-                           scale_b=weight.scale, out_dtype=x.dtype)
+    rows, scale = float8_rows(x)
+    out = torch._scaled_mm(rows, weight.data.t(), scale_a=scale, scale_b=weight.scale, out_dtype=x.dtype)
     return out if bias is None else out + bias
 
 

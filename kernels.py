@@ -9,7 +9,9 @@ sampler's noise over the whole vocabulary as in reading the weights (bench/NOTES
 - rotary_to_cache: rotary on the query and key heads of a fused q|k|v row, the query written
   in the layout the decode attention reads, key and value written into the slot cache;
 - decode_attention: split-KV flash decoding over each slot's real length, the query heads of a
-  kv head together, so each key and value is read once.
+  kv head together, so each key and value is read once;
+- float8_rows: a matmul input's rows scaled and rounded to float8 (engine.Fp8's matmuls), in one
+  kernel instead of seven.
 Each takes the Triton kernel on an Ampere-or-newer GPU when Triton is installed (it comes with
 torch's CUDA builds) and the torch version elsewhere (CPUs, tests). tests/test_kernels.py runs the
 kernels in Triton's interpreter against the torch versions; bench/bench.py checks them on the GPU.
@@ -123,6 +125,24 @@ def rotary_to_cache(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups):
     return q
 
 
+def float8_rows_torch(x):
+    """x [rows, width] as float8 e4m3 rows, each scaled so that its largest magnitude is 448, and the
+    scales [rows, 1] (fp32): x ~= rows * scales."""
+    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 448
+    return (x / scale).to(torch.float8_e4m3fn), scale
+
+
+def float8_rows(x):
+    """float8_rows_torch's values in one kernel on a GPU."""
+    if not _use_triton(x.device) or x.dim() != 2:
+        return float8_rows_torch(x)
+    x = x.contiguous()
+    rows = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(len(x), 1, dtype=torch.float32, device=x.device)
+    _float8_kernel[(len(x),)](x, rows, scale, x.shape[1], BLOCK=1024)
+    return rows, scale
+
+
 def decode_attention_torch(q, cache_k, cache_v, used, scale):
     """One decode step's attention: q [rows, rep, groups, dim] (query head g * rep + r at [r, g]),
     row i reading the first used[i] positions of slot i of cache_k/cache_v [slots, length, groups,
@@ -197,6 +217,33 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         tl.store(out_ptr + row + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty),
                  mask=mask)
+
+    @triton.jit
+    def _round_e4m3(v):
+        """v (fp32, |v| <= 448) rounded half to even to float8 e4m3's values, in fp32: 3 bits of mantissa,
+        multiples of 2**-9 below 2**-6. Converting the result to float8 is then exact, also in Triton's
+        interpreter, whose own conversion truncates."""
+        bits = v.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+        small = (v + 24576.0) - 24576.0  # 1.5 * 2**14: float32 steps of 2**-9 there, the add rounds to them
+        return tl.where(tl.abs(v) < 0.015625, small, normal)
+
+    @triton.jit
+    def _float8_kernel(x_ptr, rows_ptr, scale_ptr, width, BLOCK: tl.constexpr):
+        """One row: its largest magnitude, then each value divided by its scale (IEEE divisions, as
+        torch's) and rounded to float8."""
+        row = tl.program_id(0).to(tl.int64) * width
+        top = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, width, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            top = tl.maximum(top, tl.abs(tl.load(x_ptr + row + cols, mask=cols < width, other=0.0).to(tl.float32)))
+        scale = tl.math.div_rn(tl.maximum(tl.max(top, 0), 1e-12), 448.0)
+        tl.store(scale_ptr + tl.program_id(0), scale)
+        for start in range(0, width, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row + cols, mask=cols < width, other=0.0).to(tl.float32)
+            tl.store(rows_ptr + row + cols, _round_e4m3(tl.math.div_rn(x, scale)).to(rows_ptr.dtype.element_ty),
+                     mask=cols < width)
 
     @triton.jit
     def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, length,
@@ -315,6 +362,10 @@ def self_check(device="cuda", dtype=torch.bfloat16):
     qa = rotary_to_cache(qkv, cos, sin, caches[0], caches[1], slot, pos, heads, groups)
     qb = rotary_to_cache_torch(qkv, cos, sin, caches[2], caches[3], slot, pos, heads, groups)
     out["rotary_to_cache"] = max(differ(qa, qb), differ(caches[0], caches[2]), differ(caches[1], caches[3]))
+    x = rand(rows, 2500) * torch.tensor([1e-3, 1, 30, 1e3, 0, 1], dtype=dtype).to(device)[:, None]
+    x[-1] *= torch.logspace(-6, 0, 2500).to(device, dtype)  # float8's subnormals, below 2**-6 of 448
+    a, b = float8_rows(x), float8_rows_torch(x)
+    out["float8_rows"] = max(differ(a[0].float(), b[0].float()), differ(a[1], b[1]))
     length = 600  # three splits of 256 positions
     cache_k, cache_v = rand(rows, length, groups, dim), rand(rows, length, groups, dim)
     used = torch.tensor([1, 255, 256, 257, 599, 600], dtype=torch.int32).to(device)
