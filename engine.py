@@ -236,6 +236,13 @@ def _fuse_projections(model):
     return model._slot_fused
 
 
+def fp8_runs(model):
+    """Whether slot_generate(fp8=True) runs on `model` here: a decoder of _fusable's layout on a GPU with
+    float8 matmuls (compute capability 8.9 or newer: L4, L40, H100, H200, B200)."""
+    return (_fusable(model) and model.device.type == "cuda"
+            and torch.cuda.get_device_capability(model.device) >= (8, 9))
+
+
 def _slot_weights(model, fp8=False):
     """Each layer's [q|k|v, o, gate|up, down] as (weight, bias) pairs (_fuse_projections' joined ones), the
     weights as Fp8 copies when fp8: made once per model and kept beside its own (half their bytes)."""

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from helpers import CONVS
 
-from common import HFBackend, collate_packed, collate_padded, tokenize_chat
+import common
+from common import HFBackend, InputError, collate_packed, collate_padded, tokenize_chat
 import training
 from training import adapters_in_bf16, add_lora, load_student, loss_sum, supervised_tokens
 import engine
@@ -38,6 +39,25 @@ def test_slot_generate_equals_hf_generate(tiny_llama):
                                 eos_ids=model.generation_config.eos_token_id, max_slots=slots, prefill_tokens=64)
             assert [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)] == want
     assert min(map(len, out)) < 12  # a row ended at eos and freed its slot early
+
+
+def test_hf_fp8_backend_refuses_off_a_float8_gpu_and_runs_the_float8_engine(tiny_llama, monkeypatch):
+    """--backend=hf-fp8 where float8 matmuls do not run (a CPU here) is one line naming what it needs; where
+    they do (faked here), each reply is slot_generate's with fp8=True."""
+    with pytest.raises(InputError, match=r"backend hf-fp8 needs a GPU with float8 matmuls .*here: no GPU, llama"):
+        common.load_backend("hf-fp8", tiny_llama)
+    monkeypatch.setattr(common, "fp8_runs", lambda model: True)
+    monkeypatch.setattr(common, "slot_engine_runs", lambda model: True)
+    backend = common.load_backend("hf-fp8", tiny_llama)
+    tok, model, seeds = backend.tokenizer, backend.model, [11, 22, 33, 44, 55, 66]
+    flags = []
+    monkeypatch.setattr(common, "slot_generate", lambda *a, **k: flags.append(k["fp8"]) or slot_generate(*a, **k))
+    got = backend.generate(PROMPTS, seeds, max_new_tokens=12, temperature=0.8, top_p=0.9)
+    ids = tok([tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in PROMPTS],
+              add_special_tokens=False)["input_ids"]
+    out = slot_generate(model, ids, seeds, max_new_tokens=12, temperature=0.8, top_p=0.9,
+                        eos_ids=model.generation_config.eos_token_id, fp8=True)
+    assert flags == [True] and got == [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 
 def test_slot_generate_reports_each_reply_as_it_ends(tiny_llama):

@@ -96,7 +96,7 @@ def test_out_of_range_knob_exits_2_with_one_line():
 @pytest.mark.parametrize("script, arg, message", [
     ("05_finetune_phi2.py", "--lora-targets=nope", "--lora-targets nope: Target modules {'nope'} not found"),
     ("05_finetune_phi2.py", "--attn=bogus", 'Specified `attn_implementation="bogus"` is not supported'),
-    ("02_answer_riddles.py", "--backend=bogus", "unknown backend 'bogus': use hf or openai"),
+    ("02_answer_riddles.py", "--backend=bogus", "unknown backend 'bogus': use hf, hf-fp8 or openai"),
 ])
 def test_names_of_things_are_one_line(tiny_llama, tmp_path, monkeypatch, script, arg, message):
     """Found only once the model is loaded: 05 --overwrite still leaves its old folder as it was."""
