@@ -127,8 +127,9 @@ def rotary_to_cache(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups):
 
 def float8_rows_torch(x):
     """x [rows, width] as float8 e4m3 rows, each scaled so that its largest magnitude is 448, and the
-    scales [rows, 1] (fp32): x ~= rows * scales."""
-    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 448
+    scales [rows, 1] (fp32): x ~= rows * scales. The scale is a product, not a quotient: torch on a GPU
+    divides by a number as a product with its inverse, on a CPU not."""
+    scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) * (1 / 448)
     return (x / scale).to(torch.float8_e4m3fn), scale
 
 
@@ -139,7 +140,9 @@ def float8_rows(x):
     x = x.contiguous()
     rows = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(len(x), 1, dtype=torch.float32, device=x.device)
-    _float8_kernel[(len(x),)](x, rows, scale, x.shape[1], BLOCK=1024)
+    width = x.shape[1]
+    _float8_kernel[(len(x),)](x, rows, scale, width, BLOCK=triton.next_power_of_2(width),
+                              num_warps=16 if width > 4096 else 8)
     return rows, scale
 
 
@@ -230,20 +233,15 @@ if triton is not None:
 
     @triton.jit
     def _float8_kernel(x_ptr, rows_ptr, scale_ptr, width, BLOCK: tl.constexpr):
-        """One row: its largest magnitude, then each value divided by its scale (IEEE divisions, as
-        torch's) and rounded to float8."""
+        """One row, whole in one block: its largest magnitude, then each value divided by its scale (an
+        IEEE division, as torch's) and rounded to float8."""
         row = tl.program_id(0).to(tl.int64) * width
-        top = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, width, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            top = tl.maximum(top, tl.abs(tl.load(x_ptr + row + cols, mask=cols < width, other=0.0).to(tl.float32)))
-        scale = tl.math.div_rn(tl.maximum(tl.max(top, 0), 1e-12), 448.0)
+        cols = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row + cols, mask=cols < width, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) * 0.002232142857142857  # 1 / 448, rounded to fp32
         tl.store(scale_ptr + tl.program_id(0), scale)
-        for start in range(0, width, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + row + cols, mask=cols < width, other=0.0).to(tl.float32)
-            tl.store(rows_ptr + row + cols, _round_e4m3(tl.math.div_rn(x, scale)).to(rows_ptr.dtype.element_ty),
-                     mask=cols < width)
+        tl.store(rows_ptr + row + cols, _round_e4m3(tl.math.div_rn(x, scale)).to(rows_ptr.dtype.element_ty),
+                 mask=cols < width)
 
     @triton.jit
     def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, length,

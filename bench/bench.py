@@ -87,6 +87,8 @@ TRAIN_CONFIGS = ["varlen:8192:0.125:sum:fused:bf16lora", "varlen:8192:0.25:full:
                  "varlen:8192:1:chunked:fused", "varlen:16384:1:chunked:fused", "varlen:4096:0:sum:fused",
                  "sdpa:4096:1:sum"]  # attention:budget:ckpt fraction:loss[:flag...] (parse); the first is 05's
 # defaults, the second 05's of 2026-11-28
+PROFILE_PATHS = ["sdpa:hf", "flash:hf", "flash:fused", "auto:fused"]  # profile: decode attention:layers (hf, fused, or
+# fp8 = fused with float8 weights); prefill and the matmul sweep run for each of fused and fp8 named here
 TRAIN_PROFILE = ""  # train: profile 2 micro-batches of this configuration (one of TRAIN_CONFIGS)
 DDP_MAX_GIB = 24.0  # ddp: best train configuration whose reserved peak fits this
 DDP_CONFIG = ""  # ddp: a configuration string to use instead of the best one

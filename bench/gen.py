@@ -324,9 +324,10 @@ def kernel_table(prof, steps, kinds_of=KERNELS):
 
 def run_profile(bench):
     """Where the slot engine's time goes at the real shape: decode step (graph replay) with and
-    without sampling, per kind of kernel, at 256 and 384 slots of realistic context, through HF's
-    layers with the whole-slot sdpa or the flash attention, and through the fused layers with the
-    flash or the split-KV kernel; a packed prefill call of 16k tokens."""
+    without sampling, per kind of kernel, at 256 and 384 slots of realistic context, along each of
+    PROFILE_PATHS (HF's layers with the whole-slot sdpa or the flash attention, the fused layers with
+    the flash or the split-KV kernel, with bf16 or float8 weights); a packed prefill call of 16k tokens
+    and a sweep of one step's matmuls over the row count, for each of the fused layers' weights named."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import AttentionInterface
 
@@ -338,7 +339,9 @@ def run_profile(bench):
     length = -(-(p_hi + r_hi) // 64) * 64
     g = torch.Generator().manual_seed(bench.SEED)
     out = {"length": length, "rows": []}
-    fused = engine._slot_weights(model)
+    paths = [p.split(":") for p in bench.PROFILE_PATHS]
+    weights = {kind: engine._slot_weights(model, fp8=kind == "fp8") for kind in ("fused", "fp8")
+               if kind in {layers for _, layers in paths}}
 
     def timed(fn, n=20):
         fn()
@@ -354,12 +357,12 @@ def run_profile(bench):
             plen = torch.randint(p_lo, p_hi + 1, (count,), generator=g)
             reply = torch.randint(r_lo, r_hi + 1, (count,), generator=g)
             ctx = plen + (torch.rand(count, generator=g) * reply).long()  # a row somewhere in its reply
-            for decode, layers in (("sdpa", "HF"), ("flash", "HF"), ("flash", "fused"), ("auto", "fused")):
+            for decode, layers in paths:
                 if decode == "flash" and bench.device != "cuda":  # --tiny on a CPU: no flash kernel
                     continue
                 bench.reset_memory()
                 slots = engine._Slots(model, count, length, decode)
-                slots.fused = fused if layers == "fused" else None
+                slots.fused = weights.get(layers)
                 slots.pos.copy_(ctx)
                 slots.token.copy_(torch.randint(3, model.config.vocab_size, (count,), generator=g))
                 seeds = torch.arange(count, device=bench.device)
@@ -385,27 +388,28 @@ def run_profile(bench):
                     print(f"      {k}")
                 del slots, graph_full, graph_logits
         # A packed prefill call of ~16k tokens into 48 slots, through the fused layers as slot_generate runs it.
-        slots = engine._Slots(model, 48, length)
-        slots.fused = fused
         prompts = [torch.randint(3, model.config.vocab_size, (int(n),), generator=g).tolist()
                    for n in torch.randint(p_lo, p_hi + 1, (48,), generator=g)]
         while sum(map(len, prompts)) > 16384:
             prompts.pop()
         tokens = sum(map(len, prompts))
-        prefill = lambda: engine._prefill(model, slots, list(range(len(prompts))), prompts)  # noqa: E731
-        ms = timed(prefill, 5)
-        flop = 2 * weight_bytes / 2 * tokens
-        out["prefill"] = {"prompts": len(prompts), "tokens": tokens, "ms": round(ms, 1),
-                          "tflops": round(flop / ms / 1e9, 1)}
-        with profile(activities=[ProfilerActivity.CUDA if bench.device == "cuda" else ProfilerActivity.CPU]) as prof:
-            prefill()
-            bench.sync()
-        out["prefill"]["kernels_ms"], out["prefill"]["top_kernels"] = kernel_table(prof, 1)
-        print(f"  prefill: {len(prompts)} prompts, {tokens} tokens packed in {ms:.0f} ms "
-              f"({out['prefill']['tflops']} TFLOP/s of weight matmuls); kernels {out['prefill']['kernels_ms']}")
-        for k in out["prefill"]["top_kernels"][:8]:
-            print(f"      {k}")
-        out["gemm"] = gemm_sweep(bench, model, fused, timed)
+        for kind, fused in weights.items():
+            slots = engine._Slots(model, 48, length)
+            slots.fused = fused
+            prefill = lambda: engine._prefill(model, slots, list(range(len(prompts))), prompts)  # noqa: E731
+            ms = timed(prefill, 5)
+            flop = 2 * weight_bytes / 2 * tokens
+            key = "prefill" if kind == "fused" else f"prefill_{kind}"
+            out[key] = {"prompts": len(prompts), "tokens": tokens, "ms": round(ms, 1), "tflops": round(flop / ms / 1e9, 1)}
+            with profile(activities=[ProfilerActivity.CUDA if bench.device == "cuda" else ProfilerActivity.CPU]) as prof:
+                prefill()
+                bench.sync()
+            out[key]["kernels_ms"], out[key]["top_kernels"] = kernel_table(prof, 1)
+            print(f"  prefill, {kind} layers: {len(prompts)} prompts, {tokens} tokens packed in {ms:.0f} ms "
+                  f"({out[key]['tflops']} TFLOP/s of weight matmuls); kernels {out[key]['kernels_ms']}")
+            for k in out[key]["top_kernels"][:8]:
+                print(f"      {k}")
+            out["gemm" if kind == "fused" else f"gemm_{kind}"] = gemm_sweep(bench, model, fused, timed)
     (bench.out_dir / "profile.json").write_text(json.dumps({"card": bench.card(), "versions": bench.versions(), **out},
                                                            indent=1))
 
@@ -414,12 +418,15 @@ def gemm_sweep(bench, model, fused, timed):
     """The weight matmuls of one step (each layer's q|k|v, o, gate|up and down, then lm_head) at M rows:
     ms, TFLOP/s and the rate the weights are read at. Where a decode step stops being bandwidth-bound, and
     what prefill tokens riding along would cost."""
+    import engine
+
     weights = [w for layer in fused for w, _ in layer] + [model.lm_head.weight]
-    params, nbytes = sum(w.numel() for w in weights), sum(w.numel() * w.element_size() for w in weights)
+    params = sum(w.shape[0] * w.shape[1] for w in weights)
+    nbytes = sum(w.data.numel() * w.data.element_size() for w in weights)  # an Fp8's data: its float8 bytes
     rows = []
     for m in (64, 128, 192, 256, 320, 384, 448, 512, 768, 1024, 2048, 4096, 16384):
         xs = {w.shape[1]: torch.randn(m, w.shape[1], device=bench.device, dtype=model.dtype) for w in weights}
-        ms = timed(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights], 5)
+        ms = timed(lambda: [engine._matmul(xs[w.shape[1]], w) for w in weights], 5)
         rows.append({"rows": m, "ms": round(ms, 3), "tflops": round(2 * m * params / ms / 1e9, 1),
                      "gb_s": round(nbytes / ms / 1e6)})
         print(f"  weight matmuls of one step at {m} rows: {ms:.2f} ms, {rows[-1]['tflops']} TFLOP/s, "
