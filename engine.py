@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import (add_rms_norm, decode_attention, decode_attention_fits, decode_attention_torch, float8_rows,
-                     float8_rows_torch, rotary_to_cache, uniform_noise)
+                     float8_rows_torch, rotary_to_cache, silu_mul, uniform_noise)
 
 # transformers is imported where it is used: importing it imports huggingface_hub, which reads
 # HF_HUB_OFFLINE once, and stage 07 sets that only after its network probe.
@@ -269,19 +269,29 @@ class Fp8:
 
 def _matmul(x, weight, bias=None):
     """F.linear(x, weight, bias); for an Fp8 weight, x scaled and rounded to float8 row by row (each row's
-    largest magnitude to 448) and the product rescaled, in x's dtype."""
+    largest magnitude to 448; or x comes so, as kernels.float8_rows' (rows, scales)) and the product
+    rescaled, in the weight's own dtype."""
     if not isinstance(weight, Fp8):
         return F.linear(x, weight, bias)
-    rows, scale = float8_rows(x)
-    out = torch._scaled_mm(rows, weight.data.t(), scale_a=scale, scale_b=weight.scale, out_dtype=x.dtype)
+    rows, scale = x if isinstance(x, tuple) else float8_rows(x)
+    out = torch._scaled_mm(rows, weight.data.t(), scale_a=scale, scale_b=weight.scale, out_dtype=weight.dtype)
     return out if bias is None else out + bias
+
+
+def _pad_rows(t, m):
+    """t with zero rows appended up to m rows (float8 through its bytes)."""
+    bytes_ = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+    return F.pad(bytes_, (0, 0, 0, m - len(t))).view(t.dtype)
 
 
 def _linear(x, weight, bias, rows):
     """_matmul(x, weight, bias), run at rows.get(weight.shape) rows (x padded with zeros, the result cut
     back) where _matmul_rows found that faster."""
-    n, m = len(x), rows.get(weight.shape, len(x))
-    return _matmul(F.pad(x, (0, 0, 0, m - n)), weight, bias)[:n] if m > n else _matmul(x, weight, bias)
+    n = len(x[0]) if isinstance(x, tuple) else len(x)
+    m = rows.get(weight.shape, n)
+    if m == n:
+        return _matmul(x, weight, bias)
+    return _matmul(tuple(_pad_rows(t, m) for t in x) if isinstance(x, tuple) else _pad_rows(x, m), weight, bias)[:n]
 
 
 _timed_rows = {}  # (device, dtype, weight shape, rows) -> the rows to run that matmul at
@@ -326,16 +336,16 @@ def _fused_layers(model, slots, h, cos, sin, slot, pos, attend):
     hidden] at (slot, pos) of the cache; attend(q, layer index, scale) is the attention (decode or
     prefill), q [tokens, rep, groups, dim] as rotary_to_cache returns it. Returns the final norm's output."""
     inner, cfg, rows = model.model, model.config, slots.rows
+    f8 = isinstance(slots.fused[0][0][0], Fp8)  # the norms and the SiLU product then write float8 rows
     residual = None
     for i, layer in enumerate(inner.layers):
         qkv, o, gate_up, down = slots.fused[i]
-        x, residual = add_rms_norm(h, residual, layer.input_layernorm)
+        x, residual = add_rms_norm(h, residual, layer.input_layernorm, f8)
         q = rotary_to_cache(_linear(x, *qkv, rows), cos, sin, slots.k[i], slots.v[i], slot, pos,
                             cfg.num_attention_heads, cfg.num_key_value_heads)
         h = _linear(attend(q, i, layer.self_attn.scaling), *o, rows)
-        x, residual = add_rms_norm(h, residual, layer.post_attention_layernorm)
-        gate, up = _linear(x, *gate_up, rows).chunk(2, -1)
-        h = _linear(layer.mlp.act_fn(gate) * up, *down, rows)
+        x, residual = add_rms_norm(h, residual, layer.post_attention_layernorm, f8)
+        h = _linear(silu_mul(_linear(x, *gate_up, rows), f8), *down, rows)
     return add_rms_norm(h, residual, inner.norm)[0]
 
 

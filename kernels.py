@@ -11,7 +11,8 @@ sampler's noise over the whole vocabulary as in reading the weights (bench/NOTES
 - decode_attention: split-KV flash decoding over each slot's real length, the query heads of a
   kv head together, so each key and value is read once;
 - float8_rows: a matmul input's rows scaled and rounded to float8 (engine.Fp8's matmuls), in one
-  kernel instead of seven.
+  kernel instead of seven; add_rms_norm and silu_mul (the SiLU-gated product, one kernel instead
+  of two) write their output so too, on request.
 Each takes the Triton kernel on an Ampere-or-newer GPU when Triton is installed (it comes with
 torch's CUDA builds) and the torch version elsewhere (CPUs, tests). tests/test_kernels.py runs the
 kernels in Triton's interpreter against the torch versions; bench/bench.py checks them on the GPU.
@@ -24,6 +25,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # CPU builds of torch come without Triton: the torch versions below run
     triton = None
 
@@ -69,27 +71,49 @@ def uniform_noise(seeds, steps, vocab):
     return out
 
 
-def add_rms_norm_torch(h, residual, norm):
+def add_rms_norm_torch(h, residual, norm, float8=False):
     """HF's decoder-layer order: residual + h (h alone when residual is None), then the RMSNorm
-    module `norm`. Returns (normed, the sum), the sum being the next residual."""
+    module `norm`. Returns (normed, the sum), the sum being the next residual; with float8, normed
+    [rows, width] comes as float8_rows_torch's (rows, scales)."""
     if residual is not None:
         h = residual + h
-    return norm(h), h
+    return (float8_rows_torch(norm(h)) if float8 else norm(h)), h
 
 
-def add_rms_norm(h, residual, norm):
+def add_rms_norm(h, residual, norm, float8=False):
     """add_rms_norm_torch in one kernel on a GPU: fp32 sum of squares, the normed row rounded to
     the input dtype, then times the weight, as HF's LlamaRMSNorm (and Mistral's, Qwen2's) round."""
-    if not _use_triton(h.device) or norm.weight.dtype != h.dtype:
-        return add_rms_norm_torch(h, residual, norm)
+    if not _use_triton(h.device) or norm.weight.dtype != h.dtype or (float8 and h.dim() != 2):
+        return add_rms_norm_torch(h, residual, norm, float8)
     x = h.reshape(-1, h.shape[-1])
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=torch.float8_e4m3fn if float8 else x.dtype, device=x.device)
+    scale = torch.empty(len(x), 1, dtype=torch.float32, device=x.device) if float8 else out
     total = x if residual is None else torch.empty_like(x)  # without a residual the sum is h itself
     width = x.shape[1]
-    _rms_kernel[(x.shape[0],)](x, x if residual is None else residual, norm.weight, out, total, width,
-                               norm.variance_epsilon, HAS_RESIDUAL=residual is not None,
+    _rms_kernel[(x.shape[0],)](x, x if residual is None else residual, norm.weight, out, scale, total, width,
+                               norm.variance_epsilon, HAS_RESIDUAL=residual is not None, FLOAT8=float8,
                                BLOCK=triton.next_power_of_2(width), num_warps=8)
-    return out.view(h.shape), total.view(h.shape)
+    return ((out, scale) if float8 else out.view(h.shape)), total.view(h.shape)
+
+
+def silu_mul_torch(gate_up, float8=False):
+    """HF's SiLU-gated product act_fn(gate) * up of a fused gate|up row [rows, 2 * width], each op
+    rounded to the input dtype; with float8, as float8_rows_torch's (rows, scales)."""
+    gate, up = gate_up.chunk(2, -1)
+    out = torch.nn.functional.silu(gate) * up
+    return float8_rows_torch(out) if float8 else out
+
+
+def silu_mul(gate_up, float8=False):
+    """silu_mul_torch in one kernel on a GPU (the exponential: libdevice's expf, as torch's CUDA SiLU)."""
+    if not _use_triton(gate_up.device) or gate_up.dim() != 2:
+        return silu_mul_torch(gate_up, float8)
+    rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, width, dtype=torch.float8_e4m3fn if float8 else gate_up.dtype, device=gate_up.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=gate_up.device) if float8 else out
+    _silu_mul_kernel[(rows,)](gate_up.contiguous(), out, scale, width, FLOAT8=float8, GPU=gate_up.is_cuda,
+                              BLOCK=triton.next_power_of_2(width), num_warps=16 if width > 4096 else 8)
+    return (out, scale) if float8 else out
 
 
 def _rotate_half(x):
@@ -205,21 +229,43 @@ if triton is not None:
         tl.store(out_ptr + row.to(tl.int64) * vocab + cols, u, mask=mask)
 
     @triton.jit
-    def _rms_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, width, eps, HAS_RESIDUAL: tl.constexpr,
-                    BLOCK: tl.constexpr):
+    def _rms_kernel(x_ptr, res_ptr, w_ptr, out_ptr, scale_ptr, sum_ptr, width, eps, HAS_RESIDUAL: tl.constexpr,
+                    FLOAT8: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64) * width
         cols = tl.arange(0, BLOCK)
         mask = cols < width
         x = tl.load(x_ptr + row + cols, mask=mask, other=0.0)
+        dt = x.dtype
         if HAS_RESIDUAL:  # rounded to the input dtype, as torch's 16-bit add
-            x = (x.to(tl.float32) + tl.load(res_ptr + row + cols, mask=mask, other=0.0).to(tl.float32))
-            x = x.to(out_ptr.dtype.element_ty)
+            x = (x.to(tl.float32) + tl.load(res_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)).to(dt)
             tl.store(sum_ptr + row + cols, x, mask=mask)
         x = x.to(tl.float32)
-        normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)).to(out_ptr.dtype.element_ty)
+        normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)).to(dt)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        tl.store(out_ptr + row + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        y = (w.to(tl.float32) * normed.to(tl.float32)).to(dt)
+        if FLOAT8:
+            _store_float8(y.to(tl.float32), out_ptr + row + cols, scale_ptr + tl.program_id(0), mask)
+        else:
+            tl.store(out_ptr + row + cols, y, mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(gate_up_ptr, out_ptr, scale_ptr, width, FLOAT8: tl.constexpr, GPU: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        """One row: silu(gate) rounded to the input dtype, times up, rounded again (torch's two ops). The
+        interpreter (GPU false) has no libdevice: numpy's exp there."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < width
+        gate = tl.load(gate_up_ptr + row * 2 * width + cols, mask=mask, other=0.0)
+        up = tl.load(gate_up_ptr + row * 2 * width + width + cols, mask=mask, other=0.0)
+        dt = gate.dtype
+        g = gate.to(tl.float32)
+        act = tl.math.div_rn(g, 1.0 + (libdevice.exp(-g) if GPU else tl.exp(-g))).to(dt)
+        y = (act.to(tl.float32) * up.to(tl.float32)).to(dt)
+        if FLOAT8:
+            _store_float8(y.to(tl.float32), out_ptr + row * width + cols, scale_ptr + row, mask)
+        else:
+            tl.store(out_ptr + row * width + cols, y, mask=mask)
 
     @triton.jit
     def _round_e4m3(v):
@@ -238,10 +284,14 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64) * width
         cols = tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row + cols, mask=cols < width, other=0.0).to(tl.float32)
+        _store_float8(x, rows_ptr + row + cols, scale_ptr + tl.program_id(0), cols < width)
+
+    @triton.jit
+    def _store_float8(x, dst, scale_dst, mask):
+        """A row x (fp32, 0 where masked) stored as float8_rows_torch stores it: its scale, its values."""
         scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) * 0.002232142857142857  # 1 / 448, rounded to fp32
-        tl.store(scale_ptr + tl.program_id(0), scale)
-        tl.store(rows_ptr + row + cols, _round_e4m3(tl.math.div_rn(x, scale)).to(rows_ptr.dtype.element_ty),
-                 mask=cols < width)
+        tl.store(scale_dst, scale)
+        tl.store(dst, _round_e4m3(tl.math.div_rn(x, scale)).to(dst.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, length,
@@ -353,6 +403,13 @@ def self_check(device="cuda", dtype=torch.bfloat16):
     for name, r in (("rms_norm", None), ("add_rms_norm", residual)):
         a, b = add_rms_norm(h, r, norm), add_rms_norm_torch(h, r, norm)
         out[name] = max(differ(a[0], b[0]), differ(a[1], b[1]))
+    (a, a_scale), _ = add_rms_norm(h, residual, norm, float8=True)
+    (b, b_scale), _ = add_rms_norm_torch(h, residual, norm, float8=True)
+    out["add_rms_norm_float8"] = max(differ(a.float(), b.float()), differ(a_scale, b_scale))
+    gate_up = rand(rows, 2 * 1500) * 3
+    out["silu_mul"] = differ(silu_mul(gate_up), silu_mul_torch(gate_up))
+    (a, a_scale), (b, b_scale) = silu_mul(gate_up, float8=True), silu_mul_torch(gate_up, float8=True)
+    out["silu_mul_float8"] = max(differ(a.float(), b.float()), differ(a_scale, b_scale))
     qkv, cos, sin = rand(rows, (heads + 2 * groups) * dim), rand(rows, dim), rand(rows, dim)
     slot = torch.randperm(count, generator=g)[:rows].to(device)
     pos = torch.randint(0, length, (rows,), generator=g).to(device)
