@@ -14,6 +14,7 @@ import traceback
 
 import torch
 
+import engine
 from engine import RowSampler, slot_generate
 from engine import force_lengths as force
 
@@ -127,9 +128,11 @@ def run_gen(bench):
                 + ("" if kv == 0.6 else f", the KV cache in {kv:.0%} of free memory")
                 + (", matmuls at the step's own rows" if "rows0" in flags else "")
                 + (", float8 weights" if "fp8" in flags else "")
+                + (", float8 weights, fast accumulation" if "fp8fast" in flags else "")
                 + (f", engine of {bench.ROUND1}" if "round1" in flags else ""))
         generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink, "kv_memory": kv,
-                                          "pad_rows": "rows0" not in flags, "fp8": "fp8" in flags}
+                                          "pad_rows": "rows0" not in flags, "fp8": bool({"fp8", "fp8fast"} & set(flags))}
+        engine.FP8_FAST_ACCUM = "fp8fast" in flags
         if "round1" in flags:  # the engine.py of an earlier commit, side by side
             import importlib.util
 
@@ -331,8 +334,6 @@ def run_profile(bench):
     from torch.profiler import ProfilerActivity, profile
     from transformers import AttentionInterface
 
-    import engine
-
     model, weight_bytes, eos, (n_req, p_lo, p_hi, r_lo, r_hi) = mistral(bench)
     AttentionInterface.register("slots", engine._slot_attention)
     model.set_attn_implementation("slots")
@@ -418,8 +419,6 @@ def gemm_sweep(bench, model, fused, timed):
     """The weight matmuls of one step (each layer's q|k|v, o, gate|up and down, then lm_head) at M rows:
     ms, TFLOP/s and the rate the weights are read at. Where a decode step stops being bandwidth-bound, and
     what prefill tokens riding along would cost."""
-    import engine
-
     weights = [w for layer in fused for w, _ in layer] + [model.lm_head.weight]
     params = sum(w.shape[0] * w.shape[1] for w in weights)
     nbytes = sum(w.data.numel() * w.data.element_size() for w in weights)  # an Fp8's data: its float8 bytes
