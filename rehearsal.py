@@ -42,6 +42,7 @@ STUDENT = "microsoft/phi-2"  # stages 05-07's model (its config and tokenizer on
 SCALE = 1.0  # shrink layers and width of both models (1: the real shapes; the CPU test uses 0.02)
 STAGES = ["01", "02", "03", "04", "05", "06", "07"]  # stages to rehearse, comma list
 GPUS = 1  # processes for each stage but 06 and 07 (accelerate launch; one per GPU)
+BACKEND = "hf"  # 01-04's backend: hf, or hf-fp8 (float8 matmuls; a GPU of compute capability 8.9 or newer)
 PROMPTS = 300  # 01: prompts rehearsed (the recipe's NUM_PROMPTS)
 RIDDLES = 512  # 02-04: records rehearsed
 RECIPE_RIDDLES = 1700  # riddles a real run keeps after 01 (the reference kept 1,682): 02-05 project to it
@@ -108,6 +109,8 @@ started = time.time()
 unknown = sorted(set(STAGES) - set(STAGE_SCRIPTS))
 if unknown:
     raise InputError(f"--stages: unknown stage {unknown[0]!r}; use 01..07")
+if BACKEND not in ("hf", "hf-fp8"):
+    raise InputError(f"--backend: {BACKEND!r}; the rehearsal runs the local backends, hf or hf-fp8")
 OFFLINE = {"mistralai/Mistral-7B-Instruct-v0.2": "mistral-7b-instruct-v0.2", "microsoft/phi-2": "phi-2"}
 
 
@@ -204,7 +207,7 @@ def run_stage(stage, args, processes=1):
 
 
 d = out / "data"
-G = [f"--generator={generator}", "--overwrite"]
+G = [f"--generator={generator}", f"--backend={BACKEND}", "--overwrite"]
 results = []
 
 

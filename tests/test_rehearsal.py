@@ -26,3 +26,9 @@ def test_rehearsal_runs_every_stage_at_tiny_shapes(tmp_path):
     config = json.loads((out / "06_merged" / "config.json").read_text())
     assert config["model_type"] == "phi" and config["vocab_size"] == 51200  # the real vocabulary, shrunk layers
     assert "stages 01, 02, 03, 04, 05, 06, 07 would take" in r.stdout
+
+
+def test_rehearsal_refuses_a_backend_it_cannot_run(tmp_path):
+    r = run_script("rehearsal.py", "--backend=openai", f"--out={tmp_path / 'rehearsal'}")
+    assert r.returncode == 2 and not (tmp_path / "rehearsal").exists()
+    assert r.stderr.strip() == "error: --backend: 'openai'; the rehearsal runs the local backends, hf or hf-fp8"
