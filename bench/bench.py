@@ -186,7 +186,7 @@ def run_report():
     lines = [f"Measured {first['date']} on {first['card']} (torch {v['torch']}, transformers {v['transformers']}, "
              f"peft {v['peft']}, bitsandbytes {bnb}, accelerate {v['accelerate']}); "
              "random weights of the real shapes." + (f" {NOTE}" if NOTE else ""), ""]
-    heads = {"gen": "Generation, Mistral-7B shape, bf16: output tok/s (ratio to the batch-1 reference)",
+    heads = {"gen": "Generation, Mistral-7B shape, bf16 unless named: output tok/s (ratio to the batch-1 reference)",
              "train": "QLoRA, Phi-2 shape, 4-bit NF4, r=32: non-padding tok/s (ratio to the reference)",
              "ddp": "QLoRA under accelerate launch (ratio to one process)"}
     for name, data in parts.items():
