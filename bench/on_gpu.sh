@@ -10,7 +10,7 @@
 #   bash bench/on_gpu.sh lean3    # one GPU: goal 4, 05's configuration now and before, and without lean_nf4, x3
 #   bash bench/on_gpu.sh late     # one GPU: the rehearsal's 05 and 06 at their defaults (07 needs lm-eval's wheel,
 #                                 # which does not fit in one upload beside bitsandbytes')
-#   bash bench/on_gpu.sh fp8      # one GPU (compute capability 8.9+): stages 02 and 04 with --backend=hf-fp8, then
+#   bash bench/on_gpu.sh fp8      # one GPU (compute capability 8.9+): stage 02 with --backend=hf-fp8, then
 #                                 # hf, in the rehearsal; the bench's mix with float8 weights, fast accumulation or not
 #   bash bench/on_gpu.sh head     # one GPU: stage 02 with the engine of 48d6c6f against this one (the shared
 #                                 # head prefilled once), twice, interleaved, then bench/startup.py; first, here:
@@ -72,8 +72,8 @@ gpus2)
   ;;
 fp8)
   for backend in hf-fp8 hf; do
-    python3 rehearsal.py --stages=02,04 --backend=$backend --out="$REH" $ARGS 2>&1 | tee "$OUT/rehearsal_$backend.log"
-    cp "$REH/rehearsal.json" "$OUT/rehearsal_02-04_$backend.json"
+    python3 rehearsal.py --stages=02 --backend=$backend --out="$REH" $ARGS 2>&1 | tee "$OUT/rehearsal_$backend.log"
+    cp "$REH/rehearsal.json" "$OUT/rehearsal_02_$backend.json"
   done
   python3 bench/bench.py --part=gen --out="$OUT" --slots=437:kv0.9:fp8,437:kv0.9:fp8fast,437:kv0.9:fp8 \
     --static-requests=0 --cb-seconds=0 --ref-seconds=3 2>&1 | grep -v Warning > "$OUT/gen.log"
