@@ -471,7 +471,7 @@ class HFBackend:
     reply to on_reply as it ends. On the slot engine (a GPU) rows refill the slots across the whole
     call, so none waits for a batch's longest reply; elsewhere transformers' generate takes
     batch_size prompts at a time. fp8 (backend hf-fp8): the slot engine multiplies by float8 copies of
-    the weights, about twice as fast on an H100, with other (slightly noisier) logits."""
+    the weights (the benchmark's mix 1.13x faster on an H100), with other logits."""
 
     streams = True
 

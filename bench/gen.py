@@ -131,7 +131,7 @@ def run_gen(bench):
                 + (", float8 weights, fast accumulation" if "fp8fast" in flags else "")
                 + (f", engine of {bench.ROUND1}" if "round1" in flags else ""))
         generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink, "kv_memory": kv,
-                                          "pad_rows": "rows0" not in flags, "fp8": bool({"fp8", "fp8fast"} & set(flags))}
+                                          "pad_rows": "rows0" not in flags, "fp8": bool({"fp8", "fp8fast"} & {*flags})}
         engine.FP8_FAST_ACCUM = "fp8fast" in flags
         if "round1" in flags:  # the engine.py of an earlier commit, side by side
             import importlib.util
@@ -401,8 +401,10 @@ def run_profile(bench):
             ms = timed(prefill, 5)
             flop = 2 * weight_bytes / 2 * tokens
             key = "prefill" if kind == "fused" else f"prefill_{kind}"
-            out[key] = {"prompts": len(prompts), "tokens": tokens, "ms": round(ms, 1), "tflops": round(flop / ms / 1e9, 1)}
-            with profile(activities=[ProfilerActivity.CUDA if bench.device == "cuda" else ProfilerActivity.CPU]) as prof:
+            out[key] = {"prompts": len(prompts), "tokens": tokens, "ms": round(ms, 1),
+                        "tflops": round(flop / ms / 1e9, 1)}
+            with profile(activities=[ProfilerActivity.CUDA if bench.device == "cuda"
+                                     else ProfilerActivity.CPU]) as prof:
                 prefill()
                 bench.sync()
             out[key]["kernels_ms"], out[key]["top_kernels"] = kernel_table(prof, 1)
