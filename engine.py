@@ -258,9 +258,6 @@ def _slot_weights(model, fp8=False):
     return model._slot_fp8[1]
 
 
-FP8_FAST_ACCUM = False  # torch._scaled_mm's use_fast_accum in Fp8 matmuls (bench/bench.py's :fp8fast)
-
-
 class Fp8:
     """A weight [out, in] in float8 e4m3, one fp32 scale per output row (its largest magnitude / 448),
     for _matmul: half the bytes of bf16, and twice the peak rate of an H100's tensor cores."""
@@ -278,8 +275,7 @@ def _matmul(x, weight, bias=None):
     if not isinstance(weight, Fp8):
         return F.linear(x, weight, bias)
     rows, scale = x if isinstance(x, tuple) else float8_rows(x)
-    out = torch._scaled_mm(rows, weight.data.t(), scale_a=scale, scale_b=weight.scale, out_dtype=weight.dtype,
-                           use_fast_accum=FP8_FAST_ACCUM)
+    out = torch._scaled_mm(rows, weight.data.t(), scale_a=scale, scale_b=weight.scale, out_dtype=weight.dtype)
     return out if bias is None else out + bias
 
 

@@ -128,11 +128,9 @@ def run_gen(bench):
                 + ("" if kv == 0.6 else f", the KV cache in {kv:.0%} of free memory")
                 + (", matmuls at the step's own rows" if "rows0" in flags else "")
                 + (", float8 weights" if "fp8" in flags else "")
-                + (", float8 weights, fast accumulation" if "fp8fast" in flags else "")
                 + (f", engine of {bench.ROUND1}" if "round1" in flags else ""))
         generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink, "kv_memory": kv,
-                                          "pad_rows": "rows0" not in flags, "fp8": bool({"fp8", "fp8fast"} & {*flags})}
-        engine.FP8_FAST_ACCUM = "fp8fast" in flags
+                                          "pad_rows": "rows0" not in flags, "fp8": "fp8" in flags}
         if "round1" in flags:  # the engine.py of an earlier commit, side by side
             import importlib.util
 

@@ -11,7 +11,7 @@
 #   bash bench/on_gpu.sh late     # one GPU: the rehearsal's 05 and 06 at their defaults (07 needs lm-eval's wheel,
 #                                 # which does not fit in one upload beside bitsandbytes')
 #   bash bench/on_gpu.sh fp8      # one GPU (compute capability 8.9+): stage 02 with --backend=hf-fp8, then
-#                                 # hf, in the rehearsal; the bench's mix with float8 weights, fast accumulation or not
+#                                 # hf, in the rehearsal; the bench's mix in bf16 and with float8 weights, interleaved
 #   bash bench/on_gpu.sh head     # one GPU: stage 02 with the engine of 48d6c6f against this one (the shared
 #                                 # head prefilled once), twice, interleaved, then bench/startup.py; first, here:
 #                                 # mkdir -p .gpu-wheels/old && git show 48d6c6f:engine.py > .gpu-wheels/old/engine.py
@@ -75,7 +75,7 @@ fp8)
     python3 rehearsal.py --stages=02 --backend=$backend --out="$REH" $ARGS 2>&1 | tee "$OUT/rehearsal_$backend.log"
     cp "$REH/rehearsal.json" "$OUT/rehearsal_02_$backend.json"
   done
-  python3 bench/bench.py --part=gen --out="$OUT" --slots=437:kv0.9:fp8,437:kv0.9:fp8fast,437:kv0.9:fp8 \
+  python3 bench/bench.py --part=gen --out="$OUT" --slots=437:kv0.9,437:kv0.9:fp8,437:kv0.9,437:kv0.9:fp8 \
     --static-requests=0 --cb-seconds=0 --ref-seconds=3 2>&1 | grep -v Warning > "$OUT/gen.log"
   grep "ours\|check" "$OUT/gen.log" | cut -c1-230
   ;;
