@@ -238,7 +238,7 @@ def _fuse_projections(model):
 
 def fp8_runs(model):
     """Whether slot_generate(fp8=True) runs on `model` here: a decoder of _fusable's layout on a GPU with
-    float8 matmuls (compute capability 8.9 or newer: L4, L40, H100, H200, B200)."""
+    float8 matmuls (compute capability 8.9 or newer: L4, L40, H100, H200, B200; run on an H100 only)."""
     return (_fusable(model) and model.device.type == "cuda"
             and torch.cuda.get_device_capability(model.device) >= (8, 9))
 

@@ -221,7 +221,7 @@ def float8_rounded(t):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_matmul_multiplies_each_row_rounded_to_float8(dtype):
     """_matmul with an Fp8 weight: the input's rows and the weight's rows each rounded to float8 at their
-    own scale, multiplied, the bias added, in the input's dtype; rows of any magnitude (zero too) keep
+    own scale, multiplied, the bias added, in the weight's dtype; rows of any magnitude (zero too) keep
     float8's ~3% error, not one row's scale for all."""
     torch.manual_seed(0)
     x = (torch.randn(6, 64) * torch.tensor([1e-3, 1, 1, 30, 1e4, 0])[:, None]).to(dtype)
@@ -240,7 +240,7 @@ def test_fp8_matmul_multiplies_each_row_rounded_to_float8(dtype):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_fp8_slot_generate_runs_each_layer_matmul_on_float8(arch, monkeypatch):
     """slot_generate(fp8=True), prefill and decode: the logits of each layer's matmuls run on float8-rounded
-    inputs and weights (emulated here in fp32 through the bf16 path), lm_head not; the float8 copies are made
+    inputs and weights (emulated here in fp32 through the fp8=False path), lm_head not; the float8 copies are made
     once and the model's own weights stay."""
     model = random_decoder(arch)
     prompts = [torch.randint(1, 300, (n,)).tolist() for n in (5, 17, 9, 30)]
