@@ -409,12 +409,13 @@ def generate_ids(model, prompts, seeds, *, max_new_tokens, temperature, top_p, e
     processor(logits, rows, steps), tensor ops only, may edit the logits before sampling (the
     rehearsal forces reply lengths with it). on_row(i, ids) hears of each reply as it ends (on
     the slot engine, while the others decode on; elsewhere all at the end). fp8: the slot engine's
-    float8 matmuls (slot_generate's fp8).
+    float8 matmuls and KV cache (slot_generate's fp8 and kv_fp8).
     """
     eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     if slot_engine_runs(model) and not stop_strings and streamer is None:
         return slot_generate(model, prompts, seeds, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, eos_ids=eos_ids, processor=processor, on_row=on_row, fp8=fp8)
+                             top_p=top_p, eos_ids=eos_ids, processor=processor, on_row=on_row, fp8=fp8,
+                             kv_fp8=fp8)
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
@@ -471,7 +472,7 @@ class HFBackend:
     reply to on_reply as it ends. On the slot engine (a GPU) rows refill the slots across the whole
     call, so none waits for a batch's longest reply; elsewhere transformers' generate takes
     batch_size prompts at a time. fp8 (backend hf-fp8): the slot engine multiplies by float8 copies of
-    the weights (the benchmark's mix 1.13x faster on an H100), with other logits."""
+    the weights and keeps its KV cache in float8 (twice the rows in the same memory), with other logits."""
 
     streams = True
 

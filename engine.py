@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import (add_rms_norm, decode_attention, decode_attention_fits, decode_attention_torch, float8_rows,
-                     float8_rows_torch, rotary_to_cache, silu_mul, uniform_noise)
+                     float8_rows_torch, from_float8, rotary_to_cache, silu_mul, uniform_noise)
 
 # transformers is imported where it is used: importing it imports huggingface_hub, which reads
 # HF_HUB_OFFLINE once, and stage 07 sets that only after its network probe.
@@ -129,33 +129,40 @@ def _decode_attention(q, c, layer, scale):
     rows, rep, groups, dim = q.shape
     cache_k, cache_v = c.k[layer], c.v[layer]
     if c.decode == "kernel":
-        return decode_attention(q, cache_k, cache_v, c.used, scale)
+        return decode_attention(q, cache_k, cache_v, c.used, scale, c.scales(layer))
     if c.decode == "flash":
         out = _flash(q.reshape(rows * rep, groups, dim), cache_k.view(-1, groups, dim), cache_v.view(-1, groups, dim),
                      c.cu_q, c.cu_k, rep, cache_k.shape[1], causal=False, scale=scale, used=c.used)
         return out.view(rows, rep, groups, dim).transpose(1, 2).reshape(rows, -1)
-    return decode_attention_torch(q, cache_k, cache_v, c.used, scale)
+    return decode_attention_torch(q, cache_k, cache_v, c.used, scale, c.scales(layer))
 
 
-def slot_bytes(model, length):
-    """KV cache bytes of one slot of `length` positions."""
+def slot_bytes(model, length, kv_fp8=False):
+    """KV cache bytes of one slot of `length` positions (float8: a byte an element, 4 a head's scale)."""
     cfg = model.config
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * length * cfg.num_key_value_heads * dim * model.dtype.itemsize
+    head = dim + 4 if kv_fp8 else dim * model.dtype.itemsize
+    return 2 * cfg.num_hidden_layers * length * cfg.num_key_value_heads * head
 
 
 class _Slots:
     """Per layer K and V of [slots, length, kv_heads, dim], and the decode inputs (static for CUDA graphs).
 
     decode: the decode attention (_decode_attention): "kernel", "flash", "sdpa", or "auto", the
-    first that runs here."""
+    first that runs here. kv_fp8: K and V as float8 heads (kernels.rotary_to_cache's), each with a
+    scale in ks and vs [slots, kv_heads, length]; only the fused layers and the kernel or sdpa
+    decode attention read them."""
 
-    def __init__(self, model, count, length, decode="auto"):
+    def __init__(self, model, count, length, decode="auto", kv_fp8=False):
         cfg, dev = model.config, model.device
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        shape = (count, length, cfg.num_key_value_heads, dim)
-        self.k = [torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=dev, dtype=model.dtype) for _ in range(cfg.num_hidden_layers)]
+        shape, layers = (count, length, cfg.num_key_value_heads, dim), range(cfg.num_hidden_layers)
+        kv = torch.float8_e4m3fn if kv_fp8 else model.dtype
+        self.k = [torch.zeros(shape, device=dev, dtype=kv) for _ in layers]
+        self.v = [torch.zeros(shape, device=dev, dtype=kv) for _ in layers]
+        scale = (count, cfg.num_key_value_heads, length)
+        self.ks = [torch.zeros(scale, device=dev) for _ in layers] if kv_fp8 else []
+        self.vs = [torch.zeros(scale, device=dev) for _ in layers] if kv_fp8 else []
         self.ids = torch.arange(count, device=dev)
         self.token = torch.zeros(count, dtype=torch.long, device=dev)
         self.pos = torch.zeros(count, dtype=torch.long, device=dev)
@@ -167,7 +174,9 @@ class _Slots:
                       and torch.cuda.get_device_capability(dev)[0] >= 8)
         if decode == "auto":
             decode = "kernel" if self.flash and decode_attention_fits(dev, model.dtype, dim) else (
-                "flash" if self.flash else "sdpa")
+                "flash" if self.flash and not kv_fp8 else "sdpa")
+        if kv_fp8 and decode == "flash":
+            raise ValueError("a float8 KV cache is read by decode='kernel' or 'sdpa', not torch's flash kernel")
         self.decode, self.used, self.prefill = decode, None, None
         self.fused = None  # _slot_weights' weights, when _fused_layers runs prefill and decode steps
         self.rows = {}  # a decode step's matmul rows by weight shape, where more run faster (_matmul_rows)
@@ -176,9 +185,20 @@ class _Slots:
         """The same cache and inputs cut to the first `rows` slots: a decode step over fewer rows."""
         part = copy.copy(self)
         part.k, part.v = [t[:rows] for t in self.k], [t[:rows] for t in self.v]
+        part.ks, part.vs = [t[:rows] for t in self.ks], [t[:rows] for t in self.vs]
         part.ids, part.token, part.pos = self.ids[:rows], self.token[:rows], self.pos[:rows]
         part.cu_q, part.cu_k = self.cu_q[:rows + 1], self.cu_k[:rows + 1]
         return part
+
+    def scales(self, layer):
+        """Layer `layer`'s (key scales, value scales) of a float8 cache, else None."""
+        return (self.ks[layer], self.vs[layer]) if self.ks else None
+
+    def caches(self):
+        """Every cache tensor, [slot, position, ...] first: K and V (float8 seen as bytes, which torch
+        can index), then the scales moved to [slot, position, kv_heads]."""
+        return ([t.view(torch.uint8) if t.element_size() == 1 else t for t in self.k + self.v]
+                + [t.transpose(1, 2) for t in self.ks + self.vs])
 
 
 def _forward_slots(model, ids, positions, slots):
@@ -343,7 +363,7 @@ def _fused_layers(model, slots, h, cos, sin, slot, pos, attend):
         qkv, o, gate_up, down = slots.fused[i]
         x, residual = add_rms_norm(h, residual, layer.input_layernorm, f8)
         q = rotary_to_cache(_linear(x, *qkv, rows), cos, sin, slots.k[i], slots.v[i], slot, pos,
-                            cfg.num_attention_heads, cfg.num_key_value_heads)
+                            cfg.num_attention_heads, cfg.num_key_value_heads, slots.scales(i))
         h = _linear(attend(q, i, layer.self_attn.scaling), *o, rows)
         x, residual = add_rms_norm(h, residual, layer.post_attention_layernorm, f8)
         h = _linear(silu_mul(_linear(x, *gate_up, rows), f8), *down, rows)
@@ -366,11 +386,15 @@ def _prefill_attention(q, c, layer, scale, plan):
     """The packed prompts' attention in layer `layer`: q [tokens, heads, dim], each prompt's queries
     against the keys and values at its slot's cache positions up to its own (those of a shared head
     included, written before). plan: (keys: their flat cache positions, prompt after prompt; the
-    query and key bounds cu_q, cu_k; the longest of each). Returns [tokens, heads * dim]."""
+    query and key bounds cu_q, cu_k; the longest of each). Float8 keys and values are scaled back to
+    q's dtype. Returns [tokens, heads * dim]."""
     keys, cu_q, cu_k, max_q, max_k = plan
     tokens, heads, dim = q.shape
-    groups = c.k[layer].shape[2]
+    length, groups = c.k[layer].shape[1:3]
     k, v = (cache.view(-1, groups, dim)[keys] for cache in (c.k[layer], c.v[layer]))
+    if c.ks:
+        slot, pos = keys // length, keys % length
+        k, v = (from_float8(t, s[slot, :, pos], q.dtype) for t, s in ((k, c.ks[layer]), (v, c.vs[layer])))
     if c.flash:  # causal in torch's flash kernel aligns each prompt's last query with its last key
         return _flash(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, scale=scale).view(tokens, -1)
     # Elsewhere (CPUs, fp32, pre-Ampere GPUs) sdpa one prompt at a time on [1, heads, len, dim]: given
@@ -462,7 +486,7 @@ def _graphed(fn, device, pool=None):
 
 def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, max_slots=512,
                   prefill_tokens=16384, kv_memory=0.6, cuda_graph=True, decode="auto", fused=True, shrink=True,
-                  share_head=True, pad_rows=True, fp8=False, processor=None, stats=None, on_row=None):
+                  share_head=True, pad_rows=True, fp8=False, kv_fp8=False, processor=None, stats=None, on_row=None):
     """Reply token ids for each prompt (token id lists), up to max_slots rows decoding at once.
 
     A row that ends frees its slot and the next prompts are prefilled into free slots, so
@@ -480,7 +504,9 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     own row count (not _matmul_rows' choice): these five only to compare. fp8=True runs the layers'
     matmuls on float8 copies of their weights (Fp8, made once, kept beside the model's own) and
     float8-rounded inputs: on an H100 the matmuls 1.5-1.75x faster, the bench's mix 1.13x, other
-    logits (lm_head stays bf16). stats (a dict) gets
+    logits (lm_head stays bf16). kv_fp8=True keeps the KV cache as float8 heads, each with its own
+    scale (half the bytes: nearly twice the slots, half the decode attention's reads; other logits
+    again); it needs the fused layers. stats (a dict) gets
     prefill and decode seconds (decode_s includes capture_s: the CUDA graphs' capture, _matmul_rows' timing),
     padded (step size: {weight shape: the rows its matmul runs at}, where _matmul_rows padded), and counts
     (shared: the head's tokens; prefill_tokens: the tokens prefilled; decode_rows: the rows the
@@ -495,9 +521,11 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     count = min(len(prompts), max_slots)
     dev = model.device
     weights = _slot_weights(model, fp8) if fused and _fusable(model) else None  # before the free memory is read
+    if kv_fp8 and weights is None:
+        raise ValueError("a float8 KV cache runs in the fused layers only (fused=True, a Llama-layout decoder)")
     if dev.type == "cuda":
         free = torch.cuda.mem_get_info(dev)[0]
-        count = max(1, min(count, int(kv_memory * free) // slot_bytes(model, length)))
+        count = max(1, min(count, int(kv_memory * free) // slot_bytes(model, length, kv_fp8)))
     outs = [[] for _ in prompts]
     owner, last, pos, steps = [-1] * count, [0] * count, [0] * count, [0] * count  # per slot
     drawn = 0  # prompts prefilled so far, in order
@@ -526,7 +554,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     model.set_attn_implementation("slots")
     try:
         with torch.inference_mode():
-            slots = _Slots(model, count, length, decode)
+            slots = _Slots(model, count, length, decode, kv_fp8)
             slots.fused = weights
             inputs = torch.zeros(3, count, dtype=torch.long, device=dev)  # token, position, step: one copy a step
             slots.token, slots.pos, step_of = inputs
@@ -570,7 +598,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                 holes = [s for s in range(size) if owner[s] < 0][:len(movers)]
                 src, dst = torch.tensor(movers, device=dev), torch.tensor(holes, device=dev)
                 written = max(pos[s] for s in movers)  # positions in the cache; the last token is not yet
-                for cache in slots.k + slots.v:
+                for cache in slots.caches():
                     cache[dst, :written] = cache[src, :written]
                 row_of[dst], seed_of[dst] = row_of[src], seed_of[src]
                 for a, b in zip(holes, movers):
@@ -580,7 +608,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
             if shared:
                 t = time.perf_counter()
                 _prefill(model, slots, [0], [prompts[0][:shared]])
-                head = [cache[0, :shared].clone() for cache in slots.k + slots.v]
+                head = [cache[0, :shared].clone() for cache in slots.caches()]
                 stats["prefill_tokens"] += shared
                 stats["prefill_s"] += time.perf_counter() - t
 
@@ -598,7 +626,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                         packed += len(prompts[drawn])
                         drawn += 1
                     here = torch.tensor(chunk, device=dev)
-                    for cache, part in zip(slots.k + slots.v, head):
+                    for cache, part in zip(slots.caches(), head):
                         cache[here, :shared] = part
                     logits = _prefill(model, slots, chunk, [prompts[i][shared:] for i in rows], start=shared)
                     row_of[here] = torch.tensor(rows, device=dev)

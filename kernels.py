@@ -122,30 +122,40 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotary_to_cache_torch(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups):
+def rotary_to_cache_torch(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups, scales=None):
     """qkv: [rows, (heads + 2 groups) * dim], one token a row; cos, sin: [rows, dim].
     Rotary (HF's apply_rotary_pos_emb) on the query and key heads; key and value written to
     cache_k/cache_v [slots, length, groups, dim] at (slot[row], pos[row]). Returns the query as
     [rows, heads // groups, groups, dim]: the query heads of a kv head side by side, as the decode
-    attention reads them (query head h = g * rep + r sits at [r, g])."""
+    attention reads them (query head h = g * rep + r sits at [r, g]).
+    scales: for float8 caches, (key scales, value scales), each [slots, groups, length] fp32: each
+    head of each token is stored as float8_rows_torch rounds a row, its scale at [slot, g, pos]."""
     rows, dim = qkv.shape[0], cos.shape[-1]
     q, k, v = qkv.view(rows, heads + 2 * groups, dim).split([heads, groups, groups], 1)
     cos, sin = cos[:, None], sin[:, None]
     q = q * cos + _rotate_half(q) * sin
-    cache_k[slot, pos] = k * cos + _rotate_half(k) * sin
-    cache_v[slot, pos] = v
+    k = k * cos + _rotate_half(k) * sin
+    if scales is None:
+        cache_k[slot, pos], cache_v[slot, pos] = k, v
+    else:
+        for cache, scales_of, t in ((cache_k, scales[0], k), (cache_v, scales[1], v)):
+            t, scale = float8_rows_torch(t)
+            cache.view(torch.uint8)[slot, pos] = t.view(torch.uint8)  # torch indexes no float8 tensors
+            scales_of[slot, :, pos] = scale[..., 0]
     return q.view(rows, groups, heads // groups, dim).transpose(1, 2)
 
 
-def rotary_to_cache(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups):
+def rotary_to_cache(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups, scales=None):
     """rotary_to_cache_torch in one kernel on a GPU (its query comes back contiguous)."""
     half = cos.shape[-1] // 2
     if not _use_triton(qkv.device) or cos.dtype != qkv.dtype or half & (half - 1):  # Triton's ranges: powers of 2
-        return rotary_to_cache_torch(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups)
+        return rotary_to_cache_torch(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups, scales)
     rows, dim = qkv.shape[0], cos.shape[-1]
     q = torch.empty(rows, heads // groups, groups, dim, dtype=qkv.dtype, device=qkv.device)
+    k_scale, v_scale = scales or (q, q)
     _rotary_kernel[(rows, heads + groups)](qkv.contiguous(), cos.contiguous(), sin.contiguous(), q, cache_k, cache_v,
-                                           slot, pos, cache_k.shape[1], HEADS=heads, GROUPS=groups, HALF=half)
+                                           k_scale, v_scale, slot, pos, cache_k.shape[1], HEADS=heads, GROUPS=groups,
+                                           HALF=half, FLOAT8=scales is not None)
     return q
 
 
@@ -170,14 +180,23 @@ def float8_rows(x):
     return rows, scale
 
 
-def decode_attention_torch(q, cache_k, cache_v, used, scale):
+def from_float8(t, scale, dtype):
+    """Float8 heads t [..., dim] times their scales [...] (fp32), in `dtype`."""
+    return (t.float() * scale[..., None]).to(dtype)
+
+
+def decode_attention_torch(q, cache_k, cache_v, used, scale, scales=None):
     """One decode step's attention: q [rows, rep, groups, dim] (query head g * rep + r at [r, g]),
     row i reading the first used[i] positions of slot i of cache_k/cache_v [slots, length, groups,
-    dim]. Returns [rows, heads * dim], heads in order."""
+    dim]; float8 caches with their scales (rotary_to_cache_torch's) are first scaled back to q's
+    dtype. Returns [rows, heads * dim], heads in order."""
     rows, rep, groups, dim = q.shape
+    k, v = cache_k[:rows], cache_v[:rows]
+    if scales is not None:
+        k, v = (from_float8(t, s[:rows].transpose(1, 2), q.dtype) for t, s in ((k, scales[0]), (v, scales[1])))
     mask = (torch.arange(cache_k.shape[1], device=q.device)[None, :] < used[:, None])[:, None, None, :]
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), cache_k[:rows].transpose(1, 2), cache_v[:rows].transpose(1, 2), attn_mask=mask, scale=scale)
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     return out.reshape(rows, -1)
 
 
@@ -186,20 +205,32 @@ def decode_attention_fits(device, dtype, dim):
     return _use_triton(device) and dtype in (torch.float16, torch.bfloat16) and dim >= 16 and not dim & (dim - 1)
 
 
-def decode_attention(q, cache_k, cache_v, used, scale, split=256):
+# Positions a program (split), positions a loop step (BLOCK_N), warps and pipeline stages of the split
+# kernel, by cache dtype: the fastest bench/attn_probe.py timed on an H100 (2026-12-06) for float8; for
+# 16-bit caches the fastest was 3% faster, within the spread, and these stay.
+DECODE_META = {"16-bit": dict(split=256, BLOCK_N=64, num_warps=4, num_stages=3),
+               "float8": dict(split=512, BLOCK_N=64, num_warps=4, num_stages=3)}
+
+
+def decode_attention(q, cache_k, cache_v, used, scale, scales=None, meta=None):
     """decode_attention_torch as split-KV flash decoding in two kernels on a GPU: each (row, kv
     head, `split` positions) program reads its keys and values once for the query heads of that
     kv head, keeping a running softmax in fp32; a second kernel merges the splits and writes the
-    heads in order (no transpose after)."""
+    heads in order (no transpose after). Float8 keys and values are read as such (half the bytes);
+    their scales multiply the scores and the probabilities, not each element. meta: as DECODE_META's."""
     if not decode_attention_fits(q.device, q.dtype, q.shape[-1]):
-        return decode_attention_torch(q, cache_k, cache_v, used, scale)
+        return decode_attention_torch(q, cache_k, cache_v, used, scale, scales)
     rows, rep, groups, dim = q.shape
+    meta = dict(meta or DECODE_META["16-bit" if scales is None else "float8"])
+    split = meta.pop("split")
     splits = triton.cdiv(cache_k.shape[1], split)
     part = torch.empty(rows, groups, splits, rep, dim + 2, dtype=torch.float32, device=q.device)  # acc | max | sum
     q = q.contiguous()
-    _decode_split_kernel[(rows, groups, splits)](q, cache_k, cache_v, used, part, scale, cache_k.shape[1], REP=rep,
-                                                 GROUPS=groups, DIM=dim, M=max(16, triton.next_power_of_2(rep)),
-                                                 SPLIT=split, SPLITS=splits, BLOCK_N=64, num_warps=4, num_stages=3)
+    k_scale, v_scale = scales or (part, part)
+    _decode_split_kernel[(rows, groups, splits)](q, cache_k, cache_v, k_scale, v_scale, used, part, scale,
+                                                 cache_k.shape[1], REP=rep, GROUPS=groups, DIM=dim,
+                                                 M=max(16, triton.next_power_of_2(rep)), SPLIT=split, SPLITS=splits,
+                                                 FLOAT8=scales is not None, **meta)
     out = torch.empty(rows, rep * groups * dim, dtype=q.dtype, device=q.device)
     _decode_merge_kernel[(rows, groups)](part, used, out, REP=rep, R=triton.next_power_of_2(rep), GROUPS=groups,
                                          DIM=dim, SPLIT=split, SPLITS=splits)
@@ -294,10 +325,11 @@ if triton is not None:
         tl.store(dst, _round_e4m3(tl.math.div_rn(x, scale)).to(dst.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, length,
-                       HEADS: tl.constexpr, GROUPS: tl.constexpr, HALF: tl.constexpr):
+    def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, slot_ptr, pos_ptr,
+                       length, HEADS: tl.constexpr, GROUPS: tl.constexpr, HALF: tl.constexpr, FLOAT8: tl.constexpr):
         """One (row, head): a query head (head < HEADS) or a kv head. Each product and the sum round
-        to the 16-bit dtype, as HF's q * cos + rotate_half(q) * sin does in that dtype."""
+        to the 16-bit dtype, as HF's q * cos + rotate_half(q) * sin does in that dtype. FLOAT8: the kv
+        head's key and value stored as _store_float8 stores a row, their scales at [slot, g, pos]."""
         row, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
         dim: tl.constexpr = 2 * HALF
         rep: tl.constexpr = HEADS // GROUPS
@@ -314,22 +346,40 @@ if triton is not None:
         y2 = ((x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)).to(dt)
         if head < HEADS:
             dst = q_ptr + row * HEADS * dim + ((head % rep) * GROUPS + head // rep) * dim
+            tl.store(dst + lo, y1)
+            tl.store(dst + HALF + lo, y2)
         else:
             g = head - HEADS
-            at = (tl.load(slot_ptr + row) * length + tl.load(pos_ptr + row)) * GROUPS * dim + g * dim
-            dst = k_ptr + at
-            tl.store(v_ptr + at + lo, tl.load(src + GROUPS * dim + lo))
-            tl.store(v_ptr + at + HALF + lo, tl.load(src + GROUPS * dim + HALF + lo))
-        tl.store(dst + lo, y1)
-        tl.store(dst + HALF + lo, y2)
+            slot, pos = tl.load(slot_ptr + row), tl.load(pos_ptr + row)
+            at = (slot * length + pos) * GROUPS * dim + g * dim
+            v1, v2 = tl.load(src + GROUPS * dim + lo), tl.load(src + GROUPS * dim + HALF + lo)
+            if FLOAT8:
+                at_scale = (slot * GROUPS + g) * length + pos
+                _store_head_float8(y1.to(tl.float32), y2.to(tl.float32), k_ptr + at, k_scale_ptr + at_scale, HALF)
+                _store_head_float8(v1.to(tl.float32), v2.to(tl.float32), v_ptr + at, v_scale_ptr + at_scale, HALF)
+            else:
+                tl.store(k_ptr + at + lo, y1)
+                tl.store(k_ptr + at + HALF + lo, y2)
+                tl.store(v_ptr + at + lo, v1)
+                tl.store(v_ptr + at + HALF + lo, v2)
 
     @triton.jit
-    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, used_ptr, part_ptr, scale, length, REP: tl.constexpr,
-                             GROUPS: tl.constexpr, DIM: tl.constexpr, M: tl.constexpr, SPLIT: tl.constexpr,
-                             SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _store_head_float8(x1, x2, dst, scale_dst, HALF: tl.constexpr):
+        """A head's two halves (fp32) stored as float8_rows_torch stores a row: its scale, its values."""
+        scale = tl.maximum(tl.maximum(tl.max(tl.abs(x1), 0), tl.max(tl.abs(x2), 0)), 1e-12) * 0.002232142857142857
+        tl.store(scale_dst, scale)
+        lo = tl.arange(0, HALF)
+        tl.store(dst + lo, _round_e4m3(tl.math.div_rn(x1, scale)).to(dst.dtype.element_ty))
+        tl.store(dst + HALF + lo, _round_e4m3(tl.math.div_rn(x2, scale)).to(dst.dtype.element_ty))
+
+    @triton.jit
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, used_ptr, part_ptr, scale, length,
+                             REP: tl.constexpr, GROUPS: tl.constexpr, DIM: tl.constexpr, M: tl.constexpr,
+                             SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, FLOAT8: tl.constexpr):
         """Program (row, g, split): the REP query heads of kv head g (padded to M rows for tl.dot)
         against positions [split * SPLIT, its end) of the row's slot; writes the unnormalised sum,
-        the running max and the running denominator of each query head."""
+        the running max and the running denominator of each query head. FLOAT8: keys and values
+        are float8 heads, their scales [slots, groups, length]."""
         row, g, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         used = tl.load(used_ptr + row)
         start = split * SPLIT
@@ -342,18 +392,27 @@ if triton is not None:
             acc = tl.zeros([M, DIM], tl.float32)
             end = tl.minimum(start + SPLIT, used)
             base = row * length * GROUPS * DIM + g * DIM
+            scale_base = (row * GROUPS + g) * length
             for n0 in range(start, end, BLOCK_N):
                 n = n0 + tl.arange(0, BLOCK_N)
                 keep = n < end
                 at = base + n[:, None].to(tl.int64) * GROUPS * DIM + d[None, :]
                 k = tl.load(k_ptr + at, mask=keep[:, None], other=0.0)
-                s = tl.where(keep[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+                if FLOAT8:  # float8 to 16 bits: exact, and faster through float16 (an H100: 8% a layer)
+                    k = k.to(tl.float16).to(q.dtype)
+                s = tl.dot(q, tl.trans(k)) * scale
+                if FLOAT8:
+                    s = s * tl.load(k_scale_ptr + scale_base + n, mask=keep, other=0.0)[None, :]
+                s = tl.where(keep[None, :], s, float("-inf"))
                 new_top = tl.maximum(top, tl.max(s, 1))
                 p = tl.exp(s - new_top[:, None])
                 shrink = tl.exp(top - new_top)
                 total = total * shrink + tl.sum(p, 1)
                 v = tl.load(v_ptr + at, mask=keep[:, None], other=0.0)
-                acc = acc * shrink[:, None] + tl.dot(p.to(v.dtype), v)
+                if FLOAT8:
+                    v = v.to(tl.float16).to(q.dtype)
+                    p = p * tl.load(v_scale_ptr + scale_base + n, mask=keep, other=0.0)[None, :]
+                acc = acc * shrink[:, None] + tl.dot(p.to(q.dtype), v)
                 top = new_top
             dst = part_ptr + (((row * GROUPS + g) * SPLITS + split) * REP + r) * (DIM + 2)
             tl.store(dst[:, None] + d[None, :], acc, mask=r[:, None] < REP)
@@ -417,6 +476,13 @@ def self_check(device="cuda", dtype=torch.bfloat16):
     qa = rotary_to_cache(qkv, cos, sin, caches[0], caches[1], slot, pos, heads, groups)
     qb = rotary_to_cache_torch(qkv, cos, sin, caches[2], caches[3], slot, pos, heads, groups)
     out["rotary_to_cache"] = max(differ(qa, qb), differ(caches[0], caches[2]), differ(caches[1], caches[3]))
+    caches = [torch.zeros(count, length, groups, dim, dtype=torch.float8_e4m3fn, device=device) for _ in range(4)]
+    scales = [torch.zeros(count, groups, length, device=device) for _ in range(4)]
+    qkv[-1, (heads + 1) * dim:] *= 1e-4  # a key and a value of float8's subnormals
+    qa = rotary_to_cache(qkv, cos, sin, caches[0], caches[1], slot, pos, heads, groups, scales[:2])
+    qb = rotary_to_cache_torch(qkv, cos, sin, caches[2], caches[3], slot, pos, heads, groups, scales[2:])
+    out["rotary_to_cache_float8"] = max(differ(qa, qb), *(differ(a.float(), b.float()) for a, b in
+                                                          zip(caches[:2] + scales[:2], caches[2:] + scales[2:])))
     x = rand(rows, 2500) * torch.tensor([1e-3, 1, 30, 1e3, 0, 1], dtype=dtype).to(device)[:, None]
     x[-1] *= torch.logspace(-6, 0, 2500).to(device, dtype)  # float8's subnormals, below 2**-6 of 448
     a, b = float8_rows(x), float8_rows_torch(x)
@@ -427,4 +493,9 @@ def self_check(device="cuda", dtype=torch.bfloat16):
     a = decode_attention(qa, cache_k, cache_v, used, dim ** -0.5)
     b = decode_attention_torch(qa, cache_k, cache_v, used, dim ** -0.5)
     out["decode_attention"] = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+    (cache_k, k_scale), (cache_v, v_scale) = (float8_rows_torch(t) for t in (cache_k, cache_v * 30))
+    scales = [t[..., 0].transpose(1, 2).contiguous() for t in (k_scale, v_scale)]
+    a = decode_attention(qa, cache_k, cache_v, used, dim ** -0.5, scales)
+    b = decode_attention_torch(qa, cache_k, cache_v, used, dim ** -0.5, scales)
+    out["decode_attention_float8"] = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
     return out

@@ -19,6 +19,7 @@ import training
 from training import adapters_in_bf16, add_lora, load_student, loss_sum, supervised_tokens
 import engine
 from engine import PACKED_ATTENTION, RowSampler, force_lengths, fused_gelu, pick_tokens, slot_generate
+import kernels
 from kernels import rotary_to_cache
 
 PROMPTS = [[{"role": "user", "content": t}] for t in (
@@ -43,7 +44,7 @@ def test_slot_generate_equals_hf_generate(tiny_llama):
 
 def test_hf_fp8_backend_refuses_off_a_float8_gpu_and_runs_the_float8_engine(tiny_llama, monkeypatch):
     """--backend=hf-fp8 where float8 matmuls do not run (a CPU here) is one line naming what it needs; where
-    they do (faked here), each reply is slot_generate's with fp8=True."""
+    they do (faked here), each reply is slot_generate's with float8 weights and KV cache."""
     with pytest.raises(InputError, match=r"backend hf-fp8 needs a GPU with float8 matmuls .*here: no GPU, llama"):
         common.load_backend("hf-fp8", tiny_llama)
     monkeypatch.setattr(common, "fp8_runs", lambda model: True)
@@ -51,13 +52,14 @@ def test_hf_fp8_backend_refuses_off_a_float8_gpu_and_runs_the_float8_engine(tiny
     backend = common.load_backend("hf-fp8", tiny_llama)
     tok, model, seeds = backend.tokenizer, backend.model, [11, 22, 33, 44, 55, 66]
     flags = []
-    monkeypatch.setattr(common, "slot_generate", lambda *a, **k: flags.append(k["fp8"]) or slot_generate(*a, **k))
+    monkeypatch.setattr(common, "slot_generate", lambda *a, **k: flags.append((k["fp8"], k["kv_fp8"]))
+                        or slot_generate(*a, **k))
     got = backend.generate(PROMPTS, seeds, max_new_tokens=12, temperature=0.8, top_p=0.9)
     ids = tok([tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in PROMPTS],
               add_special_tokens=False)["input_ids"]
     out = slot_generate(model, ids, seeds, max_new_tokens=12, temperature=0.8, top_p=0.9,
-                        eos_ids=model.generation_config.eos_token_id, fp8=True)
-    assert flags == [True] and got == [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+                        eos_ids=model.generation_config.eos_token_id, fp8=True, kv_fp8=True)
+    assert flags == [(True, True)] and got == [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 
 def test_slot_generate_reports_each_reply_as_it_ends(tiny_llama):
@@ -274,6 +276,58 @@ def test_fp8_slot_generate_runs_each_layer_matmul_on_float8(arch, monkeypatch):
     assert (got - logits(False)).abs().max() > 0.1  # float8 changes the logits
     with torch.no_grad():
         assert torch.equal(model(probe).logits, before)
+
+
+def test_kv_fp8_slot_generate_keeps_each_key_and_value_head_in_float8(monkeypatch):
+    """slot_generate(kv_fp8=True): the logits of a cache whose every key and value head is rounded to float8
+    at its own scale (emulated here in fp32 through kv_fp8=False), with a shared head copied into each slot
+    and the last row moved to a lower slot (its scales with it); float8 changes the logits. Only the fused
+    layers and the kernel or sdpa decode attention run it: elsewhere a one-line refusal."""
+    model = random_decoder("llama")
+    head = torch.randint(1, 300, (20,)).tolist()
+    prompts = [head + torch.randint(1, 300, (n,)).tolist() for n in (3, 9, 1, 14, 6)]
+    targets = torch.tensor([2, 9, 3, 4, 12])  # prompt 4 lands in slot 2 and outlives the others: moved to slot 0
+    forced = torch.randint(1, 300, (5, 12))
+    forced[torch.arange(5), targets - 1] = 0
+
+    def logits(kv_fp8):
+        seen, stats = {}, {}
+
+        def keep(logits, r, steps):
+            for key, row in zip(zip(r.tolist(), steps.tolist()), logits):
+                seen.setdefault(key, row.clone())
+            return torch.full_like(logits, float("-inf")).scatter_(1, forced[r, steps][:, None], 0.0)
+
+        slot_generate(model, prompts, [0] * 5, max_new_tokens=12, temperature=0.0, top_p=1.0, eos_ids=[0],
+                      max_slots=3, kv_fp8=kv_fp8, processor=keep, stats=stats)
+        assert stats["shared"] == 20 and stats["decode_rows"] < 3 * stats["decode_steps"]
+        return torch.stack([seen[k] for k in sorted(seen)])
+
+    got = logits(True)
+    plain = logits(False)
+    moved = []
+
+    def rounded(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups, scales=None):
+        q = rotary_to_cache(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, groups)
+        for cache in (cache_k, cache_v):
+            t, scale = kernels.float8_rows_torch(cache[slot, pos])
+            cache[slot, pos] = t.float() * scale
+        return q
+
+    monkeypatch.setattr(engine, "rotary_to_cache", rounded)
+    compact = engine._Slots.caches
+    monkeypatch.setattr(engine._Slots, "caches", lambda self: moved.append(1) or compact(self))
+    want = logits(False)
+    assert got.shape == (sum(targets), 300) and len(moved) > 2  # the head taken, copied in, a row compacted
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - plain).abs().max() > 0.01
+    prompt = [prompts[0]]
+    with pytest.raises(ValueError, match="float8 KV cache runs in the fused layers only"):
+        slot_generate(model, prompt, [0], max_new_tokens=2, temperature=0.0, top_p=1.0, eos_ids=[], fused=False,
+                      kv_fp8=True)
+    with pytest.raises(ValueError, match="float8 KV cache is read by decode='kernel' or 'sdpa'"):
+        slot_generate(model, prompt, [0], max_new_tokens=2, temperature=0.0, top_p=1.0, eos_ids=[], decode="flash",
+                      kv_fp8=True)
 
 
 def test_fused_prefill_gives_hfs_logits_and_cache(monkeypatch):

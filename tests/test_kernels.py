@@ -27,10 +27,11 @@ def test_triton_kernels_equal_their_torch_versions():
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.splitlines()[-1])
     attention = got.pop("decode_attention")  # split-KV sums in another order: float16 rounding, ~5e-4
+    attention_float8 = got.pop("decode_attention_float8")  # seen: 7e-4 (the scales multiply the scores instead)
     silu = got.pop("silu_mul")  # the interpreter's exp is numpy's, not torch's: a float16 rounding flips here and there
     assert got == {"uniform_noise": 0.0, "rms_norm": 0.0, "add_rms_norm": 0.0, "add_rms_norm_float8": 0.0,
-                   "silu_mul_float8": 0.0, "rotary_to_cache": 0.0, "float8_rows": 0.0}
-    assert attention < 2e-3 and silu < 1e-3
+                   "silu_mul_float8": 0.0, "rotary_to_cache": 0.0, "rotary_to_cache_float8": 0.0, "float8_rows": 0.0}
+    assert attention < 2e-3 and attention_float8 < 3e-3 and silu < 1e-3
 
 
 # Run by test_slot_generate_through_the_kernels_gives_the_torch_versions_logits in Triton's interpreter.
@@ -52,7 +53,7 @@ forced[torch.arange(5), targets - 1] = 0
 stats = {}
 
 
-def run(triton, decode, force, fp8=False):
+def run(triton, decode, force, fp8=False, kv_fp8=False):
     kernels._use_triton = (lambda device: True) if triton else (lambda device: False)
     seen = {}
 
@@ -64,7 +65,8 @@ def run(triton, decode, force, fp8=False):
         return force_lengths(logits, targets[r], steps, 0)
 
     out = slot_generate(model, prompts, [11, 22, 33, 44, 55], max_new_tokens=6, temperature=0.8, top_p=0.9,
-                        eos_ids=0, max_slots=3, decode=decode, processor=keep, stats=stats, fp8=fp8)
+                        eos_ids=0, max_slots=3, decode=decode, processor=keep, stats=stats, fp8=fp8,
+                        kv_fp8=kv_fp8)
     return out, torch.stack([seen[key] for key in sorted(seen)])
 
 
@@ -75,11 +77,15 @@ _, kernel_logits = run(True, "kernel", True)  # teacher-forced: the split-KV att
 _, forced_logits = run(False, "sdpa", True)
 _, fp8_kernel_logits = run(True, "kernel", True, fp8=True)  # float8 rows written by the norm and SiLU kernels
 _, fp8_logits = run(False, "sdpa", True, fp8=True)
+_, kv_fp8_kernel_logits = run(True, "kernel", True, fp8=True, kv_fp8=True)  # the rotary and attention kernels too
+_, kv_fp8_logits = run(False, "sdpa", True, fp8=True, kv_fp8=True)
 rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
 print(json.dumps({"tokens_equal": tokens == want_tokens, "rows": [len(t) for t in tokens], "steps": steps,
                   "rel_diff": rel(logits, want_logits),
                   "kernel_attention_rel_diff": rel(kernel_logits, forced_logits),
-                  "fp8_rel_diff": rel(fp8_kernel_logits, fp8_logits), "fp8_vs_16_bit": rel(fp8_logits, forced_logits)}))
+                  "fp8_rel_diff": rel(fp8_kernel_logits, fp8_logits), "fp8_vs_16_bit": rel(fp8_logits, forced_logits),
+                  "kv_fp8_rel_diff": rel(kv_fp8_kernel_logits, kv_fp8_logits),
+                  "kv_fp8_vs_fp8": rel(kv_fp8_logits, fp8_logits)}))
 """
 
 
@@ -87,7 +93,8 @@ def test_slot_generate_through_the_kernels_gives_the_torch_versions_logits():
     """slot_generate with every kernel in Triton's interpreter (float16, a shared head, slots refilled and
     shrinking): the torch versions' tokens, and their logits within float16 rounding (the norm's float32
     sums run in another order, which can flip an element's last bit), the split-KV attention too, and
-    with float8 weights (the norm and the SiLU product writing float8 rows) likewise."""
+    with float8 weights (the norm and the SiLU product writing float8 rows) likewise, and with a float8 KV
+    cache too (the rotary writing float8 heads, the split-KV attention reading them)."""
     pytest.importorskip("triton")
     done = subprocess.run([sys.executable, "-c", SLOT_RUN], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
@@ -99,6 +106,7 @@ def test_slot_generate_through_the_kernels_gives_the_torch_versions_logits():
     assert got["rel_diff"] < 2e-3 and got["kernel_attention_rel_diff"] < 5e-3  # seen: 5e-4 and 7e-4
     # seen: 0.012 and 0.052. A last-bit flip of a 16-bit value can move its float8 rounding a whole step (1/16).
     assert got["fp8_rel_diff"] < 0.03 < got["fp8_vs_16_bit"], got
+    assert got["kv_fp8_rel_diff"] < 0.03 and got["kv_fp8_vs_fp8"] > 0.01, got  # seen: 0.014 and 0.042
 
 
 def test_rotary_to_cache_is_hfs_rotary_and_cache_write():
