@@ -72,7 +72,7 @@ SLOTS = ["256:flat", "256", "384", "512"]  # slot_generate: max rows decoding at
 # decode attention, else the best][:hf = HF's decoder layers in decode, not the fused ones][:flat = every decode
 # step over all slots, not the fewest that hold the rows decoding][:kv0.8 = the KV cache in 80% of free memory, not
 # 60%][:rows0 = each decode matmul at the step's own row count, not engine._matmul_rows' choice][:fp8 = the layers'
-# matmuls on float8 weights (slot_generate fp8=True)][:round1 = ROUND1's]
+# matmuls on float8 weights (slot_generate fp8=True)][:fp8kv = the KV cache in float8 (kv_fp8=True)][:round1 = ROUND1's]
 ROUND1 = ""  # gen: an earlier engine.py for SLOTS "N:round1" (git show 462d44e:engine.py > /tmp/engine_round1.py)
 STATIC_REQUESTS = 256  # HF generate in one left-padded batch of this many requests (0: skip)
 CB_SECONDS = 60.0  # time box of continuous batching (0: skip)
@@ -88,7 +88,8 @@ TRAIN_CONFIGS = ["varlen:8192:0.125:sum:fused:bf16lora", "varlen:8192:0.25:full:
                  "sdpa:4096:1:sum"]  # attention:budget:ckpt fraction:loss[:flag...] (parse); the first is 05's
 # defaults, the second 05's of 2026-11-28
 PROFILE_PATHS = ["sdpa:hf", "flash:hf", "flash:fused", "auto:fused"]  # profile: decode attention:layers (hf, fused, or
-# fp8 = fused with float8 weights); prefill and the matmul sweep run for each of fused and fp8 named here
+# fp8 = fused with float8 weights, fp8kv = and a float8 KV cache); prefill runs for each named, the matmul sweep for
+# fused and fp8
 TRAIN_PROFILE = ""  # train: profile 2 micro-batches of this configuration (one of TRAIN_CONFIGS)
 DDP_MAX_GIB = 24.0  # ddp: best train configuration whose reserved peak fits this
 DDP_CONFIG = ""  # ddp: a configuration string to use instead of the best one

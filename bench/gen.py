@@ -128,9 +128,11 @@ def run_gen(bench):
                 + ("" if kv == 0.6 else f", the KV cache in {kv:.0%} of free memory")
                 + (", matmuls at the step's own rows" if "rows0" in flags else "")
                 + (", float8 weights" if "fp8" in flags else "")
+                + (", float8 KV cache" if "fp8kv" in flags else "")
                 + (f", engine of {bench.ROUND1}" if "round1" in flags else ""))
         generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink, "kv_memory": kv,
-                                          "pad_rows": "rows0" not in flags, "fp8": "fp8" in flags}
+                                          "pad_rows": "rows0" not in flags, "fp8": "fp8" in flags,
+                                          "kv_fp8": "fp8kv" in flags}
         if "round1" in flags:  # the engine.py of an earlier commit, side by side
             import importlib.util
 
@@ -217,7 +219,10 @@ def run_gen(bench):
         flash = "flash" if bench.device == "cuda" else "sdpa"  # the CPU smoke test has no flash kernel
         for what, variant in (("flash", dict(decode=flash, fused=False)), ("flash + fused layers", dict(decode=flash)),
                               ("split-KV kernel + fused layers", dict(decode="auto")),
-                              ("float8 weights + split-KV kernel + fused layers", dict(decode="auto", fp8=True))):
+                              ("float8 KV cache + split-KV kernel + fused layers", dict(decode="auto", kv_fp8=True)),
+                              ("float8 weights + split-KV kernel + fused layers", dict(decode="auto", fp8=True)),
+                              ("float8 weights and KV cache + split-KV kernel + fused layers",
+                               dict(decode="auto", fp8=True, kv_fp8=True))):
             compare(f"bf16_{what}_vs_sdpa_hf_{label}", f"{label}: {what} vs whole-slot sdpa through HF's layers",
                     logits_of(net, **variant), base)
         # A 64-token head before each prompt, prefilled once (flash with fewer queries than keys) vs with each prompt
@@ -327,7 +332,7 @@ def run_profile(bench):
     """Where the slot engine's time goes at the real shape: decode step (graph replay) with and
     without sampling, per kind of kernel, at 256 and 384 slots of realistic context, along each of
     PROFILE_PATHS (HF's layers with the whole-slot sdpa or the flash attention, the fused layers with
-    the flash or the split-KV kernel, with bf16 or float8 weights); a packed prefill call of 16k tokens
+    the flash or the split-KV kernel, with bf16 or float8 weights, and a float8 KV cache); a packed prefill call of 16k tokens
     and a sweep of one step's matmuls over the row count, for each of the fused layers' weights named."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import AttentionInterface
@@ -339,7 +344,7 @@ def run_profile(bench):
     g = torch.Generator().manual_seed(bench.SEED)
     out = {"length": length, "rows": []}
     paths = [p.split(":") for p in bench.PROFILE_PATHS]
-    weights = {kind: engine._slot_weights(model, fp8=kind == "fp8") for kind in ("fused", "fp8")
+    weights = {kind: engine._slot_weights(model, fp8=kind != "fused") for kind in ("fused", "fp8", "fp8kv")
                if kind in {layers for _, layers in paths}}
 
     def timed(fn, n=20):
@@ -360,7 +365,7 @@ def run_profile(bench):
                 if decode == "flash" and bench.device != "cuda":  # --tiny on a CPU: no flash kernel
                     continue
                 bench.reset_memory()
-                slots = engine._Slots(model, count, length, decode)
+                slots = engine._Slots(model, count, length, decode, kv_fp8=layers == "fp8kv")
                 slots.fused = weights.get(layers)
                 slots.pos.copy_(ctx)
                 slots.token.copy_(torch.randint(3, model.config.vocab_size, (count,), generator=g))
@@ -393,7 +398,7 @@ def run_profile(bench):
             prompts.pop()
         tokens = sum(map(len, prompts))
         for kind, fused in weights.items():
-            slots = engine._Slots(model, 48, length)
+            slots = engine._Slots(model, 48, length, kv_fp8=kind == "fp8kv")
             slots.fused = fused
             prefill = lambda: engine._prefill(model, slots, list(range(len(prompts))), prompts)  # noqa: E731
             ms = timed(prefill, 5)
@@ -410,7 +415,8 @@ def run_profile(bench):
                   f"({out[key]['tflops']} TFLOP/s of weight matmuls); kernels {out[key]['kernels_ms']}")
             for k in out[key]["top_kernels"][:8]:
                 print(f"      {k}")
-            out["gemm" if kind == "fused" else f"gemm_{kind}"] = gemm_sweep(bench, model, fused, timed)
+            if kind != "fp8kv":  # fp8's matmuls
+                out["gemm" if kind == "fused" else f"gemm_{kind}"] = gemm_sweep(bench, model, fused, timed)
     (bench.out_dir / "profile.json").write_text(json.dumps({"card": bench.card(), "versions": bench.versions(), **out},
                                                            indent=1))
 

@@ -12,6 +12,8 @@
 #                                 # which does not fit in one upload beside bitsandbytes')
 #   bash bench/on_gpu.sh fp8      # one GPU (compute capability 8.9+): stage 02 with --backend=hf-fp8, then
 #                                 # hf, in the rehearsal; the bench's mix in bf16 and with float8 weights, interleaved
+#   bash bench/on_gpu.sh kv8      # one GPU (compute capability 8.9+): the bench's mix with float8 weights, with and
+#                                 # without the float8 KV cache, interleaved; the profile of both
 #   bash bench/on_gpu.sh head     # one GPU: stage 02 with the engine of 48d6c6f against this one (the shared
 #                                 # head prefilled once), twice, interleaved, then bench/startup.py; first, here:
 #                                 # mkdir -p .gpu-wheels/old && git show 48d6c6f:engine.py > .gpu-wheels/old/engine.py
@@ -79,6 +81,20 @@ fp8)
     --static-requests=0 --cb-seconds=0 --ref-seconds=3 2>&1 | grep -v Warning > "$OUT/gen.log"
   grep "ours\|check" "$OUT/gen.log" | cut -c1-230
   ;;
+kv8)
+  # The bench's mix: float8 weights with the bf16 KV cache (437 slots in 90% of free memory, part nine's best)
+  # against float8 weights and KV cache (512 slots: the bench's 512 requests at once), interleaved, and bf16 weights
+  # both ways; then the profile of the float8 paths at 256 and 384 slots. First the rehearsal's stage 02 with hf-fp8.
+  python3 rehearsal.py --stages=02 --backend=hf-fp8 --out="$REH" $ARGS 2>&1 | tee "$OUT/rehearsal_hf-fp8.log" | tail -3
+  cp "$REH/rehearsal.json" "$OUT/rehearsal_02_hf-fp8.json"
+  python3 bench/bench.py --part=gen --out="$OUT" --static-requests=0 --cb-seconds=0 --ref-seconds=3 \
+    --slots=${KV8_SLOTS:-437:kv0.9:fp8,512:kv0.9:fp8:fp8kv,437:kv0.9:fp8,512:kv0.9:fp8:fp8kv,437:kv0.9,512:kv0.9:fp8kv} \
+    2>&1 | grep -v Warning > "$OUT/gen.log"
+  grep "ours\|check\|kernels" "$OUT/gen.log" | cut -c1-260
+  python3 bench/bench.py --part=profile --out="$OUT" --profile-paths=auto:fp8,auto:fp8kv 2>&1 | grep -v Warning \
+    > "$OUT/profile.log"
+  grep "slots\|prefill" "$OUT/profile.log" | cut -c1-230
+  ;;
 head)
   rm -rf /tmp/old && mkdir -p /tmp/old
   tar --exclude=./out --exclude=./.gpu-wheels --exclude=./.venv --exclude=./.git -cf - . | tar -xf - -C /tmp/old
@@ -97,7 +113,7 @@ head)
     | tee "$OUT/startup.log"
   ;;
 *)
-  echo "usage: bash bench/on_gpu.sh gen|lean|lean3|late|stages|gpus2|head|fp8" >&2
+  echo "usage: bash bench/on_gpu.sh gen|lean|lean3|late|stages|gpus2|head|fp8|kv8" >&2
   exit 2
   ;;
 esac
