@@ -31,7 +31,7 @@ from judge import JudgeStage
 
 # -----------------------------------------------------------------------------
 GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the offline alias smollm2
-BACKEND = "hf"  # hf (local transformers), hf-fp8 (its float8 matmuls: faster on an H100, other samples) or openai (any OpenAI-compatible server)
+BACKEND = "hf"  # hf (local transformers), hf-fp8 (the same in float8: faster on an H100, other samples) or openai (any OpenAI-compatible server)
 BASE_URL = ""  # openai backend: e.g. http://localhost:8000/v1; several, comma-separated, share the requests
 API_KEY = ""  # openai backend; empty: $OPENAI_API_KEY
 PROMPT = "A curious 10-year-old asked an assistant a riddle, then a follow-up question. Judge the conversation.\n\nRiddle: {riddle}\n\nAssistant: {answer}\n\nChild: {followup}\n\nAssistant: {second_answer}\n\nScore each point from 1 (bad) to 5 (good):\n- answer: is the answer to the riddle right, and explained simply enough for a child?\n- follow-up: is the follow-up a short question a child would ask about the answer?\n- second answer: does the second answer reply to the follow-up, on topic and simply?\n\nReply with exactly these four lines and nothing else:\nanswer: N\nfollow-up: N\nsecond answer: N\nreason: one short sentence"  # {riddle} {answer} {followup} {second_answer}

@@ -583,7 +583,7 @@ class OpenAIBackend:
 
 
 def load_backend(backend, model, base_url="", api_key=""):
-    """`hf` (local transformers), `hf-fp8` (the same, float8 matmuls) or `openai` (servers at base_url,
+    """`hf` (local transformers), `hf-fp8` (the same, float8 matmuls and KV cache) or `openai` (servers at base_url,
     comma-separated)."""
     if backend in ("hf", "hf-fp8"):
         return HFBackend(model, fp8=backend == "hf-fp8")

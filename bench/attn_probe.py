@@ -51,8 +51,9 @@ for kind, (ck, cv, scales) in caches.items():
         if block > split:
             continue
         meta = dict(BLOCK_N=block, num_warps=warps, num_stages=stages)
+        settings = dict(split=split, **meta)
         try:
-            fn = lambda: decode_attention(q, ck, cv, used, dim ** -0.5, scales, meta=dict(split=split, **meta))  # noqa: E731
+            fn = lambda: decode_attention(q, ck, cv, used, dim ** -0.5, scales, meta=settings)  # noqa: E731
             off = ((fn().float() - want.float()).abs().max() / want.float().abs().max()).item()
             t = ms(fn)
         except Exception as e:  # e.g. out of shared memory

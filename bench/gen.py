@@ -332,8 +332,9 @@ def run_profile(bench):
     """Where the slot engine's time goes at the real shape: decode step (graph replay) with and
     without sampling, per kind of kernel, at 256 and 384 slots of realistic context, along each of
     PROFILE_PATHS (HF's layers with the whole-slot sdpa or the flash attention, the fused layers with
-    the flash or the split-KV kernel, with bf16 or float8 weights, and a float8 KV cache); a packed prefill call of 16k tokens
-    and a sweep of one step's matmuls over the row count, for each of the fused layers' weights named."""
+    the flash or the split-KV kernel, with bf16 or float8 weights, with or without a float8 KV cache); a
+    packed prefill call of 16k tokens, and a sweep of one step's matmuls over the row count, for each
+    of the fused layers' weights named."""
     from torch.profiler import ProfilerActivity, profile
     from transformers import AttentionInterface
 

@@ -88,7 +88,7 @@ kv8)
   python3 rehearsal.py --stages=02 --backend=hf-fp8 --out="$REH" $ARGS 2>&1 | tee "$OUT/rehearsal_hf-fp8.log" | tail -3
   cp "$REH/rehearsal.json" "$OUT/rehearsal_02_hf-fp8.json"
   python3 bench/bench.py --part=gen --out="$OUT" --static-requests=0 --cb-seconds=0 --ref-seconds=3 \
-    --slots=${KV8_SLOTS:-437:kv0.9:fp8,512:kv0.9:fp8:fp8kv,437:kv0.9:fp8,512:kv0.9:fp8:fp8kv,437:kv0.9,512:kv0.9:fp8kv} \
+    --slots=437:kv0.9:fp8,512:kv0.9:fp8:fp8kv,437:kv0.9:fp8,512:kv0.9:fp8:fp8kv,437:kv0.9,512:kv0.9:fp8kv \
     2>&1 | grep -v Warning > "$OUT/gen.log"
   grep "ours\|check\|kernels" "$OUT/gen.log" | cut -c1-260
   python3 bench/bench.py --part=profile --out="$OUT" --profile-paths=auto:fp8,auto:fp8kv 2>&1 | grep -v Warning \
