@@ -506,7 +506,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     float8-rounded inputs: on an H100 the matmuls 1.5-1.75x faster, the bench's mix 1.13x, other
     logits (lm_head stays bf16). kv_fp8=True keeps the KV cache as float8 heads, each with its own
     scale (half the bytes: nearly twice the slots, half the decode attention's reads; other logits
-    again); it needs the fused layers. stats (a dict) gets
+    again); it needs the fused layers and, on a GPU, compute capability 8.9 or newer. stats (a dict) gets
     prefill and decode seconds (decode_s includes capture_s: the CUDA graphs' capture, _matmul_rows' timing),
     padded (step size: {weight shape: the rows its matmul runs at}, where _matmul_rows padded), and counts
     (shared: the head's tokens; prefill_tokens: the tokens prefilled; decode_rows: the rows the
@@ -521,8 +521,9 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     count = min(len(prompts), max_slots)
     dev = model.device
     weights = _slot_weights(model, fp8) if fused and _fusable(model) else None  # before the free memory is read
-    if kv_fp8 and weights is None:
-        raise ValueError("a float8 KV cache runs in the fused layers only (fused=True, a Llama-layout decoder)")
+    if kv_fp8 and (weights is None or dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9)):
+        raise ValueError("a float8 KV cache runs in the fused layers only (fused=True, a Llama-layout decoder), "
+                         "on a CPU or a GPU of compute capability 8.9 or newer (Triton's float8)")
     if dev.type == "cuda":
         free = torch.cuda.mem_get_info(dev)[0]
         count = max(1, min(count, int(kv_memory * free) // slot_bytes(model, length, kv_fp8)))
