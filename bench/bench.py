@@ -72,7 +72,8 @@ SLOTS = ["256:flat", "256", "384", "512"]  # slot_generate: max rows decoding at
 # decode attention, else the best][:hf = HF's decoder layers in decode, not the fused ones][:flat = every decode
 # step over all slots, not the fewest that hold the rows decoding][:kv0.8 = the KV cache in 80% of free memory, not
 # 60%][:rows0 = each decode matmul at the step's own row count, not engine._matmul_rows' choice][:fp8 = the layers'
-# matmuls on float8 weights (slot_generate fp8=True)][:fp8kv = the KV cache in float8 (kv_fp8=True)][:round1 = ROUND1's]
+# matmuls on float8 weights (slot_generate fp8=True)][:fp8kv = the KV cache in float8 (kv_fp8=True)][:round1 =
+# ROUND1's]
 ROUND1 = ""  # gen: an earlier engine.py for SLOTS "N:round1" (git show 462d44e:engine.py > /tmp/engine_round1.py)
 STATIC_REQUESTS = 256  # HF generate in one left-padded batch of this many requests (0: skip)
 CB_SECONDS = 60.0  # time box of continuous batching (0: skip)

@@ -12,8 +12,9 @@
 #                                 # which does not fit in one upload beside bitsandbytes')
 #   bash bench/on_gpu.sh fp8      # one GPU (compute capability 8.9+): stage 02 with --backend=hf-fp8, then
 #                                 # hf, in the rehearsal; the bench's mix in bf16 and with float8 weights, interleaved
-#   bash bench/on_gpu.sh kv8      # one GPU (compute capability 8.9+): the bench's mix with float8 weights, with and
-#                                 # without the float8 KV cache, interleaved; the profile of both
+#   bash bench/on_gpu.sh kv8      # one GPU (compute capability 8.9+): stage 02 with --backend=hf-fp8 in the
+#                                 # rehearsal; the bench's mix with float8 weights, with and without the float8 KV
+#                                 # cache, interleaved, and bf16 weights both ways; the profile of both float8 paths
 #   bash bench/on_gpu.sh head     # one GPU: stage 02 with the engine of 48d6c6f against this one (the shared
 #                                 # head prefilled once), twice, interleaved, then bench/startup.py; first, here:
 #                                 # mkdir -p .gpu-wheels/old && git show 48d6c6f:engine.py > .gpu-wheels/old/engine.py
