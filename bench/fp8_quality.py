@@ -21,6 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 from common import load_model, load_tokenizer  # noqa: E402
+from kernels import float8_rows_torch  # noqa: E402
 
 torch.manual_seed(0)
 count = int(sys.argv[1]) if len(sys.argv) > 1 else 120
@@ -38,7 +39,7 @@ forced = torch.tensor([ids + [tok.eos_token_id] * (longest - len(ids)) for ids i
 
 def float8_rounded(t):
     """t's rows rounded to float8 e4m3 at their own scale (kernels.float8_rows_torch), back in fp32."""
-    rows, scale = engine.float8_rows_torch(t.float())
+    rows, scale = float8_rows_torch(t.float())
     return rows.float() * scale
 
 
