@@ -64,7 +64,8 @@ for kind, (ck, cv, scales) in caches.items():
         print(kind, split, meta, f"{t:.4f} ms", f"{nbytes / t / 1e6:,.0f} GB/s", f"diff {off:.1e}", flush=True)
 for kind in caches:
     best = min((r for r in results if r["cache"] == kind), key=lambda r: r["ms"])
-    now = next(r for r in results if r["cache"] == kind and all(r[k] == v for k, v in DECODE_META[kind].items()))
+    ours = DECODE_META[kind]
+    now = next(r for r in results if r["cache"] == kind and all(r[key] == ours[key] for key in ours))
     print(f"best {kind}: {best}; DECODE_META's: {now['ms']} ms", flush=True)
 with open(os.path.join(os.environ.get("OUT", "."), "attn_probe.json"), "w") as f:
     json.dump({"card": torch.cuda.get_device_name(), "rows": rows, "mean_used": used.float().mean().item(),
