@@ -195,8 +195,8 @@ class _Slots:
         return (self.ks[layer], self.vs[layer]) if self.ks else None
 
     def caches(self):
-        """Every cache tensor, [slot, position, ...] first: K and V (float8 seen as bytes, which torch
-        can index), then the scales moved to [slot, position, kv_heads]."""
+        """Every cache tensor, [slot, position, ...] first: K and V (float8 seen as bytes: torch's indexing
+        of float8 differs by version and device), then the scales moved to [slot, position, kv_heads]."""
         return ([t.view(torch.uint8) if t.element_size() == 1 else t for t in self.k + self.v]
                 + [t.transpose(1, 2) for t in self.ks + self.vs])
 

@@ -140,7 +140,8 @@ def rotary_to_cache_torch(qkv, cos, sin, cache_k, cache_v, slot, pos, heads, gro
     else:
         for cache, scales_of, t in ((cache_k, scales[0], k), (cache_v, scales[1], v)):
             t, scale = float8_rows_torch(t)
-            cache.view(torch.uint8)[slot, pos] = t.view(torch.uint8)  # torch indexes no float8 tensors
+            # as bytes: torch's indexing of float8 tensors differs by version and device (pytorch#133605)
+            cache.view(torch.uint8)[slot, pos] = t.view(torch.uint8)
             scales_of[slot, :, pos] = scale[..., 0]
     return q.view(rows, groups, heads // groups, dim).transpose(1, 2)
 
