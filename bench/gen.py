@@ -7,6 +7,7 @@ Every function that reads a knob, the device or a helper takes `bench` first: be
 with device, out_dir and its helpers (save, sync, memory, ...).
 """
 
+import inspect
 import json
 import sys
 import time
@@ -116,6 +117,7 @@ def run_gen(bench):
            note=f"first {done} requests")
 
     # Ours: slot_generate, what HFBackend.generate runs on a GPU.
+    old = None  # ROUND1's engine, loaded once (what it caches, such as _matmul_rows' timings, is kept as ours is)
     for spec in map(str, bench.SLOTS):
         slots, *flags = spec.split(":")
         decode = next((f for f in flags if f in ("kernel", "flash", "sdpa")), "auto")
@@ -133,7 +135,7 @@ def run_gen(bench):
         generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink, "kv_memory": kv,
                                           "pad_rows": "rows0" not in flags, "fp8": "fp8" in flags,
                                           "kv_fp8": "fp8kv" in flags}
-        if "round1" in flags:  # the engine.py of an earlier commit, side by side
+        if "round1" in flags and old is None:  # the engine.py of an earlier commit, side by side
             import importlib.util
 
             if not bench.ROUND1:
@@ -141,7 +143,11 @@ def run_gen(bench):
             spec_ = importlib.util.spec_from_file_location("engine_round1", bench.ROUND1)
             old = importlib.util.module_from_spec(spec_)
             spec_.loader.exec_module(old)
-            generate, extra = old.slot_generate, {}
+            if hasattr(old, "Fp8"):  # the float8 weights, made once per model, are this engine's Fp8 objects
+                old.Fp8 = engine.Fp8
+        if "round1" in flags:
+            known = inspect.signature(old.slot_generate).parameters  # an older engine takes fewer knobs
+            generate, extra = old.slot_generate, {k: v for k, v in extra.items() if k in known}
         bench.reset_memory()
         t = time.perf_counter()
         stats = {}

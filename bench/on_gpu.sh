@@ -15,6 +15,11 @@
 #   bash bench/on_gpu.sh kv8      # one GPU (compute capability 8.9+): stage 02 with --backend=hf-fp8 in the
 #                                 # rehearsal; the bench's mix with float8 weights, with and without the float8 KV
 #                                 # cache, interleaved, and bf16 weights both ways; the profile of both float8 paths
+#   bash bench/on_gpu.sh pad8     # one GPU (compute capability 8.9+): torch's float8 indexing there; stage 02 with
+#                                 # hf-fp8; the bench's mix on float8 weights and KV cache with the decode matmuls'
+#                                 # row padding and without, interleaved twice
+#   bash bench/on_gpu.sh padold   # one GPU (8.9+): the same mix, this engine's row padding against cc0c8da's and
+#                                 # none, interleaved (prepare .gpu-wheels/old/engine.py as the case says)
 #   bash bench/on_gpu.sh head     # one GPU: stage 02 with the engine of 48d6c6f against this one (the shared
 #                                 # head prefilled once), twice, interleaved, then bench/startup.py; first, here:
 #                                 # mkdir -p .gpu-wheels/old && git show 48d6c6f:engine.py > .gpu-wheels/old/engine.py
@@ -113,8 +118,40 @@ head)
   python3 bench/startup.py --model="$(ls -d "$REH"/models/mistralai--* | head -1)" --runs=3 --out="$OUT" 2>&1 \
     | tee "$OUT/startup.log"
   ;;
+pad8)
+  # torch's float8 indexing on this card (the caches are written as bytes: kernels.rotary_to_cache_torch); then
+  # stage 02 with hf-fp8 in the rehearsal, and the bench's mix on float8 weights and KV cache with the decode
+  # matmuls' row padding (_matmul_rows, now timed on rounded float8 rows) and without (:rows0), interleaved twice
+  python3 -c "
+import torch
+try:
+    t = torch.zeros(4, 3, 8, dtype=torch.float8_e4m3fn, device='cuda')
+    v = torch.randn(2, 8, device='cuda').to(torch.float8_e4m3fn)
+    t[torch.tensor([1, 3], device='cuda'), 2] = v
+    print('float8 index write and read:', torch.equal(t[[1, 3], 2].float(), v.float()), torch.__version__)
+except Exception as e:
+    print('float8 indexing fails:', type(e).__name__, str(e).splitlines()[0], torch.__version__)
+" 2>&1 | tee "$OUT/f8_index.txt"
+  python3 rehearsal.py --stages=02 --backend=hf-fp8 --out="$REH" $ARGS 2>&1 | tee "$OUT/rehearsal_hf-fp8.log" | tail -3
+  cp "$REH/rehearsal.json" "$OUT/rehearsal_02_hf-fp8.json"
+  S=512:kv0.9:fp8:fp8kv
+  python3 bench/bench.py --part=gen --out="$OUT" --static-requests=0 --cb-seconds=0 --ref-seconds=3 \
+    --slots=$S,$S:rows0,$S,$S:rows0 2>&1 | grep -v Warning > "$OUT/gen.log"
+  grep "ours\|check" "$OUT/gen.log" | cut -c1-260
+  ;;
+padold)
+  # float8 weights and KV cache, the bench's mix: this engine (_matmul_rows times float8 matmuls on rounded rows),
+  # the engine of cc0c8da (timed on bf16 rows, rounding included) and no padding (:rows0), after a first row that
+  # compiles the kernels, in the order A B B A;
+  # first, here: mkdir -p .gpu-wheels/old && git show cc0c8da:engine.py > .gpu-wheels/old/engine.py
+  S=512:kv0.9:fp8:fp8kv
+  python3 bench/bench.py --part=gen --out="$OUT" --static-requests=0 --cb-seconds=0 --ref-seconds=3 \
+    --round1="$(realpath .gpu-wheels/old/engine.py)" --slots=$S:rows0,$S,$S:round1,$S:rows0,$S:round1,$S 2>&1 \
+    | grep -v Warning > "$OUT/gen.log"
+  grep "ours\|check" "$OUT/gen.log" | cut -c1-260
+  ;;
 *)
-  echo "usage: bash bench/on_gpu.sh gen|lean|lean3|late|stages|gpus2|head|fp8|kv8" >&2
+  echo "usage: bash bench/on_gpu.sh gen|lean|lean3|late|stages|gpus2|head|fp8|kv8|pad8|padold" >&2
   exit 2
   ;;
 esac
