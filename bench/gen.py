@@ -135,17 +135,17 @@ def run_gen(bench):
         generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink, "kv_memory": kv,
                                           "pad_rows": "rows0" not in flags, "fp8": "fp8" in flags,
                                           "kv_fp8": "fp8kv" in flags}
-        if "round1" in flags and old is None:  # the engine.py of an earlier commit, side by side
-            import importlib.util
+        if "round1" in flags:  # the engine.py of an earlier commit, side by side
+            if old is None:
+                import importlib.util
 
-            if not bench.ROUND1:
-                sys.exit(f"--slots={spec} needs --round1=FILE: an earlier engine.py")
-            spec_ = importlib.util.spec_from_file_location("engine_round1", bench.ROUND1)
-            old = importlib.util.module_from_spec(spec_)
-            spec_.loader.exec_module(old)
-            if hasattr(old, "Fp8"):  # the float8 weights, made once per model, are this engine's Fp8 objects
-                old.Fp8 = engine.Fp8
-        if "round1" in flags:
+                if not bench.ROUND1:
+                    sys.exit(f"--slots={spec} needs --round1=FILE: an earlier engine.py")
+                spec_ = importlib.util.spec_from_file_location("engine_round1", bench.ROUND1)
+                old = importlib.util.module_from_spec(spec_)
+                spec_.loader.exec_module(old)
+                if hasattr(old, "Fp8"):  # the float8 weights, made once per model, are this engine's Fp8 objects
+                    old.Fp8 = engine.Fp8
             known = inspect.signature(old.slot_generate).parameters  # an older engine takes fewer knobs
             generate, extra = old.slot_generate, {k: v for k, v in extra.items() if k in known}
         bench.reset_memory()
