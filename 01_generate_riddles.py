@@ -24,7 +24,7 @@ import random
 import time
 from collections import Counter
 
-from common import (Appender, InputError, check_output, check_template, configure, generate_all, load_backend, path,
+from common import (check_paths, Appender, InputError, check_output, check_template, configure, generate_all, load_backend, path,
                     read_jsonl, seed_of, write_jsonl_atomic)
 from riddles import filter_riddles, load_seed_riddles, riddle_id
 
@@ -52,6 +52,8 @@ OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
 check_template("prompt", PROMPT, "k", "examples")
+check_paths({"seed-file": path(SEED_FILE)},
+            {"raw-file": path(RAW_FILE), "out-file": path(OUT_FILE), "rejected-file": path(REJECTED_FILE)})
 t0 = time.time()
 
 # %% Seeds and prompts: prompt p00012 shows the same seeds whatever NUM_PROMPTS is

@@ -17,7 +17,7 @@ A request that failed (openai backend) is written nowhere, so a rerun retries it
 for 1,700, 110 s for 7,400, answers of 80-400 tokens, loading included); the CPU demo above: ~50 s on 2 cores.
 """
 
-from common import (check_template, check_unique_ids, configure, generate_all, load_backend, path,
+from common import (check_paths, check_template, check_unique_ids, configure, generate_all, load_backend, path,
                     read_conversations, require_stage)
 from message_stage import MessageStage
 from riddles import clean_answer
@@ -40,6 +40,8 @@ OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
 check_template("prompt", PROMPT, "riddle")
+check_paths({"in-file": path(IN_FILE)},
+            {"out-file": path(OUT_FILE), "rejected-file": path(REJECTED_FILE)})
 
 # %% Riddles -> prompts; the instruction wraps only what the generator sees
 require_stage(path(IN_FILE), "01_generate_riddles.py")

@@ -24,7 +24,7 @@ Runtime: ~1.5 min for ~1.7k conversations of Mistral-7B on one H200 (the rehears
 the CPU demo above: ~25 s on 2 cores, plus ~20 s for the dedup (MiniLM over 265 seeds and ~45 riddles).
 """
 
-from common import (check_output, check_template, check_unique_ids, configure, generate_all, load_backend,
+from common import (check_paths, check_output, check_template, check_unique_ids, configure, generate_all, load_backend,
                     path, read_conversations, require_stage, write_jsonl_atomic)
 from dedup import drop_duplicates, load_embedder, seed_item
 from message_stage import MessageStage
@@ -55,6 +55,9 @@ OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
 check_template("prompt", PROMPT, "conversation")
+check_paths({"in-file": path(IN_FILE), "seed-file": path(SEED_FILE)},
+            {"out-file": path(OUT_FILE), "rejected-file": path(REJECTED_FILE),
+             "closest-file": path(CLOSEST_FILE)})
 
 # %% Answered riddles from stage 02
 require_stage(path(IN_FILE), "02_answer_riddles.py")

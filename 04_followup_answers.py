@@ -20,7 +20,7 @@ The data card is rewritten from the stage files at the end of each run that fini
 30 s for 512, answers of 60-300 tokens); the CPU demo above: ~25 s on 2 cores.
 """
 
-from common import (check_unique_ids, configure, generate_all, load_backend, path, read_conversations,
+from common import (check_paths, check_unique_ids, configure, generate_all, load_backend, path, read_conversations,
                     require_stage)
 from datacard import generator_tokenizer, write_card
 from message_stage import MessageStage
@@ -43,6 +43,8 @@ DATA_CARD = True  # write report.md + report_*.png beside OUT_FILE from the stag
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
+check_paths({"in-file": path(IN_FILE)},
+            {"out-file": path(OUT_FILE), "rejected-file": path(REJECTED_FILE)})
 
 # %% The conversation so far is the prompt, as the generator's chat template renders it
 require_stage(path(IN_FILE), "03_followup_questions.py")

@@ -24,7 +24,7 @@ with --overwrite to apply it to all. Runtime: about a third of stage 04's (the p
 whole conversation, the reply is ~40 tokens).
 """
 
-from common import (InputError, check_template, check_unique_ids, configure, generate_all, load_backend,
+from common import (check_paths, InputError, check_template, check_unique_ids, configure, generate_all, load_backend,
                     nonblank_line_numbers, path, read_conversations, read_jsonl, require_stage)
 from datacard import generator_tokenizer, write_card
 from judge import JudgeStage
@@ -49,6 +49,8 @@ OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
 check_template("prompt", PROMPT, "riddle", "answer", "followup", "second_answer")
+check_paths({"in-file": path(IN_FILE)},
+            {"out-file": path(OUT_FILE), "rejected-file": path(REJECTED_FILE)})
 
 # %% Conversations -> one prompt each; the records are written back unchanged (any extra fields kept)
 require_stage(path(IN_FILE), "04_followup_answers.py")

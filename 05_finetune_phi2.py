@@ -47,7 +47,7 @@ import warnings
 import torch
 from accelerate import Accelerator
 
-from common import (Appender, InputError, check_own_folder, check_unique_ids, configure, path, read_conversations,
+from common import (check_paths, Appender, InputError, check_own_folder, check_unique_ids, configure, path, read_conversations,
                     read_json, read_jsonl, seed_of, tokenize_chat, write_json_atomic, write_jsonl_atomic)
 from training import adapters_in_bf16, add_lora, load_student, loss_sum, micro_batches, supervised_tokens
 from evaluation import plot_loss, read_train_log
@@ -103,6 +103,7 @@ if TOKENS_PER_BATCH < MAX_LENGTH:
 # The conversations, and what is already in out/05_adapter; all checked before anything starts or is written
 
 data_file, out = path(DATA), path(ADAPTER)
+check_paths({"data": data_file}, {"adapter": out})
 conversations = read_conversations(data_file)
 check_unique_ids(conversations, data_file)  # one id twice would train on both copies
 data_sha1 = hashlib.sha1(data_file.read_bytes()).hexdigest()

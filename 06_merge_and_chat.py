@@ -29,7 +29,7 @@ import torch
 from peft import PeftModel
 from transformers import TextStreamer
 
-from common import (InputError, best_device, chat_replies, check_own_folder, configure, control_string, default_dtype,
+from common import (check_paths, InputError, best_device, chat_replies, check_own_folder, configure, control_string, default_dtype,
                     load_model, load_tokenizer, path, read_conversations, read_json, require_stage, seed_of,
                     setup_chat_tokenizer, write_json_atomic)
 
@@ -51,6 +51,7 @@ OVERWRITE = False            # merge again even if out/06_merged is current
 configure(globals())
 
 adapter, out = path(ADAPTER), path(MERGED)
+check_paths({"adapter": adapter}, {"merged": out})
 require_stage(adapter / "adapter_config.json", "05_finetune_phi2.py")
 require_stage(adapter / "adapter_model.safetensors", "05_finetune_phi2.py")
 run = read_json(adapter / "run.json") if (adapter / "run.json").exists() else {}  # none: an adapter from elsewhere

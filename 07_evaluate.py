@@ -39,7 +39,7 @@ import socket
 import time
 from urllib.parse import urlparse
 
-from common import (chat_replies, check_output, configure, load_model, load_tokenizer, path, read_conversations,
+from common import (check_paths, chat_replies, check_output, configure, load_model, load_tokenizer, path, read_conversations,
                     read_json, require_stage, seed_of, write_json_atomic, write_text_atomic)
 from evaluation import (best_eval, compare_scores, lm_eval_scores, plot_loss, read_train_log, riddle_docs,
                         write_riddle_tasks)
@@ -63,6 +63,7 @@ SEED = 0  # distractors, choice of samples, decoding
 configure(globals())
 started = time.time()
 adapter, out_dir = path(ADAPTER), path(EVAL_DIR)
+check_paths({"adapter": adapter, "merged": path(MERGED)}, {"eval-dir": out_dir})
 
 # %% Inputs: everything is checked before a model loads or an output is touched
 require_stage(adapter / "eval.jsonl", "05_finetune_phi2.py")

@@ -201,6 +201,24 @@ def check_output(target, folder=False):
         raise InputError(f"{target}: cannot be written (permission denied)")
 
 
+def check_paths(inputs, outputs):
+    """Refuse, before anything is opened for writing, an output that is one of the inputs (or a folder holding
+    one), or two outputs that are one file: `--out-file=<its input> --overwrite` would empty the input. Both
+    are {knob name: path}."""
+    ins = {name: Path(p).resolve() for name, p in inputs.items()}
+    outs = {}
+    for name, p in outputs.items():
+        out = Path(p).resolve()
+        for other, q in ins.items():
+            if out == q or out in q.parents:
+                what = "is" if out == q else "holds"
+                raise InputError(f"{p}: --{name} {what} --{other} ({q}); an output must not be an input: name another")
+        for other, q in outs.items():
+            if out == q:
+                raise InputError(f"{p}: --{name} and --{other} are one file; name two")
+        outs[name] = out
+
+
 def check_own_folder(folder, marker, key):
     """A stage's output folder must be missing, empty, or hold the stage's marker file (a JSON object with
     `key`): --overwrite and re-saves then never delete files the stage did not write."""

@@ -250,6 +250,34 @@ def test_an_output_below_a_regular_file_is_one_line(tmp_path, monkeypatch, where
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("script, args, message", [
+    ("01_generate_riddles.py", ["--seed-file={seeds}", "--raw-file={seeds}"], "--raw-file is --seed-file"),
+    ("01_generate_riddles.py", ["--seed-file={seeds}", "--out-file={t}/a.jsonl", "--rejected-file={t}/a.jsonl"],
+     "--rejected-file and --out-file are one file"),
+    ("02_answer_riddles.py", ["--in-file={user}", "--out-file={user}"], "--out-file is --in-file"),
+    ("02_answer_riddles.py", ["--in-file={user}", "--out-file={t}/o.jsonl", "--rejected-file={user}"],
+     "--rejected-file is --in-file"),
+    ("03_followup_questions.py", ["--in-file={conv}", "--closest-file={conv}"], "--closest-file is --in-file"),
+    ("04_followup_answers.py", ["--in-file={user}", "--out-file={user}"], "--out-file is --in-file"),
+    ("04b_judge_conversations.py", ["--in-file={conv}", "--rejected-file={conv}"], "--rejected-file is --in-file"),
+    ("05_finetune_phi2.py", ["--data={conv}", "--adapter={t}"], "--adapter holds --data"),
+    ("06_merge_and_chat.py", ["--adapter={adapter}", "--merged={adapter}"], "--merged is --adapter"),
+    ("07_evaluate.py", ["--adapter={adapter}", "--merged={t}/m", "--eval-dir={t}/m"], "--eval-dir is --merged"),
+])
+def test_an_output_that_is_an_input_is_refused(tmp_path, monkeypatch, script, args, message):
+    """--overwrite once emptied an input named as the output: now refused before anything is opened."""
+    names = {"t": tmp_path, "seeds": tmp_path / "seeds.txt", "user": tmp_path / "user.jsonl",
+             "conv": tmp_path / "conv.jsonl", "adapter": fake_adapter(tmp_path, log=True)}
+    names["seeds"].write_text("What has keys but cannot open locks?\n")
+    names["user"].write_bytes(jsonl(user_only(GOOD)))
+    names["conv"].write_bytes(jsonl(GOOD, dict(GOOD, id="b")))
+    (tmp_path / "m").mkdir()
+    before = snapshot(tmp_path)
+    knobs = ["--overwrite", "--generator=never-loaded"][:2 if script < "05" else 1 if script < "07" else 0]
+    refused(monkeypatch, script, *[a.format(**names) for a in args], *knobs, match=message)
+    assert snapshot(tmp_path) == before
+
+
 def test_an_output_that_is_a_folder_or_not_writable(tmp_path, monkeypatch):
     source = tmp_path / "01.jsonl"
     source.write_bytes(jsonl(user_only(GOOD)))
