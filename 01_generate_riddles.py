@@ -24,9 +24,10 @@ import random
 import time
 from collections import Counter
 
-from common import (check_paths, Appender, InputError, check_output, check_template, configure, generate_all, load_backend, path,
-                    read_jsonl, seed_of, write_jsonl_atomic)
-from riddles import filter_riddles, load_seed_riddles, riddle_id
+from common import generate_all, load_backend
+from pipeline.knobs import InputError, check_template, configure
+from pipeline.records import Appender, check_output, check_paths, path, read_jsonl, seed_of, write_jsonl_atomic
+from pipeline.riddles import filter_riddles, load_seed_riddles, riddle_id
 
 # -----------------------------------------------------------------------------
 GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the offline alias smollm2

@@ -17,10 +17,11 @@ A request that failed (openai backend) is written nowhere, so a rerun retries it
 for 1,700, 110 s for 7,400, answers of 80-400 tokens, loading included); the CPU demo above: ~50 s on 2 cores.
 """
 
-from common import (check_paths, check_template, check_unique_ids, configure, generate_all, load_backend, path,
-                    read_conversations, require_stage)
-from message_stage import MessageStage
-from riddles import clean_answer
+from common import generate_all, load_backend
+from pipeline.knobs import check_template, configure
+from pipeline.message_stage import MessageStage
+from pipeline.records import check_paths, check_unique_ids, path, read_conversations, require_stage
+from pipeline.riddles import clean_answer
 
 # -----------------------------------------------------------------------------
 GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the offline alias smollm2

@@ -1,6 +1,6 @@
 """Stage 03: the generator writes the user's next message, a curious child's short question.
 
-First, riddles that reword a seed or an earlier riddle are rejected (dedup.py: close "trick"
+First, riddles that reword a seed or an earlier riddle are rejected (pipeline/dedup.py: close "trick"
 embeddings with the answer hidden, the same short answer, no swapped words); this is the
 first stage with answers to compare. Then the generator is shown the exchange so far and
 asked for the child's next message. Its reply is cleaned (role prefixes like "Kid:", "A
@@ -24,11 +24,13 @@ Runtime: ~1.5 min for ~1.7k conversations of Mistral-7B on one H200 (the rehears
 the CPU demo above: ~25 s on 2 cores, plus ~20 s for the dedup (MiniLM over 265 seeds and ~45 riddles).
 """
 
-from common import (check_paths, check_output, check_template, check_unique_ids, configure, generate_all, load_backend,
-                    path, read_conversations, require_stage, write_jsonl_atomic)
-from dedup import drop_duplicates, load_embedder, seed_item
-from message_stage import MessageStage
-from riddles import clean_followup, load_seed_rows
+from common import generate_all, load_backend
+from pipeline.dedup import drop_duplicates, load_embedder, seed_item
+from pipeline.knobs import check_template, configure
+from pipeline.message_stage import MessageStage
+from pipeline.records import (check_output, check_paths, check_unique_ids, path, read_conversations, require_stage,
+                              write_jsonl_atomic)
+from pipeline.riddles import clean_followup, load_seed_rows
 
 # -----------------------------------------------------------------------------
 GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the offline alias smollm2
@@ -42,7 +44,7 @@ TEMPERATURE = 0.9  # 0 = greedy
 TOP_P = 0.95  # nucleus sampling, 1.0 = off
 SEED = 0  # sampling: same seed, same questions
 MAX_WORDS = 25  # longer questions are rejected
-DEDUP = True  # reject riddles that reword a seed or an earlier riddle (dedup.py)
+DEDUP = True  # reject riddles that reword a seed or an earlier riddle (pipeline/dedup.py)
 DEDUP_MODEL = "all-minilm-l6-v2"  # sentence embedder: this bundled alias, a local folder or a hub id
 DEDUP_TRICK_MIN = 0.55  # trick cosine from which two riddles may be rewordings (README: Dedup of rewordings)
 DEDUP_ANSWER_MIN = 0.7  # answer cosine from which short answers without shared words match

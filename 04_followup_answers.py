@@ -7,7 +7,7 @@ rejected with their reason.
 Reads:  data/03_followups.jsonl      {"id", "messages": [user, assistant, user]}
 Writes: data/04_conversations.jsonl  {"id", "messages": [user, assistant, user, assistant]}
         data/04_rejected.jsonl       {"id", "reason", "text"}
-        data/report.md, report_*.png the data card (datacard.py): records kept and rejected per stage
+        data/report.md, report_*.png the data card (pipeline/datacard.py): records kept and rejected per stage
                                      and reason, turn lengths, reworded duplicates, random samples
 
     python 04_followup_answers.py
@@ -20,11 +20,12 @@ The data card is rewritten from the stage files at the end of each run that fini
 30 s for 512, answers of 60-300 tokens); the CPU demo above: ~25 s on 2 cores.
 """
 
-from common import (check_paths, check_unique_ids, configure, generate_all, load_backend, path, read_conversations,
-                    require_stage)
-from datacard import generator_tokenizer, write_card
-from message_stage import MessageStage
-from riddles import clean_answer
+from common import generate_all, load_backend
+from pipeline.datacard import generator_tokenizer, write_card
+from pipeline.knobs import configure
+from pipeline.message_stage import MessageStage
+from pipeline.records import check_paths, check_unique_ids, path, read_conversations, require_stage
+from pipeline.riddles import clean_answer
 
 # -----------------------------------------------------------------------------
 GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the offline alias smollm2
@@ -39,7 +40,7 @@ SEED = 0  # sampling: same seed, same answers
 IN_FILE = "data/03_followups.jsonl"  # stage 03's output
 OUT_FILE = "data/04_conversations.jsonl"  # the final dataset
 REJECTED_FILE = "data/04_rejected.jsonl"  # rejected answers with their reason
-DATA_CARD = True  # write report.md + report_*.png beside OUT_FILE from the stage files there (datacard.py)
+DATA_CARD = True  # write report.md + report_*.png beside OUT_FILE from the stage files there (pipeline/datacard.py)
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())

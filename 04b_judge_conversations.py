@@ -11,7 +11,7 @@ Writes: data/04b_judged.jsonl        the record unchanged plus "judge": {"scores
                                      "follow_up", "second_answer"}, "score": the lowest, "reason"}
         data/04b_rejected.jsonl      {"id", "reason": "low_score", "score", "scores", "judge_reason", "text"}
                                      or {"id", "reason": "unparsed", "text"} (text: the judge's reply)
-        data/report.md, report_*.png the data card (datacard.py) again, now with the judge's scores
+        data/report.md, report_*.png the data card (pipeline/datacard.py) again, now with the judge's scores
 
     python 04b_judge_conversations.py
     python 04b_judge_conversations.py --min-score=4   # stricter
@@ -24,10 +24,12 @@ with --overwrite to apply it to all. Runtime: about a third of stage 04's (the p
 whole conversation, the reply is ~40 tokens).
 """
 
-from common import (check_paths, InputError, check_template, check_unique_ids, configure, generate_all, load_backend,
-                    nonblank_line_numbers, path, read_conversations, read_jsonl, require_stage)
-from datacard import generator_tokenizer, write_card
-from judge import JudgeStage
+from common import generate_all, load_backend
+from pipeline.datacard import generator_tokenizer, write_card
+from pipeline.judge import JudgeStage
+from pipeline.knobs import InputError, check_template, configure
+from pipeline.records import (check_paths, check_unique_ids, nonblank_line_numbers, path, read_conversations,
+                              read_jsonl, require_stage)
 
 # -----------------------------------------------------------------------------
 GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # hub id, local folder, or the offline alias smollm2
@@ -44,7 +46,7 @@ MIN_SCORE = 3  # 1-5: conversations whose lowest score is below this are rejecte
 IN_FILE = "data/04_conversations.jsonl"  # stage 04's output
 OUT_FILE = "data/04b_judged.jsonl"  # kept conversations with their judgement; 05 takes it with --data=
 REJECTED_FILE = "data/04b_rejected.jsonl"  # low scores and unreadable judgements, with the judge's reply
-DATA_CARD = True  # rewrite report.md + report_*.png beside OUT_FILE from the stage files there (datacard.py)
+DATA_CARD = True  # rewrite report.md + report_*.png beside OUT_FILE from the stage files there (pipeline/datacard.py)
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())

@@ -47,10 +47,12 @@ import warnings
 import torch
 from accelerate import Accelerator
 
-from common import (check_paths, Appender, InputError, check_own_folder, check_unique_ids, configure, path, read_conversations,
-                    read_json, read_jsonl, seed_of, tokenize_chat, write_json_atomic, write_jsonl_atomic)
-from training import adapters_in_bf16, add_lora, load_student, loss_sum, micro_batches, supervised_tokens
-from evaluation import plot_loss, read_train_log
+from common import tokenize_chat
+from pipeline.evaluation import plot_loss, read_train_log
+from pipeline.knobs import InputError, configure
+from pipeline.records import (Appender, check_own_folder, check_paths, check_unique_ids, path, read_conversations,
+                              read_json, read_jsonl, seed_of, write_json_atomic, write_jsonl_atomic)
+from pipeline.training import adapters_in_bf16, add_lora, load_student, loss_sum, micro_batches, supervised_tokens
 
 # -----------------------------------------------------------------------------
 STUDENT = "microsoft/phi-2"          # hub id, local folder, or the bundled alias smollm2

@@ -29,9 +29,10 @@ import torch
 from peft import PeftModel
 from transformers import TextStreamer
 
-from common import (check_paths, InputError, best_device, chat_replies, check_own_folder, configure, control_string, default_dtype,
-                    load_model, load_tokenizer, path, read_conversations, read_json, require_stage, seed_of,
-                    setup_chat_tokenizer, write_json_atomic)
+from common import best_device, chat_replies, default_dtype, load_model, load_tokenizer, setup_chat_tokenizer
+from pipeline.knobs import InputError, configure
+from pipeline.records import (check_own_folder, check_paths, control_string, path, read_conversations, read_json,
+                              require_stage, seed_of, write_json_atomic)
 
 # -----------------------------------------------------------------------------
 ADAPTER = "out/05_adapter"   # stage 05's output folder

@@ -39,10 +39,12 @@ import socket
 import time
 from urllib.parse import urlparse
 
-from common import (check_paths, chat_replies, check_output, configure, load_model, load_tokenizer, path, read_conversations,
-                    read_json, require_stage, seed_of, write_json_atomic, write_text_atomic)
-from evaluation import (best_eval, compare_scores, lm_eval_scores, plot_loss, read_train_log, riddle_docs,
-                        write_riddle_tasks)
+from common import chat_replies, load_model, load_tokenizer
+from pipeline.evaluation import (best_eval, compare_scores, lm_eval_scores, plot_loss, read_train_log, riddle_docs,
+                                 write_riddle_tasks)
+from pipeline.knobs import configure
+from pipeline.records import (check_output, check_paths, path, read_conversations, read_json, require_stage, seed_of,
+                              write_json_atomic, write_text_atomic)
 
 # -----------------------------------------------------------------------------
 ADAPTER = "out/05_adapter"  # stage 05's folder: eval.jsonl, log.jsonl, run.json
@@ -76,7 +78,7 @@ print(f"held-out conversations: {len(held_out):,}; log: {len(train_log):,} train
 run_file = adapter / "run.json"
 run_info = read_json(run_file) if run_file.exists() else {}
 base_name = STUDENT or run_info.get("student") or "microsoft/phi-2"
-# The data card (datacard.py) that stage 04 wrote beside the conversations 05 trained on, if any.
+# The data card (pipeline/datacard.py) that stage 04 wrote beside the conversations 05 trained on, if any.
 data_card = path(run_info["data"]).parent / "report.md" if isinstance(run_info.get("data"), str) else None
 check_output(out_dir, folder=True)
 

@@ -21,7 +21,7 @@ demo: setup
 test: setup $(VENV)/.triton
 	$(PY) -m pytest -q tests
 
-# Triton runs kernels.py's GPU kernels in its interpreter on the CPU (tests/test_kernels.py). torch's CUDA builds
+# Triton runs pipeline/kernels.py's GPU kernels in its interpreter on the CPU (tests/test_kernels.py). torch's CUDA builds
 # bring it (that version is kept); CPU builds don't, and only the tests need it. Where no wheel exists, that test skips.
 $(VENV)/.triton: $(VENV)/.installed
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q triton==3.9.0 || echo "no Triton here: tests/test_kernels.py skips its interpreter test"

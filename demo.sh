@@ -11,7 +11,7 @@ G="--generator=smollm2 --batch-size=64 --overwrite"
 $PY 01_generate_riddles.py $G --num-prompts=24 --k=5 --max-new-tokens=160
 # 02: answer each riddle step by step
 $PY 02_answer_riddles.py $G --max-new-tokens=128
-# 03: riddles that reword a seed or an earlier one are dropped (dedup.py, the bundled MiniLM embedder),
+# 03: riddles that reword a seed or an earlier one are dropped (pipeline/dedup.py, the bundled MiniLM embedder),
 #     then a curious child's follow-up question (a 135M model often answers instead: rejected)
 $PY 03_followup_questions.py $G --max-new-tokens=32 --temperature=0.6
 # 04: answer the follow-up -> data/04_conversations.jsonl, and the data card data/report.md

@@ -2,7 +2,7 @@
 
 Before hours of real generation and training, run every stage on random-weight models of the
 generator's and the student's real configs and tokenizers (no 20 GB download: with hub access the
-models' small config and tokenizer files, offline the copies in shapes.py), with reply lengths
+models' small config and tokenizer files, offline the copies in pipeline/shapes.py), with reply lengths
 forced to a realistic mix. Per stage it prints wall time, tokens/s, peak GPU memory and the
 projected time of the full recipe at the stages' defaults; at the end, whether the recipe fits
 this card. Random text would fail the cleaning rules, so stages 02-05 read inputs the rehearsal
@@ -32,9 +32,10 @@ import time
 import torch
 
 import common
-import shapes
-from common import InputError, configure, path, read_jsonl, write_json_atomic, write_jsonl_atomic
-from engine import force_lengths
+from pipeline import shapes
+from pipeline.engine import force_lengths
+from pipeline.knobs import InputError, configure
+from pipeline.records import path, read_jsonl, write_json_atomic, write_jsonl_atomic
 
 # -----------------------------------------------------------------------------
 GENERATOR = "mistralai/Mistral-7B-Instruct-v0.2"  # stages 01-04's model (its config and tokenizer only)
@@ -115,7 +116,7 @@ OFFLINE = {"mistralai/Mistral-7B-Instruct-v0.2": "mistral-7b-instruct-v0.2", "mi
 
 
 def model_folder(name):
-    """A folder with random weights of `name`'s config and its tokenizer (hub files, else shapes.py)."""
+    """A folder with random weights of `name`'s config and its tokenizer (hub files, else pipeline/shapes.py)."""
     folder = out / "models" / f"{name.replace('/', '--')}-x{SCALE:g}"
     if (folder / "config.json").exists():
         return folder
@@ -134,7 +135,7 @@ def model_folder(name):
             tokenizer = make_tokenizer()
         except FileNotFoundError as e:
             raise InputError(str(e)) from None
-        source = "shapes.py (offline)"
+        source = "pipeline/shapes.py (offline)"
     t0 = time.time()
     shapes.random_model_folder(config, tokenizer, folder, scale=SCALE)
     print(f"{name}: random weights of {source}, scale {SCALE:g} -> {folder} in {time.time() - t0:.0f} s")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import DECODE_META, decode_attention, float8_rows  # noqa: E402
+from pipeline.kernels import DECODE_META, decode_attention, float8_rows  # noqa: E402
 
 rows, length, groups, rep, dim = int(sys.argv[1]) if len(sys.argv) > 1 else 256, 1024, 8, 4, 128
 g = torch.Generator(device="cuda").manual_seed(0)

@@ -49,9 +49,11 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import configure, path  # noqa: E402
 import gen  # noqa: E402
 import train  # noqa: E402
+
+from pipeline.knobs import configure  # noqa: E402
+from pipeline.records import path  # noqa: E402
 
 # -----------------------------------------------------------------------------
 PART = "gen"  # gen, profile, train, ddp or report
@@ -74,7 +76,7 @@ SLOTS = ["256:flat", "256", "384", "512"]  # slot_generate: max rows decoding at
 # 60%][:rows0 = each decode matmul at the step's own row count, not engine._matmul_rows' choice][:fp8 = the layers'
 # matmuls on float8 weights (slot_generate fp8=True)][:fp8kv = the KV cache in float8 (kv_fp8=True)][:round1 =
 # ROUND1's]
-ROUND1 = ""  # gen: an earlier engine.py for SLOTS "N:round1" (git show 462d44e:engine.py > /tmp/engine_round1.py)
+ROUND1 = ""  # gen: an earlier pipeline/engine.py for SLOTS "N:round1" (git show 462d44e:pipeline/engine.py > /tmp/engine_round1.py)
 STATIC_REQUESTS = 256  # HF generate in one left-padded batch of this many requests (0: skip)
 CB_SECONDS = 60.0  # time box of continuous batching (0: skip)
 TRAIN_SEQS = 400  # training sequences drawn (lengths ~N(480, 180) clipped)

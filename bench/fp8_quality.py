@@ -5,7 +5,7 @@ log-likelihood (perplexity), how often the top token equals fp32's, and the logi
 from fp32 over their largest value. bf16 weights and cache are the yardstick: the rounding every GPU run
 already has. Float8 matmuls run only on a GPU; here they are emulated in fp32 (each input row and each
 weight row rounded to float8 at its own scale, as engine.Fp8's torch._scaled_mm takes them). The float8
-KV cache runs as on a GPU (kernels.py's torch versions).
+KV cache runs as on a GPU (pipeline/kernels.py's torch versions).
 
   python bench/fp8_quality.py [RIDDLES]   # default 120; JSON to $OUT/fp8_quality.json
 """
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import engine  # noqa: E402
 from common import load_model, load_tokenizer  # noqa: E402
-from kernels import float8_rows_torch  # noqa: E402
+from pipeline import engine  # noqa: E402
+from pipeline.kernels import float8_rows_torch  # noqa: E402
 
 torch.manual_seed(0)
 count = int(sys.argv[1]) if len(sys.argv) > 1 else 120

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine import Fp8, _cuda_ms, _matmul_rows  # noqa: E402
+from pipeline.engine import Fp8, _cuda_ms, _matmul_rows  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (32000, 4096)}

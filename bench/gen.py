@@ -15,9 +15,10 @@ import traceback
 
 import torch
 
-import engine
-from engine import RowSampler, slot_generate
-from engine import force_lengths as force
+from pipeline import engine
+from pipeline.engine import RowSampler
+from pipeline.engine import force_lengths as force
+from pipeline.engine import slot_generate
 
 
 class ForceLength:
@@ -135,12 +136,12 @@ def run_gen(bench):
         generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink, "kv_memory": kv,
                                           "pad_rows": "rows0" not in flags, "fp8": "fp8" in flags,
                                           "kv_fp8": "fp8kv" in flags}
-        if "round1" in flags:  # the engine.py of an earlier commit, side by side
+        if "round1" in flags:  # the pipeline/engine.py of an earlier commit, side by side
             if old is None:
                 import importlib.util
 
                 if not bench.ROUND1:
-                    sys.exit(f"--slots={spec} needs --round1=FILE: an earlier engine.py")
+                    sys.exit(f"--slots={spec} needs --round1=FILE: an earlier pipeline/engine.py")
                 spec_ = importlib.util.spec_from_file_location("engine_round1", bench.ROUND1)
                 old = importlib.util.module_from_spec(spec_)
                 spec_.loader.exec_module(old)
@@ -238,7 +239,7 @@ def run_gen(bench):
                 logits_of(net, head, stats=stats), logits_of(net, head, share_head=False))
         check[name]["shared"] = stats["shared"]  # the head's tokens that slot_generate found (64 here)
     if bench.device == "cuda":
-        import kernels
+        from pipeline import kernels
 
         check["kernels_vs_torch_bf16"] = kernels.self_check("cuda")
         print(f"  kernels vs their torch versions (share of elements that differ): {check['kernels_vs_torch_bf16']}")

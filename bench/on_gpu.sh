@@ -22,7 +22,7 @@
 #                                 # none, interleaved (prepare .gpu-wheels/old/engine.py as the case says)
 #   bash bench/on_gpu.sh head     # one GPU: stage 02 with the engine of 48d6c6f against this one (the shared
 #                                 # head prefilled once), twice, interleaved, then bench/startup.py; first, here:
-#                                 # mkdir -p .gpu-wheels/old && git show 48d6c6f:engine.py > .gpu-wheels/old/engine.py
+#                                 # mkdir -p .gpu-wheels/old && git show 48d6c6f:pipeline/engine.py > .gpu-wheels/old/engine.py
 # The machine has torch, transformers, peft and accelerate, but no bitsandbytes, protobuf or network.
 # Prepare here, then pass carry [".gpu-wheels", "out/models/assets"] (out/models/assets: made by `make test`):
 #   pip download --no-deps -d .gpu-wheels bitsandbytes==0.50.2 protobuf==7.36.2
@@ -143,7 +143,7 @@ padold)
   # float8 weights and KV cache, the bench's mix: this engine (_matmul_rows times float8 matmuls on rounded rows),
   # the engine of cc0c8da (timed on bf16 rows, rounding included) and no padding (:rows0), after a first row that
   # compiles the kernels, in the order A B B A;
-  # first, here: mkdir -p .gpu-wheels/old && git show cc0c8da:engine.py > .gpu-wheels/old/engine.py
+  # first, here: mkdir -p .gpu-wheels/old && git show cc0c8da:pipeline/engine.py > .gpu-wheels/old/engine.py
   S=512:kv0.9:fp8:fp8kv
   python3 bench/bench.py --part=gen --out="$OUT" --static-requests=0 --cb-seconds=0 --ref-seconds=3 \
     --round1="$(realpath .gpu-wheels/old/engine.py)" --slots=$S:rows0,$S,$S:round1,$S:rows0,$S:round1,$S 2>&1 \

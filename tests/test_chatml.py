@@ -5,9 +5,9 @@ Phi-2-like one that has only <|endoftext|> (eos, no pad), so setup_chat_tokenize
 """
 
 import pytest
-from helpers import make_tokenizer, phi_like_tokenizer
 
 from common import CHATML_TEMPLATE, IM_END, IM_START, render_chatml, setup_chat_tokenizer, tokenize_chat
+from helpers import make_tokenizer, phi_like_tokenizer
 
 CONVS = [
     [{"role": "user", "content": "What has keys but cannot open locks?"},

@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 
 import common
-import dedup
-import riddles
-from common import InputError
 from helpers import ROOT, bag_of_words, lines, run_stage
-from riddles import clean_followup, clean_riddle, filter_riddles, load_seed_riddles, load_seed_rows, riddle_id
+from pipeline import dedup, records, riddles
+from pipeline.knobs import InputError, configure
+from pipeline.riddles import clean_followup, clean_riddle, filter_riddles, load_seed_riddles, load_seed_rows, riddle_id
 
 PY = sys.executable
 
@@ -165,10 +164,10 @@ def test_configure_types_unknown_bool_and_help(tmp_path, capsys):
     script.write_text('N = 3  # rows\nLR = 0.1  # learning rate\nNAME = "x"  # a name\nFLAG = False  # on/off\n')
     knobs = {"__file__": str(script), "__doc__": "A stage.", "N": 3, "LR": 0.1, "NAME": "x", "FLAG": False,
              "ITEMS": ["a"], "lower": 1}
-    common.configure(knobs, ["--n=5", "--lr", "0.5", "--name=y", "--flag", "--items=a,b"])
+    configure(knobs, ["--n=5", "--lr", "0.5", "--name=y", "--flag", "--items=a,b"])
     assert (knobs["N"], knobs["LR"], knobs["NAME"], knobs["FLAG"], knobs["ITEMS"]) == (5, 0.5, "y", True, ["a", "b"])
     assert "override: N = 5" in capsys.readouterr().out
-    common.configure(knobs, ["--flag=false"])
+    configure(knobs, ["--flag=false"])
     assert knobs["FLAG"] is False
     capsys.readouterr()
     for argv, message in [(["--nope=1"], "unknown knob --nope"), (["--lower=2"], "unknown knob --lower"),
@@ -176,9 +175,9 @@ def test_configure_types_unknown_bool_and_help(tmp_path, capsys):
                           (["--lr=fast"], "--lr wants a float"), (["n=3"], "unexpected argument 'n=3'"),
                           (["--name"], "--name needs a value")]:
         with pytest.raises(InputError, match=message):
-            common.configure(dict(knobs), argv)
+            configure(dict(knobs), argv)
     with pytest.raises(SystemExit) as exit_:
-        common.configure(dict(knobs), ["--help"])
+        configure(dict(knobs), ["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("A stage.")
@@ -577,25 +576,26 @@ def test_resume_01_after_crash_and_torn_line(tmp_path, chatty_llama, monkeypatch
 # (those before it whole). Under torchrun, KILL_RANK picks the one process to kill (default 0, the writer); another
 # rank dies once its KILL_AT-th batch is gathered; KILL_PIDS names a folder where each process leaves its pid.
 KILLER = """
-import os, runpy, signal, sys
+import json, os, runpy, signal, sys
 sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
-import common, dedup, helpers
+import common, helpers
+from pipeline import dedup, records
 dedup.embed, dedup.load_embedder = helpers.bag_of_words, lambda *a, **k: None  # stage 03's dedup, fast
 at, nth, rank = int(os.environ.get("KILL_AT", 5)), int(os.environ.get("KILL_AT_RECORD", 0)), os.environ.get("RANK", "0")
 if os.environ.get("KILL_PIDS"):  # under torchrun: each process leaves its pid, to check that none outlives the run
     with open(os.path.join(os.environ["KILL_PIDS"], rank), "w") as f:
         f.write(str(os.getpid()))
-write, gather, calls, count = common.Appender.write, common.dist.all_gather_object, [0], [0]
+write, gather, calls, count = records.Appender.write, common.dist.all_gather_object, [0], [0]
 def write_then_die(self, records):
     calls[0] += 1
     keep, count[0] = nth - 1 - count[0], count[0] + len(records)
     if nth and keep < len(records):  # KILL_AT_RECORD: those before the nth record whole, half of it, then SIGKILL
         write(self, records[:keep])  # opens the file (at its first write)
-        line = common.json.dumps(records[keep], ensure_ascii=False) + "\\n"
+        line = json.dumps(records[keep], ensure_ascii=False) + "\\n"
         self._f.write(line[:len(line) // 2]); self._f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     if not nth and calls[0] >= at and records:  # half a line reaches the disk, then SIGKILL
-        text = "".join(common.json.dumps(r) + "\\n" for r in records)
+        text = "".join(json.dumps(r) + "\\n" for r in records)
         write(self, [])  # opens the file (at its first write)
         self._f.write(text[:len(text) // 2]); self._f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -607,7 +607,7 @@ def gather_then_die(*a, **k):  # a process that only generates: SIGKILL once its
         os.kill(os.getpid(), signal.SIGKILL)
 victim = os.environ.get("KILL_RANK", "0")  # under torchrun, the one process to kill (RANK); 0 is the writer
 if rank == victim == "0":
-    common.Appender.write = write_then_die
+    records.Appender.write = write_then_die
 elif rank == victim:
     common.dist.all_gather_object = gather_then_die
 sys.argv = sys.argv[2:]
@@ -845,5 +845,5 @@ def test_torn_line_in_the_middle_is_refused(tmp_path):
     out = tmp_path / "02.jsonl"
     out.write_text(GOOD + '{"id": "b", "mess\n' + GOOD.replace('"a"', '"c"'))
     with pytest.raises(InputError, match="corrupt record in the middle of the file"):
-        common.Appender(out)
+        records.Appender(out)
     assert out.read_text().count("\n") == 3

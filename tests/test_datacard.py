@@ -1,11 +1,11 @@
-"""datacard.py: counts per stage and reason, lengths, rewording clusters, closest pairs, samples, valid PNGs."""
+"""pipeline/datacard.py: counts per stage and reason, lengths, rewording clusters, closest pairs, samples, valid PNGs."""
 
 import json
 
 import matplotlib.image
 import pytest
 
-import datacard
+from pipeline import datacard
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

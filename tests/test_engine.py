@@ -11,16 +11,15 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CONVS
 
 import common
-from common import HFBackend, InputError, collate_packed, collate_padded, tokenize_chat
-import training
-from training import adapters_in_bf16, add_lora, load_student, loss_sum, supervised_tokens
-import engine
-from engine import PACKED_ATTENTION, RowSampler, force_lengths, fused_gelu, pick_tokens, slot_generate
-import kernels
-from kernels import rotary_to_cache
+from common import HFBackend, collate_packed, collate_padded, tokenize_chat
+from helpers import CONVS
+from pipeline import engine, kernels, training
+from pipeline.engine import PACKED_ATTENTION, RowSampler, force_lengths, fused_gelu, pick_tokens, slot_generate
+from pipeline.kernels import rotary_to_cache
+from pipeline.knobs import InputError
+from pipeline.training import adapters_in_bf16, add_lora, load_student, loss_sum, supervised_tokens
 
 PROMPTS = [[{"role": "user", "content": t}] for t in (
     "What has keys?", "I weigh 1.5 kg and I speak without a mouth. What am I?", "Footsteps!",
@@ -137,7 +136,7 @@ def random_decoder(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_fused_decode_gives_hf_generates_tokens(arch):
-    """_decode_forward (fused q|k|v and gate|up, kernels.py's torch versions on CPU) picks HF generate's
+    """_decode_forward (fused q|k|v and gate|up, pipeline/kernels.py's torch versions on CPU) picks HF generate's
     tokens, greedy and sampled, with biases (Llama's attention_bias and mlp_bias, Qwen2's); Qwen3's q/k
     norms keep HF's layers. The model still computes as before with its weights turned into views."""
     model = random_decoder(arch)
@@ -331,7 +330,7 @@ def test_kv_fp8_slot_generate_keeps_each_key_and_value_head_in_float8(monkeypatc
 
 
 def test_fused_prefill_gives_hfs_logits_and_cache(monkeypatch):
-    """_prefill through the fused layers (prompts packed in one row, kernels.py's torch versions on CPU):
+    """_prefill through the fused layers (prompts packed in one row, pipeline/kernels.py's torch versions on CPU):
     each prompt's last logits and the K/V written into its slot are HF's for that prompt alone."""
     model = random_decoder("llama")
     prompts = [torch.randint(1, 300, (n,)).tolist() for n in (5, 17, 1, 30)]

@@ -13,9 +13,11 @@ import sys
 import pytest
 import torch
 
-from common import IM_END, InputError, chat_replies, render_chatml
-from evaluation import best_eval, compare_scores, lm_eval_scores, read_train_log, riddle_docs, write_riddle_tasks
+from common import IM_END, chat_replies, render_chatml
 from helpers import make_model_folder, run_script, train_tokenizer
+from pipeline.evaluation import (best_eval, compare_scores, lm_eval_scores, read_train_log, riddle_docs,
+                                 write_riddle_tasks)
+from pipeline.knobs import InputError
 
 RIDDLES = [
     ("What has keys but cannot open locks?", "A piano has keys.", "Why keys?", "Because they play notes."),

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONVS, make_tokenizer, run_script
 
-from common import (InputError, collate_packed, collate_padded, read_conversations, setup_chat_tokenizer,
-                    token_budget_batches, tokenize_chat)
-from training import DEFAULT_LORA_TARGETS, add_lora, load_student, loss_sum, micro_batches, supervised_tokens
+from common import collate_packed, collate_padded, setup_chat_tokenizer, token_budget_batches, tokenize_chat
+from helpers import CONVS, make_tokenizer, run_script
+from pipeline.knobs import InputError
+from pipeline.records import read_conversations
+from pipeline.training import DEFAULT_LORA_TARGETS, add_lora, load_student, loss_sum, micro_batches, supervised_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 

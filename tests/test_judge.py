@@ -15,12 +15,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from helpers import ROOT, lines, run_stage
 
 import common
-from common import InputError, read_conversations
-from judge import parse_judgement
-from knobs import KNOB_RANGES, _knob_comments
+from helpers import ROOT, lines, run_stage
+from pipeline.judge import parse_judgement
+from pipeline.knobs import KNOB_RANGES, InputError, _knob_comments, configure
+from pipeline.records import read_conversations
 
 SCRIPT = "04b_judge_conversations.py"
 S = {"answer": 4, "follow_up": 5, "second_answer": 3}
@@ -140,7 +140,7 @@ def test_stage_threshold_rejects_and_retry(tmp_path, monkeypatch, capsys):
     assert "kept 0 conversations, rejected 1 (unparsed 1), mean score - of 0 judged, skipped 5 as existing, failed 0" \
         in capsys.readouterr().out  # map's judgement is empty: unparsed
     assert lines(tmp_path / "rej.jsonl")[-1] == {"id": "c4", "reason": "unparsed", "text": ""}
-    assert (tmp_path / "report.md").exists()  # the data card, rewritten once all is judged (datacard.py)
+    assert (tmp_path / "report.md").exists()  # the data card, rewritten once all is judged (pipeline/datacard.py)
     before = {n: (tmp_path / n).read_bytes() for n in ("04b.jsonl", "rej.jsonl")}
     backend.calls = []
     run_stage(monkeypatch, SCRIPT, *args(tmp_path))
@@ -188,19 +188,20 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch, c
 
 
 KILLER = """
-import os, runpy, signal, sys
+import json, os, runpy, signal, sys
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
 import common, test_judge
+from pipeline import records
 common.load_backend = lambda *a, **k: test_judge.Scripted(fail=())
-write, calls = common.Appender.write, [0]
+write, calls = records.Appender.write, [0]
 def write_then_die(self, records):
     calls[0] += 1
     if calls[0] >= 3 and records:  # from the 2nd batch on: half a line reaches the disk, then SIGKILL
-        text = "".join(common.json.dumps(r) + "\\n" for r in records)
+        text = "".join(json.dumps(r) + "\\n" for r in records)
         self._f.write(text[:len(text) // 2]); self._f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     write(self, records)
-common.Appender.write = write_then_die
+records.Appender.write = write_then_die
 sys.argv = sys.argv[3:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -231,9 +232,9 @@ def test_knobs_have_ranges_and_are_checked(tmp_path, monkeypatch):
         knobs[name] = eval(source)  # noqa: S307 (our own literals)
     numeric = [k for k, v in knobs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     assert "MIN_SCORE" in numeric and [k for k in numeric if k not in KNOB_RANGES] == []
-    common.configure(dict(knobs), [])  # the defaults lie in their ranges
+    configure(dict(knobs), [])  # the defaults lie in their ranges
     with pytest.raises(InputError, match=re.escape("--min-score must be in [1, 5], got 6")):
-        common.configure(dict(knobs), ["--min-score=6"])
+        configure(dict(knobs), ["--min-score=6"])
     with pytest.raises(InputError, match=r"--prompt must use \{riddle\}, \{answer\}, \{followup\}, \{second_answer\}"):
         run_stage(monkeypatch, SCRIPT, "--prompt=Judge {riddle} and {answer}.", *args(tmp_path))
     assert not list(tmp_path.iterdir())

@@ -1,4 +1,4 @@
-"""kernels.py: each Triton kernel gives its torch version's values; the rotary's torch version is HF's.
+"""pipeline/kernels.py: each Triton kernel gives its torch version's values; the rotary's torch version is HF's.
 
 The kernels run in Triton's interpreter on CPU where Triton is installed (CPU builds of torch
 come without it; `make test` installs it, else those tests skip; bench/bench.py runs the same
@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kernels import rotary_to_cache_torch, uniform_noise_torch
+from pipeline.kernels import rotary_to_cache_torch, uniform_noise_torch
 
 
 def test_triton_kernels_equal_their_torch_versions():
@@ -38,8 +38,8 @@ def test_triton_kernels_equal_their_torch_versions():
 SLOT_RUN = """
 import json, torch
 from transformers import AutoModelForCausalLM, LlamaConfig
-import kernels
-from engine import force_lengths, slot_generate
+from pipeline import kernels
+from pipeline.engine import force_lengths, slot_generate
 
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8,

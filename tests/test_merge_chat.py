@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CHAT_TEMPLATE_GEN, make_tokenizer, run_script
 
 from common import CHATML_TEMPLATE, IM_END
-from training import add_lora, load_student
+from helpers import CHAT_TEMPLATE_GEN, make_tokenizer, run_script
+from pipeline.training import add_lora, load_student
 
 ROOT = Path(__file__).resolve().parents[1]
 RIDDLES = [("What has keys but cannot open locks?", "A piano has keys."),

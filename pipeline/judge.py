@@ -8,7 +8,7 @@ as MessageStage does for 02-04.
 
 import re
 
-from message_stage import MessageStage
+from pipeline.message_stage import MessageStage
 
 # The three points, in the order the prompt asks for them; the keys stored under "scores".
 POINTS = ("answer", "follow_up", "second_answer")

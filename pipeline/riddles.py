@@ -11,8 +11,9 @@ import io
 import re
 import unicodedata
 
-from common import (MAX_RECORD_CHARS, InputError, control_string, nonblank_line_numbers, path, read_json, read_jsonl,
-                    read_text, stable_id)
+from pipeline.knobs import InputError
+from pipeline.records import (MAX_RECORD_CHARS, control_string, nonblank_line_numbers, path, read_json, read_jsonl,
+                              read_text, stable_id)
 
 # -----------------------------------------------------------------------------
 # Stage 01: generated lines -> riddles (cleaning, exact and near-duplicate dedup)

@@ -13,7 +13,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import IM_END, InputError, read_jsonl, render_chatml, seed_of, write_jsonl_atomic  # noqa: E402
+from common import IM_END, render_chatml  # noqa: E402
+from pipeline.knobs import InputError  # noqa: E402
+from pipeline.records import read_jsonl, seed_of, write_jsonl_atomic  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Loss curves: stage 05's log.jsonl

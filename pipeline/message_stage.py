@@ -8,7 +8,7 @@ either file are done, so a rerun skips them; finish prints the stage's summary l
 import time
 from collections import Counter
 
-from common import Appender, control_string
+from pipeline.records import Appender, control_string
 
 
 class MessageStage:

