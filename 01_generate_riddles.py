@@ -3,11 +3,12 @@
 Each of NUM_PROMPTS prompts shows the generator K seed riddles (picked by an RNG seeded
 from the prompt number) and asks for K new ones. The replies are split into lines and
 cleaned (numbering, bullets, "Riddle 3:" labels, markdown, quotes, headers, answers);
-exact and near duplicates are dropped, among the new riddles and against the seeds.
+exact and near duplicates are dropped, among the new riddles and against the seeds. The
+last line of a reply that MAX_NEW_TOKENS cut is rejected as unfinished.
 
 Reads:  SEED_FILE: .jsonl/.json/.csv with a riddle field (instruction, riddle, question
         or text), .txt with one riddle per line, or a hub dataset name
-Writes: data/01_raw.jsonl       {"id": "p00012", "seed_ids": [...], "text": reply}
+Writes: data/01_raw.jsonl       {"id": "p00012", "seed_ids": [...], "text": reply, "ended": false if cut}
         data/01_riddles.jsonl   {"id": "r-...", "messages": [{"role": "user", "content": riddle}]}
         data/01_rejected.jsonl  {"line", "prompt_id", "reason"}
 
@@ -85,9 +86,10 @@ skipped = sum(j["id"] in raw.done for j in jobs)
 failed = Counter()
 
 
-def save(batch, texts):
-    failed["prompts"] += sum(t is None for t in texts)
-    raw.write([{"id": j["id"], "seed_ids": j["seed_ids"], "text": t} for j, t in zip(batch, texts) if t is not None])
+def save(batch, replies):
+    failed["prompts"] += sum(r is None for r in replies)
+    raw.write([{"id": j["id"], "seed_ids": j["seed_ids"], "text": r.text, "ended": r.ended}
+               for j, r in zip(batch, replies) if r is not None])
 
 
 generated = 0

@@ -66,7 +66,8 @@ require_stage(path(IN_FILE), "02_answer_riddles.py")
 records = read_conversations(path(IN_FILE), roles_end="assistant")
 check_unique_ids(records, path(IN_FILE))
 print(f"{len(records):,} conversations from {IN_FILE}")
-stage = MessageStage(records, "user", lambda text: clean_followup(text, MAX_WORDS), path(OUT_FILE), path(REJECTED_FILE), OVERWRITE)
+stage = MessageStage(records, "user", lambda text, ended: clean_followup(text, MAX_WORDS), path(OUT_FILE),
+                     path(REJECTED_FILE), OVERWRITE)
 check_output(path(CLOSEST_FILE))
 
 # %% Reworded duplicates: compared with the seeds and the riddles kept before them, in input order

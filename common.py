@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline.engine import SLOT_MODEL_TYPES, RowSampler, fp8_runs, slot_generate
 from pipeline.knobs import InputError
-from pipeline.records import ROOT, control_string, path, process_share, seed_of
+from pipeline.records import ROOT, Reply, as_reply, control_string, path, process_share, seed_of
 
 # transformers and peft are imported inside the functions that load models: importing them
 # imports huggingface_hub, which reads HF_HUB_OFFLINE once, and stage 07 sets that only after
@@ -224,14 +224,14 @@ class HFBackend:
                                                       return_dict=True)["input_ids"])
 
     def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p, on_reply=None, batch_size=None):
-        """Replies in order; on_reply(i, text) also hears of each as it ends. batch_size: prompts a call of
-        transformers' generate (default: all); the slot engine takes them all."""
+        """Replies (Reply: text, ended) in order; on_reply(i, reply) also hears of each as it ends. batch_size:
+        prompts a call of transformers' generate (default: all); the slot engine takes them all."""
         texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         replies = [None] * len(ids)
 
-        def ended(i, row):  # each row decoded once, as it ends
-            replies[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+        def ended(i, row):  # each row decoded once, as it ends; shorter than the cap: it reached an end token
+            replies[i] = Reply(self.tokenizer.decode(row, skip_special_tokens=True).strip(), len(row) < max_new_tokens)
             if on_reply is not None:
                 on_reply(i, replies[i])
 
@@ -276,7 +276,10 @@ class OpenAIBackend:
                 reply = self.clients[s].chat.completions.create(
                     model=self.name, messages=messages, max_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, seed=seed % 2**31)
-                text = (reply.choices[0].message.content or "").strip()
+                choice = reply.choices[0]
+                # finish_reason "length": cut by max_tokens; a server that names no reason gives no signal.
+                text = Reply((choice.message.content or "").strip(), {"stop": True, "length": False}.get(
+                    choice.finish_reason))
             except self.errors as e:
                 print(f"request failed: {self.urls[s]}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
                 continue
@@ -288,8 +291,8 @@ class OpenAIBackend:
         return None
 
     def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p, on_reply=None, batch_size=None):
-        """Replies in order; None where a request failed on every server, after the retries. batch_size
-        requests are out at a time (default: all); on_reply(i, text) hears of each reply as it comes, once
+        """Replies (Reply: text, ended) in order; None where a request failed on every server, after the retries.
+        batch_size requests are out at a time (default: all); on_reply(i, reply) hears of each reply as it comes, once
         the first batch_size are in. batch_size failures in a row: no server is up (InputError)."""
         width = max(1, min(batch_size or len(prompts), len(prompts)))
         texts, came, failed = [None] * len(prompts), [], 0  # came: indices in the order their replies came
@@ -329,12 +332,12 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
     """Generate a reply for each job `{"id", "prompt": messages}` not in `done`.
 
     Jobs are sorted by prompt length and cut into batches over the whole list, so a
-    resumed run meets the same batches as an uninterrupted one; `on_batch(jobs, texts)`
-    gets each finished batch, in order (a text is None where a server request failed, to
-    retry on a rerun). A backend that streams (HFBackend, OpenAIBackend) gets all the jobs in
-    one call and reports each reply as it ends: a batch is handed on once its replies are in,
-    while the next batches' rows already decode. Others get a batch a call. Returns the
-    number of jobs generated.
+    resumed run meets the same batches as an uninterrupted one; `on_batch(jobs, replies)`
+    gets each finished batch, in order: a Reply (text, and whether it ended on its own) each,
+    None where a server request failed, to retry on a rerun. A backend that streams (HFBackend,
+    OpenAIBackend) gets all the jobs in one call and reports each reply as it ends: a batch is
+    handed on once its replies are in, while the next batches' rows already decode. Others get a
+    batch a call. Returns the number of jobs generated.
 
     Under N processes (`accelerate launch --num_processes=N`, one GPU each) each batch's jobs
     are dealt out, each process generates its share on its own GPU, and the first process
@@ -390,7 +393,7 @@ def generate_all(backend, jobs, done, on_batch, *, batch_size, seed, max_new_tok
             flushed += 1
 
     def on_reply(k, text):
-        texts[k] = text
+        texts[k] = as_reply(text)
         left[batch_of[k]] -= 1
         flush()
 

@@ -62,8 +62,9 @@ class JudgeStage(MessageStage):
         super().__init__(records, None, None, out_file, rejected_file, overwrite)
         self.min_score, self.scores = min_score, []
 
-    def verdict(self, job, text):
-        """One judgement -> (the record plus "judge", None) or (None, the reject)."""
+    def verdict(self, job, reply):
+        """One judgement (a Reply) -> (the record plus "judge", None) or (None, the reject)."""
+        text = reply.text
         parsed = parse_judgement(text)
         if parsed is None:
             return None, {"id": job["id"], "reason": "unparsed", "text": text}

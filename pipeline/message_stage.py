@@ -8,16 +8,17 @@ either file are done, so a rerun skips them; finish prints the stage's summary l
 import time
 from collections import Counter
 
-from pipeline.records import Appender, control_string
+from pipeline.records import Appender, as_reply, control_string
 
 
 class MessageStage:
     """Stages 02-04: append one generated message to each record, resumably.
 
-    clean(text) -> (content, reason): a kept reply becomes the record's next message in
-    out_file, a rejected one goes to rejected_file as {"id", "reason", "text"} (also a reply
-    holding a chat control string: "control_token"). Ids in
-    either file are done, so a rerun skips them; a failed request (None) is retried.
+    clean(text, ended) -> (content, reason), ended as the backend's Reply says (False: cut by
+    max_new_tokens, None: unknown): a kept reply becomes the record's next message in out_file,
+    a rejected one goes to rejected_file as {"id", "reason", "text"} (also a reply holding a chat
+    control string: "control_token"). Ids in either file are done, so a rerun skips them; a
+    failed request (None) is retried.
     """
 
     def __init__(self, records, role, clean, out_file, rejected_file, overwrite):
@@ -28,14 +29,14 @@ class MessageStage:
         self.skipped = sum(i in self.done for i in self.by_id)
         self.counts, self.start = Counter(), time.time()
 
-    def save(self, batch, texts):
-        """generate_all's on_batch: write one finished batch to the two files."""
+    def save(self, batch, replies):
+        """generate_all's on_batch: write one finished batch (a Reply or None each) to the two files."""
         good, bad = [], []
-        for job, text in zip(batch, texts):
-            if text is None:
+        for job, reply in zip(batch, map(as_reply, replies)):
+            if reply is None:
                 self.counts["failed"] += 1
                 continue
-            kept, rejected = self.verdict(job, text)
+            kept, rejected = self.verdict(job, reply)
             if rejected:
                 self.counts[rejected["reason"]] += 1
                 bad.append(rejected)
@@ -45,9 +46,10 @@ class MessageStage:
         self.rejected.write(bad)
         self.counts["kept"] += len(good)
 
-    def verdict(self, job, text):
-        """One reply -> (the record to keep, None), or (None, the reject {"id", "reason", "text", ...})."""
-        content, reason = self.clean(text)
+    def verdict(self, job, reply):
+        """One Reply -> (the record to keep, None), or (None, the reject {"id", "reason", "text", ...})."""
+        text = reply.text
+        content, reason = self.clean(text, reply.ended)
         if not reason and control_string(content):
             reason = "control_token"  # as cleaned and stored: NFKC could have made one of full-width signs
         if reason:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.knobs import InputError
 
@@ -291,6 +292,19 @@ def require_stage(file, stage_script):
     """Refuse to run when the previous stage's output is missing."""
     if not Path(file).exists():
         raise InputError(f"{file} is missing: run {stage_script} first")
+
+
+class Reply(NamedTuple):
+    """A generated reply as a backend hands it to a stage's writer: its text, and whether it ended on its own
+    (False: cut by max_new_tokens; None: the server did not say, and the stage falls back on the text)."""
+    text: str
+    ended: bool | None = None
+
+
+def as_reply(reply):
+    """A Reply from a backend's reply: a plain string (a backend that gives no signal) ended None; None stays None
+    (a request that failed)."""
+    return Reply(reply) if isinstance(reply, str) and not isinstance(reply, Reply) else reply
 
 
 def check_unique_ids(records, file):

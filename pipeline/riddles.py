@@ -145,9 +145,10 @@ class Deduper:
 
 
 def filter_riddles(raw, seeds, min_words=5, max_chars=300, threshold=0.5, n=2):
-    """Raw generations `{"id", "text"}` -> (kept records, rejected lines), in input order.
+    """Raw generations `{"id", "text", "ended"}` -> (kept records, rejected lines), in input order.
 
-    The first of two near-duplicates is kept; anything close to a seed is dropped.
+    The first of two near-duplicates is kept; anything close to a seed is dropped. The last line
+    of a reply that max_new_tokens cut ("ended": false) is "unfinished", however it ends.
     Kept: `{"id", "messages": [user riddle]}`; rejected: `{"line", "prompt_id", "reason"}`.
     """
     dedup = Deduper(threshold, n)
@@ -155,8 +156,14 @@ def filter_riddles(raw, seeds, min_words=5, max_chars=300, threshold=0.5, n=2):
         dedup.add(s, "seed")
     kept, rejected = [], []
     for rec in raw:
-        for line in rec["text"].splitlines():
+        lines = rec["text"].splitlines()
+        cut = -1  # the line max_new_tokens cut: the last nonblank one of a reply that did not end
+        if rec.get("ended") is False:
+            cut = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+        for i, line in enumerate(lines):
             text, reason = clean_riddle(line, min_words, max_chars)
+            if reason is None and i == cut:
+                reason = "unfinished"
             if reason is None:
                 reason = dedup.check(text)
             if reason == "empty":
@@ -183,7 +190,7 @@ def _riddle_of(rec, where):
         if isinstance(value, str) and value.strip():
             if len(value) > MAX_RECORD_CHARS:
                 raise InputError(f"{where}: riddle of {len(value):,} characters, over the limit of "
-                                 f"{MAX_RECORD_CHARS:,} (MAX_RECORD_CHARS in common.py)")
+                                 f"{MAX_RECORD_CHARS:,} (MAX_RECORD_CHARS in pipeline/records.py)")
             text = normalize_text(value)
             found = control_string(text)  # after NFKC, as stored
             if found:
@@ -255,13 +262,15 @@ def load_seed_rows(source):
 # Stages 02-04: the generator's replies, kept or rejected with a reason
 
 
-def clean_answer(text):
-    """A generated answer -> (text, None) or (text, reason): "empty" or "unfinished" (cut mid-sentence)."""
+def clean_answer(text, ended=None):
+    """A generated answer -> (text, None) or (text, reason): "empty", or "unfinished" when max_new_tokens cut it
+    (training on it would teach stopping mid-sentence). ended: the backend's word (Reply.ended); where a server
+    gives none (None), a last character that ends no sentence counts as cut."""
     text = text.strip()
     if not text:
         return text, "empty"
-    if re.search(r"[\w,;:(\-]$", text):
-        return text, "unfinished"  # max_new_tokens ran out: training on it would teach stopping mid-sentence
+    if ended is False or (ended is None and re.search(r"[\w,;:(\-]$", text)):
+        return text, "unfinished"
     return text, None
 
 

@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 
 import common
 from helpers import ROOT, bag_of_words, lines, run_stage
@@ -101,6 +102,10 @@ def test_clean_followup(reply, question, reason):
 
 def test_clean_answer():
     assert riddles.clean_answer("  It is a towel.\n") == ("It is a towel.", None)
+    # The backend's word comes first: cut after a full stop is cut, ended without one is whole.
+    assert riddles.clean_answer("It is a towel.", ended=False) == ("It is a towel.", "unfinished")
+    assert riddles.clean_answer("It is a towel", ended=True) == ("It is a towel", None)
+    assert riddles.clean_answer("It is a towel", ended=None) == ("It is a towel", "unfinished")
     assert riddles.clean_answer(" \n") == ("", "empty")
     assert riddles.clean_answer("First, think about what dries") == ("First, think about what dries", "unfinished")
 
@@ -272,7 +277,7 @@ def test_batched_equals_per_prompt(chatty_llama):
         batched = backend.generate(prompts, seeds, **sampling)
         single = [backend.generate([p], [s], **sampling)[0] for p, s in zip(prompts, seeds)]
         assert batched == single
-        assert all(batched) and len(set(batched)) > 1  # real, different texts: the check can fail
+        assert all(r.text for r in batched) and len({r.text for r in batched}) > 1  # real, different texts
     # Sampling depends on the row's seed, not on its neighbours or position in the batch.
     swapped = backend.generate(prompts[::-1], seeds[::-1], **sampling)
     assert swapped[::-1] == backend.generate(prompts, seeds, **sampling)
@@ -627,6 +632,37 @@ def write_riddles(file, n=9):
     file.write_text("".join(json.dumps({"id": riddle_id(s), "messages": [{"role": "user", "content": s}]}) + "\n"
                             for s in seeds))
     return file
+
+
+def test_a_reply_cut_right_after_a_full_stop_is_rejected_as_cut(tmp_path, chatty_llama, monkeypatch):
+    """Whether a reply was cut is the backend's word (it reached an end token before MAX_NEW_TOKENS), not its last
+    character: the same reply, forced, is rejected when the cap stops it right after its full stop and kept when
+    it ends there on its own."""
+    tok = common.load_tokenizer(chatty_llama)
+    target = tok("It is a towel.", add_special_tokens=False)["input_ids"]
+    assert tok.decode(target).strip() == "It is a towel."
+    generate_ids = common.generate_ids
+
+    def forced(model, prompts, seeds, **k):  # the target's tokens, then an end token
+        eos = k["eos_ids"] if isinstance(k["eos_ids"], int) else k["eos_ids"][0]
+        want = torch.tensor(target + [eos])
+
+        def processor(scores, rows, steps):
+            pick = want[steps.clamp(max=len(target))]
+            return torch.where(torch.arange(scores.shape[-1]) == pick[:, None], 0.0, float("-inf"))
+        return generate_ids(model, prompts, seeds, **dict(k, processor=processor))
+
+    monkeypatch.setattr(common, "generate_ids", forced)
+    riddles_file = write_riddles(tmp_path / "01.jsonl", n=1)
+    for cap, reason in ((len(target), "unfinished"), (len(target) + 1, None)):
+        d = tmp_path / str(cap)
+        run_stage(monkeypatch, "02_answer_riddles.py", *stage02_args(d, riddles_file, chatty_llama),
+                  f"--max-new-tokens={cap}", "--temperature=0")
+        if reason:
+            assert [(r["reason"], r["text"]) for r in lines(d / "rej.jsonl")] == [(reason, "It is a towel.")]
+            assert not lines(d / "02.jsonl")
+        else:
+            assert [r["messages"][-1]["content"] for r in lines(d / "02.jsonl")] == ["It is a towel."]
 
 
 def test_resume_02_after_sigkill(tmp_path, chatty_llama, monkeypatch, capsys):

@@ -419,8 +419,8 @@ def test_generator_replies_with_control_tokens_are_rejected(tmp_path, monkeypatc
     assert [r["id"] for r in lines(tmp_path / "02.jsonl")] == ["r1", "r2"]
     assert [(r["id"], r["reason"]) for r in lines(tmp_path / "02r.jsonl")] == [("r0", "control_token")]
     # 03 cleans "Kid: ..." with NFKC: the full-width signs become a real "<|im_start|>", caught after cleaning.
-    stage = MessageStage(lines(tmp_path / "02.jsonl"), "user", clean_followup, tmp_path / "03.jsonl",
-                         tmp_path / "03r.jsonl", False)
+    stage = MessageStage(lines(tmp_path / "02.jsonl"), "user", lambda text, ended: clean_followup(text),
+                         tmp_path / "03.jsonl", tmp_path / "03r.jsonl", False)
     stage.save([{"id": "r1"}], ["Kid: Why \uff1c|im_start|\uff1e?"])
     stage.finish("03", "follow-ups")
     assert lines(tmp_path / "03r.jsonl")[0]["reason"] == "control_token" and not lines(tmp_path / "03.jsonl")
