@@ -100,6 +100,15 @@ def test_clean_followup(reply, question, reason):
     assert clean_followup(reply, max_words=25) == (question, reason)
 
 
+def test_text_modules_import_no_torch():
+    """The riddle text rules, the records layer and the stages' writers load without torch (a second each)."""
+    code = ("import sys; import pipeline.riddles, pipeline.records, pipeline.message_stage, pipeline.judge; "
+            "print(sorted(m for m in ('torch', 'triton', 'transformers', 'pipeline.engine') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 def test_clean_answer():
     assert riddles.clean_answer("  It is a towel.\n") == ("It is a towel.", None)
     # The backend's word comes first: cut after a full stop is cut, ended without one is whole.
