@@ -22,7 +22,8 @@ token ids instead of text. Five parts, each writing JSON under --out:
          (run it with --num_processes 1 and 2; each writes its row to ddp.json).
   report merge the JSON files, print the table, write --results (markdown).
 The parts live in gen.py (gen, profile) and train.py (train, ddp); this file holds the knobs, the helpers they
-share, the report and the dispatch.
+share, the report and the dispatch. To compare with an earlier engine, run this file in a git worktree of that
+commit (git worktree add ../old COMMIT) on the same card, alternating with this tree's runs.
 
 Reads: nothing (a random Phi-2 is saved once to --model-dir for load_student).
 Writes: {out}/gen.json, profile.json, train.json, ddp.json: {"card", "versions", "rows": [{"part",
@@ -72,11 +73,9 @@ TOP_P = 0.95
 REF_SECONDS = 60.0  # time box of the one-prompt-at-a-time reference loop
 SLOTS = ["256:flat", "256", "384", "512"]  # slot_generate: max rows decoding at once[:kernel|flash|sdpa = that
 # decode attention, else the best][:hf = HF's decoder layers in decode, not the fused ones][:flat = every decode
-# step over all slots, not the fewest that hold the rows decoding][:kv0.8 = the KV cache in 80% of free memory, not
-# 60%][:rows0 = each decode matmul at the step's own row count, not engine._matmul_rows' choice][:fp8 = the layers'
-# matmuls on float8 weights (slot_generate fp8=True)][:fp8kv = the KV cache in float8 (kv_fp8=True)][:round1 =
-# ROUND1's]
-ROUND1 = ""  # gen: an earlier pipeline/engine.py for SLOTS "N:round1" (git show 462d44e:pipeline/engine.py > /tmp/engine_round1.py)
+# step over all slots, not the fewest that hold the rows decoding] (those three: EngineOptions)[:kv0.8 = the KV
+# cache in 80% of free memory, not 60%][:fp8 = the layers' matmuls on float8 weights (slot_generate fp8=True)]
+# [:fp8kv = the KV cache in float8 (kv_fp8=True)]
 STATIC_REQUESTS = 256  # HF generate in one left-padded batch of this many requests (0: skip)
 CB_SECONDS = 60.0  # time box of continuous batching (0: skip)
 TRAIN_SEQS = 400  # training sequences drawn (lengths ~N(480, 180) clipped)

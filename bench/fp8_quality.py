@@ -58,21 +58,21 @@ def logits(**variant):
     return [torch.stack([seen[(i, s)] for s in range(len(ids))]) for i, ids in enumerate(replies)]
 
 
-def fp8_weights(x, w, b=None):  # engine._matmul on float8 weights, emulated in fp32; lm_head stays as it is
+def fp8_weights(x, w, b=None):  # engine.matmul on float8 weights, emulated in fp32; lm_head stays as it is
     if w is model.lm_head.weight:
         return F.linear(x, w, b)
     return F.linear(float8_rounded(x), float8_rounded(w), b)
 
 
-plain_matmul = engine._matmul
+plain_matmul = engine.matmul
 modes = {}
 with torch.inference_mode():
     modes["fp32"] = logits()
     modes["float8 KV cache"] = logits(kv_fp8=True)
-    engine._matmul = fp8_weights
+    engine.matmul = fp8_weights
     modes["float8 weights (emulated)"] = logits()
     modes["float8 weights (emulated) and KV cache: hf-fp8"] = logits(kv_fp8=True)
-    engine._matmul = plain_matmul
+    engine.matmul = plain_matmul
     model.to(torch.bfloat16)
     modes["bf16 weights and KV cache"] = logits()
     model.float()

@@ -7,16 +7,14 @@ Every function that reads a knob, the device or a helper takes `bench` first: be
 with device, out_dir and its helpers (save, sync, memory, ...).
 """
 
-import inspect
 import json
-import sys
 import time
 import traceback
 
 import torch
 
 from pipeline import engine
-from pipeline.engine import RowSampler
+from pipeline.engine import EngineOptions, RowSampler
 from pipeline.engine import force_lengths as force
 from pipeline.engine import slot_generate
 
@@ -118,7 +116,6 @@ def run_gen(bench):
            note=f"first {done} requests")
 
     # Ours: slot_generate, what HFBackend.generate runs on a GPU.
-    old = None  # ROUND1's engine, loaded once (what it caches, such as _matmul_rows' timings, is kept as ours is)
     for spec in map(str, bench.SLOTS):
         slots, *flags = spec.split(":")
         decode = next((f for f in flags if f in ("kernel", "flash", "sdpa")), "auto")
@@ -129,35 +126,18 @@ def run_gen(bench):
                 + ("" if fused else ", HF's layers in decode")
                 + ("" if shrink else ", every step over all slots")
                 + ("" if kv == 0.6 else f", the KV cache in {kv:.0%} of free memory")
-                + (", matmuls at the step's own rows" if "rows0" in flags else "")
                 + (", float8 weights" if "fp8" in flags else "")
-                + (", float8 KV cache" if "fp8kv" in flags else "")
-                + (f", engine of {bench.ROUND1}" if "round1" in flags else ""))
-        generate, extra = slot_generate, {"decode": decode, "fused": fused, "shrink": shrink, "kv_memory": kv,
-                                          "pad_rows": "rows0" not in flags, "fp8": "fp8" in flags,
-                                          "kv_fp8": "fp8kv" in flags}
-        if "round1" in flags:  # the pipeline/engine.py of an earlier commit, side by side
-            if old is None:
-                import importlib.util
-
-                if not bench.ROUND1:
-                    sys.exit(f"--slots={spec} needs --round1=FILE: an earlier pipeline/engine.py")
-                spec_ = importlib.util.spec_from_file_location("engine_round1", bench.ROUND1)
-                old = importlib.util.module_from_spec(spec_)
-                spec_.loader.exec_module(old)
-                if hasattr(old, "Fp8"):  # the float8 weights, made once per model, are this engine's Fp8 objects
-                    old.Fp8 = engine.Fp8
-            known = inspect.signature(old.slot_generate).parameters  # an older engine takes fewer knobs
-            generate, extra = old.slot_generate, {k: v for k, v in extra.items() if k in known}
+                + (", float8 KV cache" if "fp8kv" in flags else ""))
+        options = EngineOptions(decode=decode, fused=fused, shrink=shrink)
         bench.reset_memory()
         t = time.perf_counter()
         stats = {}
         try:
-            outs = generate(model, [prompts[i] for i in order], [seeds[i] for i in order], max_new_tokens=r_hi,
+            outs = slot_generate(model, [prompts[i] for i in order], [seeds[i] for i in order], max_new_tokens=r_hi,
                                  temperature=bench.TEMPERATURE, top_p=bench.TOP_P, eos_ids=eos, max_slots=int(slots),
-                                 stats=stats,
-                                 **extra, processor=lambda logits, r, steps: force(logits, sorted_targets[r], steps,
-                                                                                       eos))
+                                 kv_memory=kv, fp8="fp8" in flags, kv_fp8="fp8kv" in flags, stats=stats,
+                                 options=options,
+                                 processor=lambda logits, r, steps: force(logits, sorted_targets[r], steps, eos))
         except Exception as e:  # a failure here must not hide the other rows
             traceback.print_exc()
             rows.append({"part": "gen", "config": name.format(slots), "error": str(e)[:300]})
@@ -168,14 +148,12 @@ def run_gen(bench):
         bad = [(k, g_, int(sorted_targets[k]), plens[order[k]]) for k, g_ in enumerate(got) if g_ != sorted_targets[k]]
         if bad:
             print(f"  {len(bad)} rows off their forced length (row, got, wanted, prompt): {bad[:8]}")
-        decode_s = stats.get("decode_s", seconds - stats["prefill_s"])  # the round-one engine kept no decode_s
-        decode_ms = 1000 * decode_s / max(1, stats["decode_steps"])
+        decode_ms = 1000 * stats["decode_s"] / max(1, stats["decode_steps"])
         record(name.format(stats["slots"]), sum(got), seconds, batch=stats["slots"],
                note=f"{n_req} requests; prefill {stats['prefill_s']:.1f} s in {stats['prefill_calls']} calls, "
                     f"{stats['decode_steps']} decode steps of {decode_ms:.1f} ms"
-                    + (f" over {stats['decode_rows'] / max(1, stats['decode_steps']):.0f} rows, "
-                       f"{stats['capture_s']:.1f} s of it capturing graphs" if "decode_rows" in stats else "")
-                    + (f"; matmuls padded: {stats['padded']}" if stats.get("padded") else "")
+                    f" over {stats['decode_rows'] / max(1, stats['decode_steps']):.0f} rows, "
+                    f"{stats['capture_s']:.1f} s of it capturing graphs"
                     + (f"; {len(bad)} rows off their forced length" if bad else ""))
 
     # Correctness on this card, in fp32 (bf16 ties flip greedy picks): a 2-layer model with
@@ -191,9 +169,8 @@ def run_gen(bench):
                for i in few]
     for graph in (True, False):
         mine = slot_generate(tiny, [prompts[i] for i in few], [0] * 8, max_new_tokens=24, temperature=0.0, top_p=1.0,
-                             eos_ids=eos, max_slots=4,
-                             cuda_graph=graph, processor=lambda logits, r, steps: force(
-                                 logits, torch.full_like(steps, 25), steps, eos))
+                             eos_ids=eos, max_slots=4, options=EngineOptions(cuda_graph=graph),
+                             processor=lambda logits, r, steps: force(logits, torch.full_like(steps, 25), steps, eos))
         same = sum(a == b for x, y in zip(ref, mine) for a, b in zip(x, y))
         print(f"  fp32 check: slot_generate (graph {graph}) vs HF generate, greedy: {same} of "
               f"{sum(map(len, ref))} tokens equal")
@@ -204,7 +181,8 @@ def run_gen(bench):
     forced = torch.randint(3, cfg.vocab_size, (8, 33), generator=g).to(bench.device)
     head = torch.randint(3, cfg.vocab_size, (64,), generator=g).tolist()  # an instruction all prompts start with
 
-    def logits_of(net, before=(), **variant):  # before: tokens put before each prompt
+    def logits_of(net, before=(), fp8=False, kv_fp8=False, stats=None, **switches):
+        """The logits of every step, teacher-forced; before: tokens put before each prompt; switches: EngineOptions'."""
         seen = []
 
         def keep(logits, r, steps):
@@ -212,7 +190,8 @@ def run_gen(bench):
             return torch.full_like(logits, float("-inf")).scatter_(1, forced[r, steps][:, None], 0.0)
 
         slot_generate(net, [[*before, *prompts[i]] for i in few], [0] * 8, max_new_tokens=32, temperature=0.0,
-                      top_p=1.0, eos_ids=eos, max_slots=8, cuda_graph=False, processor=keep, **variant)
+                      top_p=1.0, eos_ids=eos, max_slots=8, fp8=fp8, kv_fp8=kv_fp8, stats=stats, processor=keep,
+                      options=EngineOptions(cuda_graph=False, **switches))
         return torch.stack(seen)
 
     def compare(name, what, a, base):
@@ -222,7 +201,7 @@ def run_gen(bench):
         print(f"  bf16 check, {what}: logits max |diff| / max |logit| {rel:.2g}; argmax equal {same[0]} of {same[1]}")
 
     for label, net in (("2 layers", tiny.to(model.dtype)), ("real shape", model)):
-        base = logits_of(net, decode="sdpa", fused=False)  # whole-slot sdpa through HF's layers: round one's maths
+        base = logits_of(net, decode="sdpa", fused=False)  # whole-slot sdpa through HF's layers: the plain maths
         flash = "flash" if bench.device == "cuda" else "sdpa"  # the CPU smoke test has no flash kernel
         for what, variant in (("flash", dict(decode=flash, fused=False)), ("flash + fused layers", dict(decode=flash)),
                               ("split-KV kernel + fused layers", dict(decode="auto")),
@@ -343,16 +322,14 @@ def run_profile(bench):
     packed prefill call of 16k tokens, and a sweep of one step's matmuls over the row count, for each
     of the fused layers' weights named."""
     from torch.profiler import ProfilerActivity, profile
-    from transformers import AttentionInterface
 
     model, weight_bytes, eos, (n_req, p_lo, p_hi, r_lo, r_hi) = mistral(bench)
-    AttentionInterface.register("slots", engine._slot_attention)
-    model.set_attn_implementation("slots")
+    model.set_attn_implementation(engine.slot_attention())
     length = -(-(p_hi + r_hi) // 64) * 64
     g = torch.Generator().manual_seed(bench.SEED)
     out = {"length": length, "rows": []}
     paths = [p.split(":") for p in bench.PROFILE_PATHS]
-    weights = {kind: engine._slot_weights(model, fp8=kind != "fused") for kind in ("fused", "fp8", "fp8kv")
+    weights = {kind: engine.slot_weights(model, fp8=kind != "fused") for kind in ("fused", "fp8", "fp8kv")
                if kind in {layers for _, layers in paths}}
 
     def timed(fn, n=20):
@@ -373,15 +350,16 @@ def run_profile(bench):
                 if decode == "flash" and bench.device != "cuda":  # --tiny on a CPU: no flash kernel
                     continue
                 bench.reset_memory()
-                slots = engine._Slots(model, count, length, decode, kv_fp8=layers == "fp8kv")
+                slots = engine.SlotCache(model, count, length, decode, kv_fp8=layers == "fp8kv")
                 slots.fused = weights.get(layers)
                 slots.pos.copy_(ctx)
                 slots.token.copy_(torch.randint(3, model.config.vocab_size, (count,), generator=g))
                 seeds = torch.arange(count, device=bench.device)
-                logits = lambda: engine._decode_step(model, slots)  # noqa: E731
+                logits = lambda: engine.decode_step(model, slots)  # noqa: E731
                 full = lambda: engine.pick_tokens(logits(), seeds, slots.pos,  # noqa: E731
                                                   temperature=bench.TEMPERATURE, top_p=bench.TOP_P)
-                graphed = (lambda fn: engine._graphed(fn, model.device)) if bench.device == "cuda" else (lambda fn: fn)
+                graphed = ((lambda fn: engine.cuda_graphed(fn, model.device)) if bench.device == "cuda"
+                           else (lambda fn: fn))
                 graph_full, graph_logits = graphed(full), graphed(logits)
                 row = {"slots": count, "attention": slots.decode, "layers": layers,
                        "mean_context": round(ctx.float().mean().item()),
@@ -406,9 +384,9 @@ def run_profile(bench):
             prompts.pop()
         tokens = sum(map(len, prompts))
         for kind, fused in weights.items():
-            slots = engine._Slots(model, 48, length, kv_fp8=kind == "fp8kv")
+            slots = engine.SlotCache(model, 48, length, kv_fp8=kind == "fp8kv")
             slots.fused = fused
-            prefill = lambda: engine._prefill(model, slots, list(range(len(prompts))), prompts)  # noqa: E731
+            prefill = lambda: engine.prefill(model, slots, list(range(len(prompts))), prompts)  # noqa: E731
             ms = timed(prefill, 5)
             flop = 2 * weight_bytes / 2 * tokens
             key = "prefill" if kind == "fused" else f"prefill_{kind}"
@@ -439,7 +417,7 @@ def gemm_sweep(bench, model, fused, timed):
     rows = []
     for m in (64, 128, 192, 256, 320, 384, 448, 512, 768, 1024, 2048, 4096, 16384):
         xs = {w.shape[1]: torch.randn(m, w.shape[1], device=bench.device, dtype=model.dtype) for w in weights}
-        ms = timed(lambda: [engine._matmul(xs[w.shape[1]], w) for w in weights], 5)
+        ms = timed(lambda: [engine.matmul(xs[w.shape[1]], w) for w in weights], 5)
         rows.append({"rows": m, "ms": round(ms, 3), "tflops": round(2 * m * params / ms / 1e9, 1),
                      "gb_s": round(nbytes / ms / 1e6)})
         print(f"  weight matmuls of one step at {m} rows: {ms:.2f} ms, {rows[-1]['tflops']} TFLOP/s, "

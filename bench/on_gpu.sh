@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU runs issue 12 still owes, one lent-machine call each (under 10 minutes), JSON under $OUT.
+# GPU runs of the bench and the rehearsal, one lent-machine call each (under 10 minutes), JSON under $OUT.
 # Run from the repository root on the GPU machine:
-#   bash bench/on_gpu.sh gen      # one H100: goal 1 (generation, the bench's mix) and goal 4 (05's QLoRA)
+#   bash bench/on_gpu.sh gen      # one H100: generation (the bench's mix: slot_generate against HF generate, and
+#                                 # the fp32/bf16 checks) and 05's QLoRA configuration against the reference
 #   bash bench/on_gpu.sh stages   # one H100: the rehearsal's 01-04 at their defaults (the README's stage times)
-#   bash bench/on_gpu.sh gpus2    # two GPUs of one host: goal 2 (stage 02 with 1 and 2 processes, same call)
-#   bash bench/on_gpu.sh lean     # one GPU: goal 4, 05's configuration against bitsandbytes' 4-bit matmul and
-#                                 # against its paged AdamW, interleaved twice, and where a micro-batch's host
-#                                 # time goes (bench/train.py host_profile)
-#   bash bench/on_gpu.sh lean3    # one GPU: goal 4, 05's configuration now and before, and without lean_nf4, x3
+#   bash bench/on_gpu.sh gpus2    # two GPUs of one host: stage 02 with 1 and 2 processes, same call
+#   bash bench/on_gpu.sh lean     # one GPU: 05's configuration against bitsandbytes' 4-bit matmul and against its
+#                                 # paged AdamW, interleaved twice, and where a micro-batch's host time goes
+#                                 # (bench/train.py host_profile)
+#   bash bench/on_gpu.sh lean3    # one GPU: 05's configuration as it is, with bitsandbytes' 4-bit matmul, and with
+#                                 # that and its paged AdamW, interleaved three times
 #   bash bench/on_gpu.sh late     # one GPU: the rehearsal's 05 and 06 at their defaults (07 needs lm-eval's wheel,
 #                                 # which does not fit in one upload beside bitsandbytes')
 #   bash bench/on_gpu.sh fp8      # one GPU (compute capability 8.9+): stage 02 with --backend=hf-fp8, then
@@ -15,14 +17,9 @@
 #   bash bench/on_gpu.sh kv8      # one GPU (compute capability 8.9+): stage 02 with --backend=hf-fp8 in the
 #                                 # rehearsal; the bench's mix with float8 weights, with and without the float8 KV
 #                                 # cache, interleaved, and bf16 weights both ways; the profile of both float8 paths
-#   bash bench/on_gpu.sh pad8     # one GPU (compute capability 8.9+): torch's float8 indexing there; stage 02 with
-#                                 # hf-fp8; the bench's mix on float8 weights and KV cache with the decode matmuls'
-#                                 # row padding and without, interleaved twice
-#   bash bench/on_gpu.sh padold   # one GPU (8.9+): the same mix, this engine's row padding against cc0c8da's and
-#                                 # none, interleaved (prepare .gpu-wheels/old/engine.py as the case says)
-#   bash bench/on_gpu.sh head     # one GPU: stage 02 with the engine of 48d6c6f against this one (the shared
-#                                 # head prefilled once), twice, interleaved, then bench/startup.py; first, here:
-#                                 # mkdir -p .gpu-wheels/old && git show 48d6c6f:pipeline/engine.py > .gpu-wheels/old/engine.py
+#   bash bench/on_gpu.sh startup  # one GPU: stage 02 at 1,700 riddles in the rehearsal, then bench/startup.py
+# To compare with an earlier engine, run the same mode in a git worktree of that commit (git worktree add ../old
+# COMMIT; carry what this tree carries), on a warm machine of the same kind, alternating with this tree's runs.
 # The machine has torch, transformers, peft and accelerate, but no bitsandbytes, protobuf or network.
 # Prepare here, then pass carry [".gpu-wheels", "out/models/assets"] (out/models/assets: made by `make test`):
 #   pip download --no-deps -d .gpu-wheels bitsandbytes==0.50.2 protobuf==7.36.2
@@ -38,9 +35,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/cards
 
 case "${1:-}" in
 gen)
-  # 256 slots with every step over all of them (part one's engine) against the defaults, side by side; the first
-  # row also compiles the Triton kernels, so it is repeated last. An 80 GB card caps 512 slots at ~300 (the KV
-  # cache in 60% of free memory), at ~400 with 80%.
+  # 256 slots with every step over all of them (EngineOptions(shrink=False)) against the defaults, side by side;
+  # the first row also compiles the Triton kernels, so it is repeated last. An 80 GB card caps 512 slots at ~300
+  # (the KV cache in 60% of free memory), at ~400 with 80%.
   python3 bench/bench.py --part=gen --out="$OUT" --slots=256:flat,256,512,512:kv0.8,256:flat --static-requests=0 \
     --cb-seconds=0 --ref-seconds=5 2>&1 | tee "$OUT/gen.log"
   python3 bench/bench.py --part=train --out="$OUT" --train-configs=varlen:8192:0.125:sum:fused:bf16lora \
@@ -52,8 +49,8 @@ lean)
     --train-profile=$A --train-tokens=160000 --ref-steps=1 2>&1 | tee "$OUT/train.log"
   ;;
 lean3)
-  # 05's configuration now and before this round (bitsandbytes' 4-bit matmul and paged AdamW), and lean_nf4 alone,
-  # interleaved three times, 320k tokens each
+  # 05's configuration as it is, with bitsandbytes' 4-bit matmul, and with that and its paged AdamW, interleaved
+  # three times, 320k tokens each
   A=varlen:8192:0.125:sum:fused:bf16lora
   python3 bench/bench.py --part=train --out="$OUT" --train-tokens=320000 --ref-steps=1 \
     --train-configs=$A,$A:bnb4bit,$A:bnb4bit:paged,$A,$A:bnb4bit,$A:bnb4bit:paged,$A,$A:bnb4bit,$A:bnb4bit:paged \
@@ -88,7 +85,7 @@ fp8)
   grep "ours\|check" "$OUT/gen.log" | cut -c1-230
   ;;
 kv8)
-  # The bench's mix: float8 weights with the bf16 KV cache (437 slots in 90% of free memory, part nine's best)
+  # The bench's mix: float8 weights with the bf16 KV cache (437 slots in 90% of free memory)
   # against float8 weights and KV cache (512 slots: the bench's 512 requests at once), interleaved, and bf16 weights
   # both ways; then the profile of the float8 paths at 256 and 384 slots. First the rehearsal's stage 02 with hf-fp8.
   python3 rehearsal.py --stages=02 --backend=hf-fp8 --out="$REH" $ARGS 2>&1 | tee "$OUT/rehearsal_hf-fp8.log" | tail -3
@@ -101,57 +98,15 @@ kv8)
     > "$OUT/profile.log"
   grep "slots\|prefill" "$OUT/profile.log" | cut -c1-230
   ;;
-head)
-  rm -rf /tmp/old && mkdir -p /tmp/old
-  tar --exclude=./out --exclude=./.gpu-wheels --exclude=./.venv --exclude=./.git -cf - . | tar -xf - -C /tmp/old
-  cp .gpu-wheels/old/engine.py /tmp/old/engine.py
-  mkdir -p /tmp/old/out/models && cp -r out/models/assets /tmp/old/out/models/
-  for run in 1 2; do
-    for tree in /tmp/old "$(pwd)"; do
-      name=$([ "$tree" = /tmp/old ] && echo old || echo new)
-      (cd "$tree" && python3 rehearsal.py --stages=02 --riddles=1700 --out="$REH" $ARGS) 2>&1 \
-        | tee "$OUT/head_${name}_$run.log"
-      cp "$REH/rehearsal.json" "$OUT/head_${name}_$run.json"
-    done
-  done
+startup)
+  python3 rehearsal.py --stages=02 --riddles=1700 --out="$REH" $ARGS 2>&1 | tee "$OUT/stage02.log"
+  cp "$REH/rehearsal.json" "$OUT/stage02.json"
   # A stage process's fixed cost, and CUDA started in a thread beside the imports (bench/startup.py)
   python3 bench/startup.py --model="$(ls -d "$REH"/models/mistralai--* | head -1)" --runs=3 --out="$OUT" 2>&1 \
     | tee "$OUT/startup.log"
   ;;
-pad8)
-  # torch's float8 indexing on this card (the caches are written as bytes: kernels.rotary_to_cache_torch); then
-  # stage 02 with hf-fp8 in the rehearsal, and the bench's mix on float8 weights and KV cache with the decode
-  # matmuls' row padding (_matmul_rows, now timed on rounded float8 rows) and without (:rows0), interleaved twice
-  python3 -c "
-import torch
-try:
-    t = torch.zeros(4, 3, 8, dtype=torch.float8_e4m3fn, device='cuda')
-    v = torch.randn(2, 8, device='cuda').to(torch.float8_e4m3fn)
-    t[torch.tensor([1, 3], device='cuda'), 2] = v
-    print('float8 index write and read:', torch.equal(t[[1, 3], 2].float(), v.float()), torch.__version__)
-except Exception as e:
-    print('float8 indexing fails:', type(e).__name__, str(e).splitlines()[0], torch.__version__)
-" 2>&1 | tee "$OUT/f8_index.txt"
-  python3 rehearsal.py --stages=02 --backend=hf-fp8 --out="$REH" $ARGS 2>&1 | tee "$OUT/rehearsal_hf-fp8.log" | tail -3
-  cp "$REH/rehearsal.json" "$OUT/rehearsal_02_hf-fp8.json"
-  S=512:kv0.9:fp8:fp8kv
-  python3 bench/bench.py --part=gen --out="$OUT" --static-requests=0 --cb-seconds=0 --ref-seconds=3 \
-    --slots=$S,$S:rows0,$S,$S:rows0 2>&1 | grep -v Warning > "$OUT/gen.log"
-  grep "ours\|check" "$OUT/gen.log" | cut -c1-260
-  ;;
-padold)
-  # float8 weights and KV cache, the bench's mix: this engine (_matmul_rows times float8 matmuls on rounded rows),
-  # the engine of cc0c8da (timed on bf16 rows, rounding included) and no padding (:rows0), after a first row that
-  # compiles the kernels, in the order A B B A;
-  # first, here: mkdir -p .gpu-wheels/old && git show cc0c8da:pipeline/engine.py > .gpu-wheels/old/engine.py
-  S=512:kv0.9:fp8:fp8kv
-  python3 bench/bench.py --part=gen --out="$OUT" --static-requests=0 --cb-seconds=0 --ref-seconds=3 \
-    --round1="$(realpath .gpu-wheels/old/engine.py)" --slots=$S:rows0,$S,$S:round1,$S:rows0,$S:round1,$S 2>&1 \
-    | grep -v Warning > "$OUT/gen.log"
-  grep "ours\|check" "$OUT/gen.log" | cut -c1-260
-  ;;
 *)
-  echo "usage: bash bench/on_gpu.sh gen|lean|lean3|late|stages|gpus2|head|fp8|kv8|pad8|padold" >&2
+  echo "usage: bash bench/on_gpu.sh gen|lean|lean3|late|stages|gpus2|fp8|kv8|startup" >&2
   exit 2
   ;;
 esac

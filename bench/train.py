@@ -19,9 +19,8 @@ from gen import TRAIN_KERNELS, kernel_table
 
 from common import collate_padded
 from pipeline import shapes
-from pipeline.engine import fused_gelu, packed_attention
-from pipeline.training import (adapters_in_bf16, add_lora, lean_nf4, load_student, loss_sum, micro_batches,
-                               supervised_tokens)
+from pipeline.training import (adapters_in_bf16, add_lora, fused_gelu, lean_nf4, load_student, loss_sum,
+                               micro_batches, packed_attention, supervised_tokens)
 
 N_PARAMS = 2.78e9  # Phi-2
 BOUND_NO_CKPT = 92_000  # tok/s at H100 bf16 peak: 4N FLOP per token; checkpointing adds 2N per recomputed layer

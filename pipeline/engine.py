@@ -1,21 +1,19 @@
-"""Fast paths on the GPU: token ids and tensors in, token ids and tensors out.
+"""Generation on the GPU: token ids and tensors in, token ids and tensors out.
 
 - sampling: per-row seeded temperature + top-p draws (pick_tokens, RowSampler), so a row's
-  text does not depend on which rows share its batch;
-- the slot engine (slot_generate): a KV cache of slots refilled as rows end, prompts prefilled
-  packed, decode steps replayed as CUDA graphs whose attention reads each slot's real length and
-  that shrink to fewer slots as the last rows end; prefill and decode through fused layers and
-  kernels.py's Triton kernels for Llama-layout models, each decode matmul at the row count timed
-  fastest;
-- training: packed rows through torch's flash varlen attention (packed_attention) and Phi's
-  GELU in one kernel (fused_gelu).
-Nothing here imports the pipeline's own modules; tests/test_engine.py checks each path
-against the plain transformers one, and bench/bench.py measures them.
+  text does not depend on which rows share its batch; force_lengths ends replies at set lengths;
+- the slot engine (slot_generate): a KV cache of slots (SlotCache) refilled as rows end, prompts
+  prefilled packed (prefill), decode steps (decode_step) replayed as CUDA graphs (cuda_graphed) whose
+  attention reads each slot's real length and that shrink to fewer slots as the last rows end;
+  prefill and decode through fused layers (slot_weights, matmul, optionally float8: Fp8) and
+  kernels.py's Triton kernels for Llama-layout models. EngineOptions holds the switches that only
+  comparisons change.
+Nothing here imports the pipeline's own modules; the training fast paths live in training.py.
+tests/test_engine.py checks each path against HF generate, and bench/bench.py measures them.
 """
 
 import copy
-import functools
-import inspect
+import dataclasses
 import sys
 import time
 
@@ -85,6 +83,7 @@ def force_lengths(scores, targets, steps, eos):
 
 # Decoders that _forward_slots can run layer by layer (embed, rotary, layers, norm, lm_head).
 SLOT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SLOT_ATTENTION = "slots"  # the attn_implementation slot_attention registers
 
 
 def _flash(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, scale, used=None):
@@ -93,9 +92,18 @@ def _flash(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, scale, used=None):
                                                    scale=scale, seqused_k=used)[0]
 
 
-def _slot_attention(module, query, key, value, attention_mask, scaling=None, slot_cache=None, **kwargs):
+def slot_attention():
+    """Register the slot cache's attention (prefill and decode through HF's layers) and return its name,
+    an attn_implementation; slot_generate sets it on the model while it runs."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SLOT_ATTENTION, _slot_attention_forward)
+    return SLOT_ATTENTION
+
+
+def _slot_attention_forward(module, query, key, value, attention_mask, scaling=None, slot_cache=None, **kwargs):
     """Attention that writes to and reads from the slot cache (prefill or one decode step) where
-    _fused_layers does not run (slots.fused is None: other decoders, or fused=False).
+    _fused_layers does not run (slots.fused is None: other decoders, or EngineOptions(fused=False)).
 
     Prefill: the prompts come packed in one row (_prefill_attention). Decode: one token per slot at
     its own position (_decode_attention).
@@ -145,8 +153,9 @@ def slot_bytes(model, length, kv_fp8=False):
     return 2 * cfg.num_hidden_layers * length * cfg.num_key_value_heads * head
 
 
-class _Slots:
-    """Per layer K and V of [slots, length, kv_heads, dim], and the decode inputs (static for CUDA graphs).
+class SlotCache:
+    """The KV cache of slot_generate: per layer K and V of [slots, length, kv_heads, dim], and the decode
+    inputs (token, pos: static for CUDA graphs).
 
     decode: the decode attention (_decode_attention): "kernel", "flash", "sdpa", or "auto", the
     first that runs here. kv_fp8: K and V as float8 heads (kernels.rotary_to_cache's), each with a
@@ -178,8 +187,7 @@ class _Slots:
         if kv_fp8 and decode == "flash":
             raise ValueError("a float8 KV cache is read by decode='kernel' or 'sdpa', not torch's flash kernel")
         self.decode, self.used, self.prefill = decode, None, None
-        self.fused = None  # _slot_weights' weights, when _fused_layers runs prefill and decode steps
-        self.rows = {}  # a decode step's matmul rows by weight shape, where more run faster (_matmul_rows)
+        self.fused = None  # slot_weights' weights, when _fused_layers runs prefill and decode steps
 
     def first(self, rows):
         """The same cache and inputs cut to the first `rows` slots: a decode step over fewer rows."""
@@ -211,7 +219,9 @@ def _forward_slots(model, ids, positions, slots):
     return inner.norm(h)
 
 
-def _decode_step(model, slots):
+def decode_step(model, slots):
+    """One decode step over every slot of `slots` (a SlotCache): the logits of each slot's next token
+    after slots.token at slots.pos, [slots, vocab] in fp32, its K and V written to the cache."""
     slots.used = (slots.pos + 1).int()
     if slots.fused is not None:
         return _decode_forward(model, slots)
@@ -263,7 +273,7 @@ def fp8_runs(model):
             and torch.cuda.get_device_capability(model.device) >= (8, 9))
 
 
-def _slot_weights(model, fp8=False):
+def slot_weights(model, fp8=False):
     """Each layer's [q|k|v, o, gate|up, down] as (weight, bias) pairs (_fuse_projections' joined ones), the
     weights as Fp8 copies when fp8: made once per model and kept beside its own (half their bytes)."""
     fused = _fuse_projections(model)
@@ -280,7 +290,7 @@ def _slot_weights(model, fp8=False):
 
 class Fp8:
     """A weight [out, in] in float8 e4m3, one fp32 scale per output row (its largest magnitude / 448),
-    for _matmul: half the bytes of bf16, and twice the peak rate of an H100's tensor cores."""
+    for matmul: half the bytes of bf16, and twice the peak rate of an H100's tensor cores."""
 
     def __init__(self, weight):
         self.data, scale = float8_rows_torch(weight)
@@ -288,7 +298,7 @@ class Fp8:
         self.shape, self.dtype, self.device, self.is_cuda = weight.shape, weight.dtype, weight.device, weight.is_cuda
 
 
-def _matmul(x, weight, bias=None):
+def matmul(x, weight, bias=None):
     """F.linear(x, weight, bias); for an Fp8 weight, x scaled and rounded to float8 row by row (each row's
     largest magnitude to 448; or x comes so, as kernels.float8_rows' (rows, scales)) and the product
     rescaled, in the weight's own dtype."""
@@ -299,76 +309,21 @@ def _matmul(x, weight, bias=None):
     return out if bias is None else out + bias
 
 
-def _pad_rows(t, m):
-    """t with zero rows appended up to m rows (float8 through its bytes)."""
-    bytes_ = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-    return F.pad(bytes_, (0, 0, 0, m - len(t))).view(t.dtype)
-
-
-def _linear(x, weight, bias, rows):
-    """_matmul(x, weight, bias), run at rows.get(weight.shape) rows (x padded with zeros, the result cut
-    back) where _matmul_rows found that faster."""
-    n = len(x[0]) if isinstance(x, tuple) else len(x)
-    m = rows.get(weight.shape, n)
-    if m == n:
-        return _matmul(x, weight, bias)
-    return _matmul(tuple(_pad_rows(t, m) for t in x) if isinstance(x, tuple) else _pad_rows(x, m), weight, bias)[:n]
-
-
-_timed_rows = {}  # (weight type, device, dtype, shape, rows) -> the rows to run that matmul at
-
-
-def _cuda_ms(weight, rows):
-    """Milliseconds of _matmul(x, weight) for random x of `rows` rows on its GPU (mean of 10, after 3)."""
-    x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=weight.dtype)
-    if isinstance(weight, Fp8):  # in the step the norm and SiLU kernels hand most float8 matmuls rounded rows
-        x = float8_rows(x)
-    for _ in range(3):
-        _matmul(x, weight)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        _matmul(x, weight)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 10
-
-
-def _matmul_rows(weights, rows, ms_of=_cuda_ms):
-    """{weight shape: row count} for a decode step of `rows` rows: for each weight, the multiple of 8 up
-    to an eighth above `rows` at which x @ weight.T runs fastest, where that is 5% faster than at `rows`.
-    cuBLAS picks its kernel by the row count: on an H100, Mistral-7B's gate|up takes 0.20 ms at 437 rows,
-    0.16 at 456 and 0.30 at 448 (bench/runs/2026-12-05/round2h_gemm_rows_h100.json). Timed (ms_of) once
-    per shape and row count; none off a GPU."""
-    plan = {}
-    if ms_of is _cuda_ms and not weights[0].is_cuda:
-        return plan
-    for w in weights:
-        key = (type(w), w.device, w.dtype, tuple(w.shape), rows)
-        if key not in _timed_rows:
-            ms = {m: ms_of(w, m) for m in [rows] + list(range(rows // 8 * 8 + 8, rows + rows // 8 + 1, 8))}
-            best = min(ms, key=ms.get)
-            _timed_rows[key] = best if ms[best] < 0.95 * ms[rows] else rows
-        if _timed_rows[key] != rows:
-            plan[w.shape] = _timed_rows[key]
-    return plan
-
-
 def _fused_layers(model, slots, h, cos, sin, slot, pos, attend):
     """Each HF layer's maths through the fused weights and kernels.py's kernels, for tokens h [tokens,
     hidden] at (slot, pos) of the cache; attend(q, layer index, scale) is the attention (decode or
     prefill), q [tokens, rep, groups, dim] as rotary_to_cache returns it. Returns the final norm's output."""
-    inner, cfg, rows = model.model, model.config, slots.rows
+    inner, cfg = model.model, model.config
     f8 = isinstance(slots.fused[0][0][0], Fp8)  # the norms and the SiLU product then write float8 rows
     residual = None
     for i, layer in enumerate(inner.layers):
         qkv, o, gate_up, down = slots.fused[i]
         x, residual = add_rms_norm(h, residual, layer.input_layernorm, f8)
-        q = rotary_to_cache(_linear(x, *qkv, rows), cos, sin, slots.k[i], slots.v[i], slot, pos,
+        q = rotary_to_cache(matmul(x, *qkv), cos, sin, slots.k[i], slots.v[i], slot, pos,
                             cfg.num_attention_heads, cfg.num_key_value_heads, slots.scales(i))
-        h = _linear(attend(q, i, layer.self_attn.scaling), *o, rows)
+        h = matmul(attend(q, i, layer.self_attn.scaling), *o)
         x, residual = add_rms_norm(h, residual, layer.post_attention_layernorm, f8)
-        h = _linear(silu_mul(_linear(x, *gate_up, rows), f8), *down, rows)
+        h = matmul(silu_mul(matmul(x, *gate_up), f8), *down)
     return add_rms_norm(h, residual, inner.norm)[0]
 
 
@@ -381,7 +336,7 @@ def _decode_forward(model, slots):
     cos, sin = inner.rotary_emb(h[:, None], c.pos[:, None])
     h = _fused_layers(model, c, h, cos[:, 0], sin[:, 0], c.ids, c.pos,
                       lambda q, i, scale: _decode_attention(q, c, i, scale))
-    return _linear(h, model.lm_head.weight, model.lm_head.bias, c.rows).float()
+    return matmul(h, model.lm_head.weight, model.lm_head.bias).float()
 
 
 def _prefill_attention(q, c, layer, scale, plan):
@@ -422,7 +377,7 @@ def _cache_positions(rows, lens, length, first=0):
     return torch.repeat_interleave(torch.as_tensor(rows), lens) * length + positions, cu
 
 
-def _prefill(model, slots, rows, prompts, start=0):
+def prefill(model, slots, rows, prompts, start=0):
     """Write the prompts' K/V into slots `rows` (one packed row, no padding) from position `start` on;
     the logits of each prompt's last token. The positions before `start` hold a shared head (written
     before, attended to as each prompt's beginning).
@@ -466,7 +421,7 @@ def _shared_head(prompts, least=16):
     return n if n >= least and len(prompts) > 1 else 0
 
 
-def _graphed(fn, device, pool=None):
+def cuda_graphed(fn, device, pool=None):
     """fn captured once as a CUDA graph: each replay costs one launch instead of hundreds. Graphs
     that never run at once can share a memory pool (torch.cuda.graph_pool_handle())."""
     stream = torch.cuda.Stream(device)
@@ -486,9 +441,24 @@ def _graphed(fn, device, pool=None):
     return replay
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """slot_generate's switches that only comparisons change (the bench, the tests); the defaults are what
+    the pipeline runs. cuda_graph=False decodes eagerly; decode picks the decode attention ("kernel",
+    "flash" or "sdpa": _decode_attention; "auto" the first that runs here); fused=False runs HF's own
+    layers instead of the fused ones (_fused_layers); shrink=False runs every decode step over all the
+    slots; share_head=False prefills each prompt whole, its shared head included."""
+
+    cuda_graph: bool = True
+    decode: str = "auto"
+    fused: bool = True
+    shrink: bool = True
+    share_head: bool = True
+
+
 def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, eos_ids, max_slots=512,
-                  prefill_tokens=16384, kv_memory=0.6, cuda_graph=True, decode="auto", fused=True, shrink=True,
-                  share_head=True, pad_rows=True, fp8=False, kv_fp8=False, processor=None, stats=None, on_row=None):
+                  prefill_tokens=16384, kv_memory=0.6, fp8=False, kv_fp8=False, processor=None, stats=None,
+                  on_row=None, options=EngineOptions()):
     """Reply token ids for each prompt (token id lists), up to max_slots rows decoding at once.
 
     A row that ends frees its slot and the next prompts are prefilled into free slots, so
@@ -498,34 +468,27 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     Prompts are prefilled packed, up to prefill_tokens a call; the first tokens all prompts share
     (16 or more: an instruction before each record) once, their K/V then copied into each slot. On a
     GPU the slots take at most kv_memory of its free memory (the rest: prefill's activations, the
-    sampler, the CUDA graphs), and a decode step's matmuls run at the row counts _matmul_rows times
-    fastest. decode picks the decode attention ("kernel", "flash" or "sdpa":
-    _decode_attention; "auto" the first that runs here), fused=False decodes through HF's own layers
-    instead of _decode_forward, shrink=False runs every decode step over all the slots,
-    share_head=False prefills each prompt whole, pad_rows=False runs each decode matmul at the step's
-    own row count (not _matmul_rows' choice): these five only to compare. fp8=True runs the layers'
-    matmuls on float8 copies of their weights (Fp8, made once, kept beside the model's own) and
-    float8-rounded inputs: on an H100 the matmuls 1.5-1.75x faster, the bench's mix 1.13x, other
-    logits (lm_head stays bf16). kv_fp8=True keeps the KV cache as float8 heads, each with its own
-    scale (half the bytes: nearly twice the slots, half the decode attention's reads; other logits
-    again); it needs the fused layers and, on a GPU, compute capability 8.9 or newer. stats (a dict) gets
-    prefill and decode seconds (decode_s includes capture_s: the CUDA graphs' capture, _matmul_rows' timing),
-    padded (step size: {weight shape: the rows its matmul runs at}, where _matmul_rows padded), and counts
+    sampler, the CUDA graphs). fp8=True runs the layers' matmuls on float8 copies of their weights (Fp8,
+    made once, kept beside the model's own) and float8-rounded inputs: on an H100 the matmuls 1.5-1.75x
+    faster, the bench's mix 1.13x, other logits (lm_head stays bf16). kv_fp8=True keeps the KV cache as
+    float8 heads, each with its own scale (half the bytes: nearly twice the slots, half the decode
+    attention's reads; other logits again); it needs the fused layers and, on a GPU, compute capability
+    8.9 or newer. stats (a dict) gets
+    prefill and decode seconds (decode_s includes capture_s: the CUDA graphs' capture) and counts
     (shared: the head's tokens; prefill_tokens: the tokens prefilled; decode_rows: the rows the
     decode steps ran, free ones included). on_row(i, ids) hears of each reply as it ends (prompt
-    index, its token ids), while the others decode on.
+    index, its token ids), while the others decode on. options: EngineOptions, the switches only
+    comparisons change.
     """
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("slots", _slot_attention)
     eos = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or ())
     length = -(-(max(map(len, prompts)) + max_new_tokens) // 64) * 64
     count = min(len(prompts), max_slots)
     dev = model.device
-    weights = _slot_weights(model, fp8) if fused and _fusable(model) else None  # before the free memory is read
+    cuda_graph = options.cuda_graph  # turned off if a capture fails
+    weights = slot_weights(model, fp8) if options.fused and _fusable(model) else None  # before free memory is read
     if kv_fp8 and (weights is None or dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9)):
-        raise ValueError("a float8 KV cache runs in the fused layers only (fused=True, a Llama-layout decoder), "
-                         "on a CPU or a GPU of compute capability 8.9 or newer (Triton's float8)")
+        raise ValueError("a float8 KV cache runs in the fused layers only (EngineOptions.fused, a Llama-layout "
+                         "decoder), on a CPU or a GPU of compute capability 8.9 or newer (Triton's float8)")
     if dev.type == "cuda":
         free = torch.cuda.mem_get_info(dev)[0]
         count = max(1, min(count, int(kv_memory * free) // slot_bytes(model, length, kv_fp8)))
@@ -533,7 +496,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     owner, last, pos, steps = [-1] * count, [0] * count, [0] * count, [0] * count  # per slot
     drawn = 0  # prompts prefilled so far, in order
     stats = {} if stats is None else stats
-    shared = _shared_head(prompts) if share_head else 0
+    shared = _shared_head(prompts) if options.share_head else 0
     stats.update(slots=count, length=length, shared=shared, prefill_s=0.0, prefill_calls=0, prefill_tokens=0,
                  decode_s=0.0, decode_steps=0, decode_rows=0, capture_s=0.0)
 
@@ -554,10 +517,10 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                 on_row(i, outs[i])
 
     old = model.config._attn_implementation
-    model.set_attn_implementation("slots")
+    model.set_attn_implementation(slot_attention())
     try:
         with torch.inference_mode():
-            slots = _Slots(model, count, length, decode, kv_fp8)
+            slots = SlotCache(model, count, length, options.decode, kv_fp8)
             slots.fused = weights
             inputs = torch.zeros(3, count, dtype=torch.long, device=dev)  # token, position, step: one copy a step
             slots.token, slots.pos, step_of = inputs
@@ -567,28 +530,21 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
             # decoding (compact moves them there), so the last rows of a call do not pay for all the slots.
             # Halving, five sizes at most: each is a graph to capture (~0.1 s at 7B), and below a few dozen
             # rows a 7B step costs about what reading its weights does, however few rows it runs.
-            sizes = sorted({count >> k for k in range(5 if shrink else 1)} - {0})
+            sizes = sorted({count >> k for k in range(5 if options.shrink else 1)} - {0})
             step_of_size, pool = {}, None
-            matmuls = weights and [w for w, _ in weights[0]] + [model.lm_head.weight]  # for _matmul_rows
 
             def step(size):
                 nonlocal cuda_graph, pool
                 if size not in step_of_size:
                     part = slots.first(size)
-                    if pad_rows and matmuls:
-                        t = time.perf_counter()
-                        part.rows = _matmul_rows(matmuls, size)
-                        stats["capture_s"] += time.perf_counter() - t
-                        if part.rows:
-                            stats.setdefault("padded", {})[size] = {f"{n}x{k}": m for (n, k), m in part.rows.items()}
                     # Sampling is part of the step, so a CUDA graph replays decode and sampling as one launch.
-                    eager = lambda: pick(_decode_step(model, part), row_of[:size], step_of[:size],  # noqa: E731
+                    eager = lambda: pick(decode_step(model, part), row_of[:size], step_of[:size],  # noqa: E731
                                          seed_of[:size])
                     step_of_size[size] = eager
                     if cuda_graph and dev.type == "cuda":
                         pool, t = pool or torch.cuda.graph_pool_handle(), time.perf_counter()
                         try:
-                            step_of_size[size] = _graphed(eager, dev, pool)
+                            step_of_size[size] = cuda_graphed(eager, dev, pool)
                         except RuntimeError as e:  # still correct without the graph, only slower
                             print(f"slot_generate: no CUDA graph ({str(e)[:200]}); decoding eagerly", file=sys.stderr)
                             cuda_graph = False
@@ -610,7 +566,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
             head = []  # the shared head's K and V (prefilled once, into slot 0, free until the first refill)
             if shared:
                 t = time.perf_counter()
-                _prefill(model, slots, [0], [prompts[0][:shared]])
+                prefill(model, slots, [0], [prompts[0][:shared]])
                 head = [cache[0, :shared].clone() for cache in slots.caches()]
                 stats["prefill_tokens"] += shared
                 stats["prefill_s"] += time.perf_counter() - t
@@ -631,7 +587,7 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
                     here = torch.tensor(chunk, device=dev)
                     for cache, part in zip(slots.caches(), head):
                         cache[here, :shared] = part
-                    logits = _prefill(model, slots, chunk, [prompts[i][shared:] for i in rows], start=shared)
+                    logits = prefill(model, slots, chunk, [prompts[i][shared:] for i in rows], start=shared)
                     row_of[here] = torch.tensor(rows, device=dev)
                     seed_of[here] = torch.tensor([seeds[i] for i in rows], dtype=torch.long, device=dev)
                     tokens = pick(logits, row_of[here], torch.zeros_like(here), seed_of[here]).tolist()
@@ -667,94 +623,3 @@ def slot_generate(model, prompts, seeds, *, max_new_tokens, temperature, top_p, 
     finally:
         model.set_attn_implementation(old)
     return outs
-
-
-# -----------------------------------------------------------------------------
-# Fast training on a GPU: packed rows through varlen attention, never a T x T mask
-
-PACKED_ATTENTION = "packed_varlen"
-_bounds = [None, None]  # the last position_ids seen and its (cu_seqlens, longest): one lookup per forward
-
-
-def _packed_bounds(position_ids):
-    if _bounds[0] is not position_ids:
-        pos = position_ids[0]
-        starts = (pos == 0).nonzero().flatten()
-        cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
-        _bounds[:] = [position_ids, (cu, int((cu[1:] - cu[:-1]).max()))]
-    return _bounds[1]
-
-
-def _varlen(query, key, value, cu, longest, scaling):
-    """torch's flash varlen kernel on [tokens, heads, dim]; causal within each sequence."""
-    varlen_attn, params = _varlen_attn()
-    extra = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    if "scale" in params:
-        extra["scale"] = scaling
-    return varlen_attn(query, key, value, cu, cu, longest, longest, **extra)
-
-
-@functools.cache
-def _varlen_attn():
-    from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10, and only needed on a GPU
-
-    return varlen_attn, inspect.signature(varlen_attn).parameters
-
-
-def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
-                      **kwargs):
-    """Causal attention within each sequence of a packed row; anything else goes to sdpa."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    rows, heads, q_len, dim = query.shape
-    packed = (attention_mask is None and rows == 1 and position_ids is not None and key.shape[2] == q_len
-              and dropout == 0.0)
-    if not packed:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    cu, longest = _packed_bounds(position_ids)
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))  # [tokens, heads, dim]
-        return _varlen(q, k, v, cu, longest, scaling).unsqueeze(0), None
-    rep = heads // key.shape[1]  # elsewhere: the same function, one sequence at a time
-    bounds = cu.tolist()
-    parts = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b].repeat_interleave(rep, 1),
-                                            value[:, :, a:b].repeat_interleave(rep, 1), is_causal=True, scale=scaling)
-             for a, b in zip(bounds, bounds[1:])]
-    return torch.cat(parts, 2).transpose(1, 2).contiguous(), None
-
-
-def _packed_mask(*args, **kwargs):
-    """No mask at all for an unpadded row (the attention reads position_ids); sdpa's otherwise."""
-    from transformers.masking_utils import sdpa_mask
-
-    if kwargs.get("attention_mask") is None and kwargs.get("q_length") == kwargs.get("kv_length"):
-        return None
-    return sdpa_mask(*args, **kwargs)
-
-
-def fused_gelu(model):
-    """Phi's gelu_new (the tanh approximation, ~7 elementwise kernels) as the same function in one
-    kernel (GELUTanh): QLoRA steps ~20% faster on an H100 (bench/RESULTS.md). Returns the model."""
-    from transformers.activations import GELUTanh, NewGELUActivation
-
-    for module in model.modules():
-        if isinstance(getattr(module, "activation_fn", None), NewGELUActivation):
-            module.activation_fn = GELUTanh()
-    return model
-
-
-def packed_attention():
-    """Register the attention for packed rows and return its name (an attn_implementation).
-
-    A packed row (collate_packed) attends causally within each sequence through torch's
-    flash varlen kernel on a GPU, so memory grows with tokens, not tokens squared (sdpa
-    with the block-diagonal mask falls back to a kernel that materialises it). Padded
-    batches, generation and CPU runs take the plain sdpa path or an exact CPU equivalent.
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
-    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
-    return PACKED_ATTENTION

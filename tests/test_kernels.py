@@ -39,7 +39,7 @@ SLOT_RUN = """
 import json, torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 from pipeline import kernels
-from pipeline.engine import force_lengths, slot_generate
+from pipeline.engine import EngineOptions, force_lengths, slot_generate
 
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8,
@@ -65,8 +65,8 @@ def run(triton, decode, force, fp8=False, kv_fp8=False):
         return force_lengths(logits, targets[r], steps, 0)
 
     out = slot_generate(model, prompts, [11, 22, 33, 44, 55], max_new_tokens=6, temperature=0.8, top_p=0.9,
-                        eos_ids=0, max_slots=3, decode=decode, processor=keep, stats=stats, fp8=fp8,
-                        kv_fp8=kv_fp8)
+                        eos_ids=0, max_slots=3, processor=keep, stats=stats, fp8=fp8, kv_fp8=kv_fp8,
+                        options=EngineOptions(decode=decode))
     return out, torch.stack([seen[key] for key in sorted(seen)])
 
 
