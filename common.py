@@ -283,7 +283,7 @@ class OpenAIBackend:
             except self.errors as e:
                 print(f"request failed: {self.urls[s]}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
                 continue
-            except (AttributeError, IndexError, TypeError) as e:  # a reply that is no chat completion
+            except (AttributeError, IndexError, TypeError, ValueError) as e:  # no chat completion, or not UTF-8
                 print(f"request failed: {self.urls[s]}: unexpected reply ({type(e).__name__}: {e})", file=sys.stderr)
                 continue
             self.served[self.urls[s]] += 1

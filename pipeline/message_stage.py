@@ -7,8 +7,9 @@ either file are done, so a rerun skips them; finish prints the stage's summary l
 
 import time
 from collections import Counter
+from pathlib import Path
 
-from pipeline.records import Appender, as_reply, control_string
+from pipeline.records import Appender, as_reply, control_string, fsync_path, write_failed
 
 
 class MessageStage:
@@ -23,11 +24,30 @@ class MessageStage:
 
     def __init__(self, records, role, clean, out_file, rejected_file, overwrite):
         self.by_id, self.role, self.clean = {r["id"]: r for r in records}, role, clean
-        self.out = Appender(out_file, overwrite=overwrite)
-        self.rejected = Appender(rejected_file, overwrite=overwrite)
+        # --overwrite empties both files at the first write, as one step: the marker stands while they are
+        # emptied, and a run that finds it (a kill came in between) starts over too, so no resume mixes two runs.
+        self.marker = Path(str(out_file) + ".overwrite")
+        self.overwrite = overwrite or self.marker.exists()
+        self.out = Appender(out_file, overwrite=self.overwrite)
+        self.rejected = Appender(rejected_file, overwrite=self.overwrite)
         self.done = self.out.done | self.rejected.done
         self.skipped = sum(i in self.done for i in self.by_id)
         self.counts, self.start = Counter(), time.time()
+
+    def _write(self, good, bad):
+        if self.overwrite and self.out.writer:
+            try:
+                self.marker.parent.mkdir(parents=True, exist_ok=True)
+                self.marker.touch()
+                fsync_path(self.marker.parent)
+            except OSError as e:
+                raise write_failed(self.marker, e) from None
+            self.out.open()
+            self.rejected.open()
+            self.marker.unlink()
+            self.overwrite = False
+        self.out.write(good)
+        self.rejected.write(bad)
 
     def save(self, batch, replies):
         """generate_all's on_batch: write one finished batch (a Reply or None each) to the two files."""
@@ -42,8 +62,7 @@ class MessageStage:
                 bad.append(rejected)
             else:
                 good.append(kept)
-        self.out.write(good)
-        self.rejected.write(bad)
+        self._write(good, bad)
         self.counts["kept"] += len(good)
 
     def verdict(self, job, reply):
@@ -61,7 +80,7 @@ class MessageStage:
     def reject(self, records):
         """Write rejects decided before generation (stage 03's reworded duplicates), except ids already done."""
         fresh = [r for r in records if r["id"] not in self.done]
-        self.rejected.write(fresh)
+        self._write([], fresh)
         self.done.update(r["id"] for r in fresh)
         self.counts.update(r["reason"] for r in fresh)
 

@@ -6,6 +6,8 @@
   (Appender), or written whole at once (write_*_atomic).
 """
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -213,15 +215,31 @@ def check_own_folder(folder, marker, key):
                          f"or empty folder, or empty this one yourself")
 
 
+def write_failed(file, e, kept=""):
+    """An OSError while writing an output as one line (InputError): a full disk says what was kept and how to go on."""
+    if e.errno == errno.ENOSPC:
+        return InputError(f"{file}: disk full{kept}; free space and rerun: the run goes on from there")
+    return InputError(f"{file}: cannot be written ({e.strerror or e})")
+
+
+def fsync_path(p):
+    """Flush a file or folder (its names) to the disk's own storage: past a power loss, not just past a kill."""
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Appender:
     """Append-only JSONL output that survives a crash at any moment.
 
-    On open it repairs a torn last line (the write that a kill interrupted) and
-    collects the ids already written; `write` appends and flushes whole records.
-    The file is opened (with overwrite: emptied) only at the first write, so a start
-    that fails before it (a bad input, a server that is down) creates and changes nothing.
-    Under several processes (see generate_all) only the first one writes: the others
-    read the same ids (a torn last line counts for none) and never touch the file.
+    On open it repairs a torn last line (the write that a kill or a full disk interrupted) and
+    collects the ids already written; `write` appends whole records, flushed and fsynced (a power
+    loss costs at most the batch in flight). The file is opened (with overwrite: emptied) only at
+    the first write, so a start that fails before it (a bad input, a server that is down) creates
+    and changes nothing. Under several processes (see generate_all) only the first one writes: the
+    others read the same ids (a torn last line counts for none) and never touch the file.
     """
 
     def __init__(self, file, overwrite=False, key="id"):
@@ -252,30 +270,53 @@ class Appender:
             self.done.add(rec[self.key])
             good += len(line)
 
-    def write(self, records):
-        if self.writer:
-            if self._f is None:
+    def open(self):
+        """Open the file now (with overwrite: empty it); write does so at its first call."""
+        if self.writer and self._f is None:
+            try:
                 self.file.parent.mkdir(parents=True, exist_ok=True)
                 self._f = open(self.file, self._mode, encoding="utf-8")
-            self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-            self._f.flush()
+            except OSError as e:
+                raise write_failed(self.file, e) from None
+
+    def write(self, records):
+        if self.writer:
+            self.open()
+            try:
+                self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            except OSError as e:  # a part of the batch may be on disk: the next run repairs a torn last line
+                raise write_failed(self.file, e, f" ({len(self.done):,} records were kept before this batch)") from None
         self.done.update(r[self.key] for r in records)
 
     def close(self):
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:  # the flush of a write that already failed (and said so)
+                pass
 
 
 def write_text_atomic(file, text):
-    """Write a whole file at once: a crash leaves the old file or the new one. Under several
-    processes the first one writes."""
+    """Write a whole file at once, fsynced: a crash or a power loss leaves the old file or the new one. Under
+    several processes the first one writes."""
     if process_share()[0] > 0:
         return
     file = Path(file)
-    file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(file.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, file)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+        fsync_path(file.parent)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise write_failed(file, e, " (the old file is kept)") from None
 
 
 def write_jsonl_atomic(file, records):

@@ -6,6 +6,7 @@ Some run as subprocesses SIGKILLed in the middle of a write, or under torchrun w
 its two processes SIGKILLed in the middle of the run.
 """
 
+import errno
 import json
 import os
 import re
@@ -694,6 +695,116 @@ def test_resume_02_after_sigkill(tmp_path, chatty_llama, monkeypatch, capsys):
     assert f"repaired {torn[0]}: dropped a torn last line" in out
     for name in ("02.jsonl", "rej.jsonl"):
         assert (crash / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+class DiskFull:
+    """A file whose second write puts half of its text on the disk, then fails as a full disk does."""
+
+    def __init__(self, f):
+        self.f, self.writes = f, 0
+
+    def write(self, text):
+        self.writes += 1
+        if self.writes == 2:
+            self.f.write(text[:len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_goes_on(tmp_path, monkeypatch, capsys):
+    """ENOSPC in the middle of a batch: one line naming the file and what was kept (exit 2, no traceback); once
+    there is space, the rerun repairs the torn last line as after a kill and ends as an uninterrupted run."""
+    riddles = write_riddles(tmp_path / "01.jsonl")
+    args = partial(stage02_args, riddles=riddles, model="never-loaded")
+    monkeypatch.setattr(common, "load_backend", lambda *a, **k: Piano())
+    ref, full = tmp_path / "ref", tmp_path / "full"
+    run_stage(monkeypatch, "02_answer_riddles.py", *args(ref))
+    open_file = records.Appender.open
+
+    def open_full(self):
+        open_file(self)
+        if self.file.name == "02.jsonl" and not isinstance(self._f, DiskFull):
+            self._f = DiskFull(self._f)
+
+    with monkeypatch.context() as m:
+        m.setattr(records.Appender, "open", open_full)
+        with pytest.raises(InputError, match=r"02\.jsonl: disk full \(\d+ records were kept before this batch\); "
+                                             r"free space and rerun") as stop:
+            run_stage(monkeypatch, "02_answer_riddles.py", *args(full))
+    assert "\n" not in str(stop.value)
+    assert not (full / "02.jsonl").read_text().endswith("\n")  # half a batch reached the disk
+    capsys.readouterr()
+    run_stage(monkeypatch, "02_answer_riddles.py", *args(full))
+    assert "repaired 02.jsonl: dropped a torn last line" in capsys.readouterr().out
+    for name in ("02.jsonl", "rej.jsonl"):
+        assert (full / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_an_output_below_a_place_that_takes_no_files_is_one_line(tmp_path, monkeypatch):
+    """/proc takes no new files: the stage stops in one line at its first write, not with a traceback."""
+    riddles = write_riddles(tmp_path / "01.jsonl", n=2)
+    monkeypatch.setattr(common, "load_backend", lambda *a, **k: Piano())
+    with pytest.raises(InputError, match=r"^/proc/riddles/02\.jsonl.*: cannot be written"):
+        run_stage(monkeypatch, "02_answer_riddles.py", f"--in-file={riddles}", "--out-file=/proc/riddles/02.jsonl",
+                  f"--rejected-file={tmp_path / 'rej.jsonl'}")
+
+
+class Piano:
+    """A backend that answers every prompt "It is a piano." (ended)."""
+
+    def prompt_length(self, messages):
+        return len(messages[-1]["content"])
+
+    def generate(self, prompts, seeds, **sampling):
+        return [records.Reply("It is a piano.", True) for _ in prompts]
+
+
+@pytest.mark.parametrize("kill", ["marker made", "output emptied", "rejects emptied", "marker gone"])
+def test_overwrite_killed_before_its_first_record_never_mixes_two_runs(tmp_path, monkeypatch, kill):
+    """--overwrite is one step: killed anywhere between clearing and the first new record, a resume without
+    --overwrite keeps none of the old run's records beside the new ones."""
+    from pipeline.message_stage import MessageStage
+
+    recs = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Riddle {i}?"}]} for i in range(4)]
+    out, rej = tmp_path / "02.jsonl", tmp_path / "rej.jsonl"
+    out.write_text("".join(json.dumps(dict(r, old=True)) + "\n" for r in recs[:2]))
+    rej.write_text(json.dumps({"id": "r2", "reason": "old", "text": "x"}) + "\n")
+
+    class Killed(Exception):
+        pass
+
+    def stage(overwrite):
+        return MessageStage(recs, "assistant", riddles.clean_answer, out, rej, overwrite)
+
+    real_open = records.Appender.open
+
+    def open_then_die(self):
+        if kill == "marker made":
+            raise Killed
+        real_open(self)
+        if self.file == {"output emptied": out, "rejects emptied": rej}.get(kill):
+            raise Killed
+
+    def write_dies(self, batch):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(records.Appender, "open", open_then_die)
+        if kill == "marker gone":
+            m.setattr(records.Appender, "write", write_dies)
+        with pytest.raises(Killed):
+            stage(overwrite=True).save([{"id": "r0"}], [records.Reply("It is a towel.", True)])
+    resumed = stage(overwrite=False)
+    assert resumed.skipped == 0  # nothing of the old run counts as done
+    resumed.save([{"id": "r3"}, {"id": "r1"}], [records.Reply("It is a clock.", True), records.Reply("Ice", False)])
+    resumed.finish("02", "answers")
+    assert [r["id"] for r in lines(out)] == ["r3"] and not any("old" in r for r in lines(out))
+    assert [(r["id"], r["reason"]) for r in lines(rej)] == [("r1", "unfinished")]
+    assert not Path(str(out) + ".overwrite").exists()
 
 
 def torchrun(*args, timeout=300, **env):

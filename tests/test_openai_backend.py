@@ -104,6 +104,13 @@ class Stub(BaseHTTPRequestHandler):
         Stub.seen.append((body, self.headers.get("Authorization")))
         text = body["messages"][-1]["content"]
         tries = sum(b["messages"][-1]["content"] == text for b, _ in Stub.seen)
+        if text == "bytes":  # a reply that is not UTF-8
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "52")
+            self.end_headers()
+            self.wfile.write(b'{"choices": [{"message": {"content": "\xff\xfe ok"}}]}'.ljust(52))
+            return
         if text == "broken" or (text == "flaky" and tries == 1):
             self.send_response(400 if text == "broken" else 503)
             self.end_headers()
@@ -153,16 +160,17 @@ def test_retry_backoff_and_failures(capsys):
         server.server_close()
 
 
-def test_finish_reason_says_whether_a_reply_was_cut():
+def test_finish_reason_says_whether_a_reply_was_cut(capsys):
     """finish_reason "length" is a reply cut by max_tokens, "stop" one that ended; a server that names none
     gives no signal (ended None: the stages fall back on the last character)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         backend = common.OpenAIBackend("m", f"http://127.0.0.1:{server.server_port}/v1", retries=1)
-        prompts = [[{"role": "user", "content": t}] for t in ("cut", "done", "silent")]
-        got = backend.generate(prompts, [1, 2, 3], max_new_tokens=8, temperature=0.0, top_p=1.0)
-        assert got == [("re: cut", False), ("re: done", True), ("re: silent", None)]
+        prompts = [[{"role": "user", "content": t}] for t in ("cut", "done", "silent", "bytes")]
+        got = backend.generate(prompts, [1, 2, 3, 4], max_new_tokens=8, temperature=0.0, top_p=1.0)
+        # A reply that is not UTF-8 is a failed request (retried by a rerun), not a traceback.
+        assert got == [("re: cut", False), ("re: done", True), ("re: silent", None), None]
     finally:
         server.shutdown()
         server.server_close()

@@ -520,7 +520,7 @@ def kill_at(m, point, nth=1):
             if "finished" in obj and due():
                 raise Killed
             write_json(file, obj)
-        m.setattr(common, "write_json_atomic", before)
+        m.setattr(records, "write_json_atomic", before)
 
 
 def train_args(student, data, adapter, *extra):
