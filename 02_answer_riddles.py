@@ -13,8 +13,8 @@ Writes: data/02_answers.jsonl   {"id", "messages": [user riddle, assistant answe
 
 Resume: finished batches are appended to both files; a rerun skips ids found in either.
 A request that failed (openai backend) is written nowhere, so a rerun retries it.
---overwrite starts over. Runtime: ~40 s for ~1.7k riddles of Mistral-7B on one H200 (the rehearsal: 41 s
-for 1,700, 110 s for 7,400, answers of 80-400 tokens, loading included); the CPU demo above: ~50 s on 2 cores.
+--overwrite starts over.
+Runtime: ~0.7 min on one H100 for ~1.7k riddles; the CPU demo above ~1.5 min on 2 cores.
 """
 
 from common import generate_all, load_backend

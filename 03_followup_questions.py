@@ -20,8 +20,7 @@ Writes: data/03_followups.jsonl  {"id", "messages": [..., user follow-up questio
 Resume: finished batches are appended to both files; a rerun skips ids found in either.
 The dedup reruns over all riddles (the same input, the same decisions) and writes only rejects
 not yet written; once every riddle is done it is skipped. --overwrite starts over.
-Runtime: ~1.5 min for ~1.7k conversations of Mistral-7B on one H200 (the rehearsal: 25 s for 512);
-the CPU demo above: ~25 s on 2 cores, plus ~20 s for the dedup (MiniLM over 265 seeds and ~45 riddles).
+Runtime: ~1.3 min on one H100 for ~1.7k conversations, plus the dedup; the CPU demo ~0.7 min on 2 cores.
 """
 
 from common import generate_all, load_backend

@@ -20,8 +20,8 @@ Writes: data/04b_judged.jsonl        the record unchanged plus "judge": {"scores
 Resume: finished batches are appended to both files; a rerun skips ids found in either (also
 unparsed ones: --overwrite judges them again). A request that failed (openai backend) is written
 nowhere, so a rerun retries it. A new MIN_SCORE applies only to records judged after it: rerun
-with --overwrite to apply it to all. Runtime: about a third of stage 04's (the prompt holds the
-whole conversation, the reply is ~40 tokens).
+with --overwrite to apply it to all.
+Runtime: not measured; about a third of stage 04's (the judge's reply is ~40 tokens).
 """
 
 from common import generate_all, load_backend
