@@ -27,7 +27,7 @@ $(VENV)/.triton: $(VENV)/.installed
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q triton==3.9.0 || echo "no Triton here: tests/test_kernels.py skips its interpreter test"
 	touch $@
 
-# Every stage at the recipe's real shapes with random weights, on this machine's GPU (README: Rehearsal).
+# Every stage at the recipe's real shapes with random weights, on this machine's GPU (README: Optional parts).
 rehearsal: setup
 	$(PY) rehearsal.py
 

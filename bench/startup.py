@@ -5,7 +5,7 @@ HFBackend (transformers, tokenizer, the model on the GPU), one generate call of 
 seconds. Mode `plain` is the stages' order today; `overlap` first starts CUDA in a thread
 (torch.zeros on the GPU) so that the context and libraries load while the main thread imports
 transformers and reads the tokenizer and the weights. Two GPUs split a stage's generation but not
-this, so it bounds what a second GPU can gain (bench/NOTES.md). Runs alternate between the modes.
+this, so it bounds what a second GPU can gain (bench/LOG.md). Runs alternate between the modes.
 
     python bench/startup.py --model=out/rehearsal/models/mistralai--Mistral-7B-Instruct-v0.2-x1 --runs=3
 Writes: {out}/startup.json  {"runs": [{"mode", laps...}], "median": {mode: {lap: s}}}

@@ -2,7 +2,7 @@
 
 A decode step of a 7B model at 256 rows spends as long in ~1,000 small kernels (the RMSNorm's
 eight elementwise passes, the rotary's slices and cats, the KV writes) and in hashing the
-sampler's noise over the whole vocabulary as in reading the weights (bench/NOTES.md). Here:
+sampler's noise over the whole vocabulary as in reading the weights (bench/LOG.md). Here:
 - uniform_noise: the sampler's per-(seed, step, token) uniforms in one pass, bit for bit the
   torch version's;
 - add_rms_norm: the residual add and HF's RMSNorm in one kernel, with the same roundings;
