@@ -22,9 +22,10 @@ Runtime: ~1.6 min on one H100 for ~1.7k conversations; the CPU demo above ~0.4 m
 
 from common import generate_all, load_backend
 from pipeline.datacard import generator_tokenizer, write_card
+from pipeline.hub import check_repo_id, push_dataset
 from pipeline.knobs import configure
 from pipeline.message_stage import MessageStage
-from pipeline.records import check_paths, check_unique_ids, path, read_conversations, require_stage
+from pipeline.records import check_paths, check_unique_ids, path, read_conversations, read_jsonl, require_stage
 from pipeline.riddles import clean_answer
 
 # -----------------------------------------------------------------------------
@@ -41,11 +42,16 @@ IN_FILE = "data/03_followups.jsonl"  # stage 03's output
 OUT_FILE = "data/04_conversations.jsonl"  # the final dataset
 REJECTED_FILE = "data/04_rejected.jsonl"  # rejected answers with their reason
 DATA_CARD = True  # write report.md + report_*.png beside OUT_FILE from the stage files there (pipeline/datacard.py)
+SEED_FILE = "data/seed_riddles.jsonl"  # stage 01's seeds, named in the card of a pushed dataset
+PUSH_TO_HUB = ""  # hub dataset repo (user/name) to upload the conversations and data card to; needs a token
+PRIVATE = False  # make the pushed repository private
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
 check_paths({"in-file": path(IN_FILE)},
             {"out-file": path(OUT_FILE), "rejected-file": path(REJECTED_FILE)})
+if PUSH_TO_HUB:
+    check_repo_id(PUSH_TO_HUB)
 
 # %% The conversation so far is the prompt, as the generator's chat template renders it
 require_stage(path(IN_FILE), "03_followup_questions.py")
@@ -69,3 +75,9 @@ if DATA_CARD:
     tokenizer = generator_tokenizer(backend, BACKEND, GENERATOR)
     card = write_card(path(OUT_FILE).parent, tokenizer=tokenizer, tokenizer_name=GENERATOR)
     print(f"data card: {card} (lengths in {'tokens' if tokenizer is not None else 'words'})")
+
+# %% Share: the conversations and their card as a Hub dataset, in one commit
+if PUSH_TO_HUB:
+    url = push_dataset(PUSH_TO_HUB, {"train": read_jsonl(path(OUT_FILE))}, path(OUT_FILE).parent,
+                       private=PRIVATE, generator=GENERATOR, seed_file=SEED_FILE)
+    print(f"pushed {OUT_FILE} and its card to {url}")

@@ -26,6 +26,7 @@ Runtime: not measured; about a third of stage 04's (the judge's reply is ~40 tok
 
 from common import generate_all, load_backend
 from pipeline.datacard import generator_tokenizer, write_card
+from pipeline.hub import check_repo_id, push_dataset
 from pipeline.judge import JudgeStage
 from pipeline.knobs import InputError, check_template, configure
 from pipeline.records import (check_paths, check_unique_ids, nonblank_line_numbers, path, read_conversations,
@@ -47,12 +48,17 @@ IN_FILE = "data/04_conversations.jsonl"  # stage 04's output
 OUT_FILE = "data/04b_judged.jsonl"  # kept conversations with their judgement; 05 takes it with --data=
 REJECTED_FILE = "data/04b_rejected.jsonl"  # low scores and unreadable judgements, with the judge's reply
 DATA_CARD = True  # rewrite report.md + report_*.png beside OUT_FILE from the stage files there (pipeline/datacard.py)
+SEED_FILE = "data/seed_riddles.jsonl"  # stage 01's seeds, named in the card of a pushed dataset
+PUSH_TO_HUB = ""  # hub dataset repo (user/name) to upload the conversations and data card to; needs a token
+PRIVATE = False  # make the pushed repository private
 OVERWRITE = False  # start over instead of resuming
 # -----------------------------------------------------------------------------
 configure(globals())
 check_template("prompt", PROMPT, "riddle", "answer", "followup", "second_answer")
 check_paths({"in-file": path(IN_FILE)},
             {"out-file": path(OUT_FILE), "rejected-file": path(REJECTED_FILE)})
+if PUSH_TO_HUB:
+    check_repo_id(PUSH_TO_HUB)
 
 # %% Conversations -> one prompt each; the records are written back unchanged (any extra fields kept)
 require_stage(path(IN_FILE), "04_followup_answers.py")
@@ -84,3 +90,9 @@ if DATA_CARD:
     tokenizer = generator_tokenizer(backend, BACKEND, GENERATOR)
     card = write_card(path(OUT_FILE).parent, tokenizer=tokenizer, tokenizer_name=GENERATOR)
     print(f"data card: {card} (lengths in {'tokens' if tokenizer is not None else 'words'})")
+
+# %% Share: the conversations and their card as a Hub dataset, in one commit
+if PUSH_TO_HUB:
+    url = push_dataset(PUSH_TO_HUB, {"train": read_jsonl(path(OUT_FILE))}, path(OUT_FILE).parent,
+                       private=PRIVATE, generator=GENERATOR, seed_file=SEED_FILE)
+    print(f"pushed {OUT_FILE} and its card to {url}")
