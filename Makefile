@@ -18,8 +18,10 @@ $(VENV)/.installed: requirements.txt
 demo: setup
 	PY=$(PY) bash demo.sh
 
+# Two pytest-xdist workers (tests/README.md): each test runs on one thread, so two keep both cores of a
+# 2-core machine busy; whole files go to one worker, so a file's fixtures are made once.
 test: setup $(VENV)/.triton
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # Triton runs pipeline/kernels.py's GPU kernels in its interpreter on the CPU (tests/test_kernels.py). torch's CUDA builds
 # bring it (that version is kept); CPU builds don't, and only the tests need it. Where no wheel exists, that test skips.

@@ -3,7 +3,7 @@
 slot_generate (HFBackend's GPU path) gives the texts HF generate gives, with slots refilled and
 shrinking, a shared head prefilled once, the fused layers and prefill, float8 weights and KV cache
 (emulated); the sampler never picks a token its logits excluded. The training fast paths are
-checked in test_finetune.py.
+checked in test_training.py.
 """
 
 import pytest

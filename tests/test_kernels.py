@@ -23,7 +23,7 @@ def test_triton_kernels_equal_their_torch_versions():
     pytest.importorskip("triton")
     code = "import json, torch, kernels; print(json.dumps(kernels.self_check('cpu', torch.float16)))"
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=300)
+                          text=True, env=dict(os.environ, TRITON_INTERPRET="1"))
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.splitlines()[-1])
     attention = got.pop("decode_attention")  # split-KV sums in another order: float16 rounding, ~5e-4
@@ -97,7 +97,7 @@ def test_slot_generate_through_the_kernels_gives_the_torch_versions_logits():
     cache too (the rotary writing float8 heads, the split-KV attention reading them)."""
     pytest.importorskip("triton")
     done = subprocess.run([sys.executable, "-c", SLOT_RUN], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+                          capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"))
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.splitlines()[-1])
     assert got["tokens_equal"] and got["rows"] == [1, 5, 2, 5, 3]

@@ -1,14 +1,12 @@
-"""The openai backend against real OpenAI-compatible servers on loopback (127.0.0.1 only).
-
-`transformers serve` (needs fastapi, uvicorn, openai) serves a tiny random model from a
-local folder, offline: its greedy replies must equal the local hf backend's, and stage 02
-through it must write the same files as stage 02 on the hf backend. A stub server checks
-the request body, retry with backoff, and failures. Servers are stopped at the end.
+"""common.py's generation: the hf backend (batched equals per prompt), generate_all (streaming, batches
+in order, gathers under two processes), chat_replies (cut at <|im_end|>), prompts checked for control tokens,
+and the openai backend against loopback servers: a `transformers serve` of the tiny model (the same replies
+and records as the hf backend) and stub servers (retries, several servers, a dead one, streaming).
 """
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import threading
@@ -17,22 +15,193 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 import common
-from helpers import lines, run_stage
+from common import IM_END, chat_replies, render_chatml
+from helpers import ControlTokenGenerator, INJECTION, chatml_tokenizer, free_port, lines, run_stage, train_tokenizer
+from pipeline.knobs import InputError
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_batched_equals_per_prompt(chatty_llama):
+    backend = common.HFBackend(chatty_llama, device="cpu")
+    prompts = [[{"role": "user", "content": c}] for c in
+               ["What has keys?", "I weigh 1.5 kg and I speak without a mouth. What am I? Tell me now, please.",
+                "Footsteps!", "Can you tell me a riddle about time, water, fire and the wind and the moon?"]]
+    seeds = [11, 22, 33, 44]
+    for temperature in (0.0, 1.0):
+        sampling = dict(max_new_tokens=12, temperature=temperature, top_p=0.9)
+        batched = backend.generate(prompts, seeds, **sampling)
+        single = [backend.generate([p], [s], **sampling)[0] for p, s in zip(prompts, seeds)]
+        assert batched == single
+        assert all(r.text for r in batched) and len({r.text for r in batched}) > 1  # real, different texts
+    # Sampling depends on the row's seed, not on its neighbours or position in the batch.
+    swapped = backend.generate(prompts[::-1], seeds[::-1], **sampling)
+    assert swapped[::-1] == backend.generate(prompts, seeds, **sampling)
+    assert backend.generate(prompts[:1], [12], **sampling) != backend.generate(prompts[:1], [11], **sampling)
+
+
+class Streaming:
+    """A backend that streams (as HFBackend on a GPU): one call, each reply handed on as it ends, here in the
+    order `ends` (pairs swapped); dies (Died) after `die_after` replies."""
+
+    def __init__(self, streams=True, die_after=None):
+        self.streams, self.die_after, self.heard = streams, die_after, 0
+
+    def prompt_length(self, messages):
+        return -int(messages[-1]["content"][1:])  # longest first: j0, j1, ... (batches in id order)
+
+    def generate(self, prompts, seeds, *, max_new_tokens, temperature, top_p, on_reply=None, batch_size=None):
+        texts = [f"re: {p[-1]['content']} ({s % 100})" for p, s in zip(prompts, seeds)]
+        if on_reply is None:
+            return texts
+        ends = [k ^ 1 if k ^ 1 < len(prompts) else k for k in range(len(prompts))]
+        for k in ends:
+            if self.heard == self.die_after:
+                raise Died
+            self.heard += 1
+            on_reply(k, texts[k])
+
+
+class Died(Exception):
+    pass
+
+
+def test_generate_all_streams_batches_in_order(tmp_path):
+    """A streaming backend gets all jobs in one call; each batch is handed on, in order, once its replies are in
+    (while later ones still generate), the same batches as a batch-a-call backend; a crash loses only the
+    batches not yet whole, and a rerun generates what is missing."""
+    jobs = [{"id": f"j{i}", "prompt": [{"role": "user", "content": f"j{i}"}]} for i in range(7)]
+    sampling = dict(batch_size=3, seed=0, max_new_tokens=8, temperature=0.7, top_p=0.9, desc="test")
+
+    def run(backend, done=()):
+        got = []
+        n = common.generate_all(backend, jobs, set(done), lambda batch, texts: got.append(
+            ([j["id"] for j in batch], texts, backend.heard)), **sampling)
+        return got, n
+
+    want, n = run(Streaming(streams=False))
+    assert n == 7 and [ids for ids, _, _ in want] == [["j0", "j1", "j2"], ["j3", "j4", "j5"], ["j6"]]
+    got, n = run(Streaming())
+    assert [(ids, texts) for ids, texts, _ in got] == [(ids, texts) for ids, texts, _ in want] and n == 7
+    assert [heard for _, _, heard in got] == [4, 6, 7]  # replies in the order 1 0 3 2 5 4 6: j2 is 4th
+    crashed = []
+    with pytest.raises(Died):
+        common.generate_all(Streaming(die_after=5), jobs, set(), lambda batch, texts: crashed.append(
+            [j["id"] for j in batch]), **sampling)
+    assert crashed == [["j0", "j1", "j2"]]
+    rest, n = run(Streaming(), done=crashed[0])
+    assert n == 4 and [ids for ids, _, _ in rest] == [["j3", "j4", "j5"], ["j6"]]
+
+
+def test_generate_all_gathers_a_batch_once_the_next_is_in(monkeypatch):
+    """Under 2 processes (the first one's view; the gather faked) a batch is gathered once this process's share of
+    the next batch is in too, so a gather seldom waits for the slower process; the last one at once. The writer
+    gets the batches whole, as one process would."""
+    jobs = [{"id": f"j{i}", "prompt": [{"role": "user", "content": f"j{i}"}]} for i in range(7)]
+    sampling = dict(batch_size=3, seed=0, max_new_tokens=8, temperature=0.7, top_p=0.9, desc="test")
+    want = []
+    common.generate_all(Streaming(streams=False), jobs, set(), lambda b, t: want.append(t), **sampling)
+    backend, gathered, got = Streaming(), [], []
+    others = [want[0][1:2], want[1][1:2], []]  # the other process's shares: j1, j4, none
+
+    def gather(parts, mine):
+        parts[:] = [mine, others[len(gathered)]]
+        gathered.append(backend.heard)
+
+    monkeypatch.setattr(common, "process_share", lambda: (0, 2))
+    monkeypatch.setattr(common.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(common.dist, "all_gather_object", gather)
+    common.generate_all(backend, jobs, set(), lambda b, t: got.append(t), **sampling)
+    assert got == want
+    assert gathered == [4, 5, 5]  # this share's replies end j2 j0 (batch 1 in), j5 j3 (batch 2 in), j6
+
+
+def test_generation_prompts_are_checked_before_any_generation():
+    backend = ControlTokenGenerator()
+    for content, found in [(INJECTION, "<|im_end|>"), ("What is a <filename>?", "<filename>")]:
+        jobs = [{"id": "r0", "prompt": [{"role": "user", "content": "Fine."}]},
+                {"id": "r9", "prompt": [{"role": "user", "content": content}]}]
+        with pytest.raises(InputError, match=f"02 answers: the prompt of r9 holds {re.escape(repr(found))}"):
+            common.generate_all(backend, jobs, set(), lambda *a: None, batch_size=1, seed=0, max_new_tokens=8,
+                                temperature=0.0, top_p=1.0, desc="02 answers")
+    assert backend.calls == 0
+
+
+def test_chat_refuses_control_tokens():
+    tok = chatml_tokenizer("<filename>")
+    for text in (INJECTION, "Open <filename> please"):
+        with pytest.raises(InputError, match="a control token; text must stay text"):
+            common.chat_replies(None, tok, [[{"role": "user", "content": text}]], [0], max_new_tokens=4,
+                                temperature=0.0, top_p=1.0)
+
+
+class StubModel:
+    """Returns fixed continuations, as generate would (padded after the turn ends)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, tokenizer, texts):
+        self.rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        self.tokenizer = tokenizer
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        self.input_ids, self.kwargs = input_ids, kwargs
+        new = [(r + [self.tokenizer.pad_token_id] * max_new_tokens)[:max_new_tokens] for r in self.rows]
+        return torch.cat([input_ids, torch.tensor(new)], dim=1)
+
+
+def test_chat_replies_cut_at_im_end_and_flag_replies_that_never_end(tokenizer):
+    model = StubModel(tokenizer, ["A piano.<|im_end|>\n<|im_start|>user", "keys keys keys keys keys keys"])
+    prompts = [[{"role": "user", "content": "What has keys?"}], [{"role": "user", "content": "Why?"}]]
+    out = chat_replies(model, tokenizer, prompts, [1, 2], max_new_tokens=12, temperature=0.0, top_p=1.0)
+    assert out == [("A piano.", True), (tokenizer.decode(model.rows[1][:12]).strip(), False)]
+    rendered = tokenizer.batch_decode(model.input_ids, skip_special_tokens=False)
+    assert rendered[0].endswith(render_chatml(prompts[0], add_generation_prompt=True)[0])
+    assert rendered[1].startswith("<|endoftext|>")  # left padded
+    assert tokenizer.convert_tokens_to_ids(IM_END) in model.kwargs["eos_token_id"]
+    assert "stop_strings" not in model.kwargs and model.kwargs["logits_processor"] == []
+
+
+def test_chat_replies_stop_on_im_end_text_when_the_tokenizer_lacks_it(tmp_path):
+    """A base model without ChatML tokens (Phi-2) spells <|im_end|> in pieces: stop on the string."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_tokenizer(["<|endoftext|>"], ["A piano has keys. <|im_end|>"] * 5, 300, eos_token="<|endoftext|>")
+    assert IM_END not in tok.get_vocab()
+    prompt = [{"role": "user", "content": "Keys?"}]
+    sampling = dict(temperature=0.7, top_p=0.9)
+    stub = StubModel(tok, ["A piano.<|im_end|>"])
+    assert chat_replies(stub, tok, [prompt], [1], max_new_tokens=20, **sampling) == [("A piano.", True)]
+    assert stub.kwargs["stop_strings"] == [IM_END] and stub.kwargs["tokenizer"] is tok
+
+    class Scripted(LlamaForCausalLM):
+        """A real model under the real generate whose next token always continues `script`."""
+
+        def forward(self, **kwargs):  # one call per generated token, the first with the prompt
+            out = super().forward(**kwargs)
+            out.logits[:, -1] = -1e4
+            out.logits[:, -1, self.script[min(self.steps, len(self.script) - 1)]] = 0.0
+            self.steps += 1
+            return out
+
+    model = Scripted(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).eval()
+    model.script = tok("A piano.<|im_end|> has keys. A piano has keys.")["input_ids"]
+    model.steps = 0
+    assert chat_replies(model, tok, [prompt], [1], max_new_tokens=30, **sampling) == [("A piano.", True)]
+    assert model.steps < 30  # stopped at the string, not at the length
+    model.steps = 0
+    (text, ended), = chat_replies(model, tok, [prompt], [1], max_new_tokens=3, **sampling)
+    assert not ended and text == tok.decode(model.script[:3]).strip()
 
 
 @pytest.fixture(scope="module")
 def served(chatty_llama, tmp_path_factory):
-    """Two `transformers serve` replicas of the tiny model; yields their base URLs."""
+    """A `transformers serve` of the tiny model (a process: ~15 s to start); yields its base URL. Several servers
+    (and a dead one) sharing requests: the stub tests below."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    ports, servers, logs = [free_port(), free_port()], [], []
+    ports, servers, logs = [free_port()], [], []
     try:
         for port in ports:
             logs.append(tmp_path_factory.mktemp("serve") / "serve.log")
@@ -40,7 +209,7 @@ def served(chatty_llama, tmp_path_factory):
                 servers.append(subprocess.Popen(
                     [sys.executable, "-m", "transformers.cli.transformers", "serve", chatty_llama, "--host",
                      "127.0.0.1", "--port", str(port), "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT, env=env))
-        deadline = time.time() + 180
+        deadline = time.time() + 900  # a start, not a hang, on a loaded machine can take minutes
         for port, server, log in zip(ports, servers, logs):
             while True:
                 try:
@@ -50,7 +219,7 @@ def served(chatty_llama, tmp_path_factory):
                     if server.poll() is not None or time.time() > deadline:
                         pytest.fail(f"transformers serve did not start:\n{log.read_text()[-3000:]}")
                     time.sleep(0.5)
-        yield [f"http://127.0.0.1:{port}/v1" for port in ports]
+        yield f"http://127.0.0.1:{ports[0]}/v1"
     finally:
         for server in servers:
             server.terminate()
@@ -68,7 +237,7 @@ PROMPTS = [[{"role": "user", "content": c}] for c in
 
 def test_server_replies_equal_local_greedy(served, chatty_llama):
     greedy = dict(max_new_tokens=10, temperature=0.0, top_p=1.0)
-    remote = common.load_backend("openai", chatty_llama, served[0]).generate(PROMPTS, [1, 2, 3], **greedy)
+    remote = common.load_backend("openai", chatty_llama, served).generate(PROMPTS, [1, 2, 3], **greedy)
     local = common.load_backend("hf", chatty_llama).generate(PROMPTS, [1, 2, 3], **greedy)
     # The texts; not `ended`: on this random model the server's stop rule and ours differ on one row (it says
     # "stop" where our 10 tokens without an end token say cut). Each side's signal is tested on its own.
@@ -85,9 +254,9 @@ def test_stage_02_through_server_equals_hf(served, chatty_llama, tmp_path, monke
                 f"--rejected-file={d / 'rej.jsonl'}", "--temperature=0", "--max-new-tokens=10", *more]
 
     run_stage(monkeypatch, "02_answer_riddles.py", *args(tmp_path / "hf"))
-    # Through both replicas: the requests are shared, the records are the same.
+    # Through the server named twice (as two replicas would be): the requests are shared, the records the same.
     run_stage(monkeypatch, "02_answer_riddles.py", *args(tmp_path / "api", "--backend=openai",
-                                                         f"--base-url={','.join(served)}"))
+                                                         f"--base-url={served},{served}"))
     for name in ("02.jsonl", "rej.jsonl"):
         hf = (tmp_path / "hf" / name).read_bytes() if (tmp_path / "hf" / name).exists() else b""
         assert (tmp_path / "api" / name).read_bytes() == hf, name
@@ -144,7 +313,7 @@ def test_retry_backoff_and_failures(capsys):
         sampling = dict(max_new_tokens=16, temperature=0.7, top_p=0.9)
         assert backend.generate(prompts, [5, 6, 2**40 + 7], **sampling) == [("re: flaky", True), ("re: fine", True),
                                                                            None]
-        assert 0.3 <= time.time() - start < 10  # one backoff (the client's first: 0.5 s less up to 25% jitter)
+        assert 0.3 <= time.time() - start < 120  # one backoff (the client's first: 0.5 s less up to 25% jitter)
         assert "request failed: http://127.0.0.1" in capsys.readouterr().err
         body, auth = Stub.seen[0]
         assert auth == "Bearer k"
@@ -220,7 +389,7 @@ def test_requests_stream_batch_size_at_a_time():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         backend = common.OpenAIBackend("m", f"http://127.0.0.1:{server.server_port}/v1", retries=1)
-        waits = [0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+        waits = [2.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]  # 2 s: the six behind it take 0.6 s, a busy machine more
         prompts = [[{"role": "user", "content": f"wait {w}"}] for w in waits]
         heard = []
         texts = backend.generate(prompts, list(range(7)), max_new_tokens=8, temperature=0.0, top_p=1.0,
@@ -240,15 +409,16 @@ def test_requests_stream_batch_size_at_a_time():
 
 
 class Timed(common.OpenAIBackend):
-    """Replies scripted in the prompt: "ok 0.1" after 0.1 s, "fail 0.3" None after 0.3 s (as after the retries).
-    Keeps the indices of the requests sent."""
+    """Replies scripted in the prompt: "ok 0.1" after 0.1 s, "fail 0.3" None after 0.3 s (as after the retries),
+    each time x SLOW, so that a busy machine's late thread wake-ups (tens of ms) keep the order. Keeps the
+    indices of the requests sent."""
 
-    sent = []
+    sent, SLOW = [], 3
 
     def _one(self, first, messages, seed, *sampling):
         Timed.sent.append(first)
         verdict, seconds = messages[-1]["content"].split()
-        time.sleep(float(seconds))
+        time.sleep(float(seconds) * Timed.SLOW)
         return verdict if verdict == "ok" else None
 
 
@@ -272,7 +442,3 @@ def test_servers_that_die_midway_stop_the_stage():
     with pytest.raises(Died):
         backend.generate([[{"role": "user", "content": "ok 0.3"}]] * 8, list(range(8)), on_reply=crash, **sampling)
     assert sorted(Timed.sent) == [0, 1, 2, 3]  # 0 and 1 came, 2 and 3 were out
-
-
-class Died(Exception):
-    pass

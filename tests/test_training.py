@@ -1,33 +1,21 @@
-"""Stage 05: packed == padded loss, token-budget batches, LoRA setup, 4-bit on CPU, resume, bad input;
-pipeline/training.py's fast paths against the plain ones (packed rows through the varlen attention give
-the padded sdpa loss and the same short training curve, fused_gelu is Phi's gelu_new, the lean LoRA
-forward is peft's under autocast, lean_nf4 is bitsandbytes' bit for bit, the chunked loss is the
-vocab-wide one)."""
+"""pipeline/training.py: packed rows give the padded loss (sdpa, eager, the varlen attention), LoRA
+targets and trainable token rows, 4-bit on CPU, micro-batches, and the fast paths against the plain ones
+(fused_gelu is Phi's gelu_new, bf16 adapters, the lean LoRA forward is peft's under autocast, lean_nf4 is
+bitsandbytes' bit for bit, the chunked loss is the vocab-wide one), the two optimizers' maths.
+"""
 
 import functools
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from common import collate_packed, collate_padded, setup_chat_tokenizer, token_budget_batches, tokenize_chat
-from helpers import CONVS, make_tokenizer, run_script
+from common import collate_packed, collate_padded, setup_chat_tokenizer, tokenize_chat
+from helpers import CONVS, make_tokenizer
 from pipeline import training
 from pipeline.knobs import InputError
-from pipeline.records import read_conversations
 from pipeline.training import (DEFAULT_LORA_TARGETS, PACKED_ATTENTION, adapters_in_bf16, add_lora, fused_gelu,
                                load_student, loss_sum, micro_batches, supervised_tokens)
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# -----------------------------------------------------------------------------
-# Loss: packed rows and padded batches give the same mean per supervised token
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "packed_varlen"])
@@ -67,23 +55,6 @@ def test_loss_is_the_mean_over_supervised_tokens(tiny_llama):
     assert ours == pytest.approx(reference, rel=1e-5)
 
 
-# -----------------------------------------------------------------------------
-# Micro-batches under a token budget
-
-
-def test_token_budget_batches():
-    lengths = [50, 7, 30, 30, 12, 64, 1, 20, 33, 9]
-    for padded in (False, True):
-        groups = token_budget_batches(lengths, 64, seed=3, padded=padded)
-        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-        for g in groups:
-            cost = max(lengths[i] for i in g) * len(g) if padded else sum(lengths[i] for i in g)
-            assert cost <= 64
-        assert groups == token_budget_batches(lengths, 64, seed=3, padded=padded)
-    assert len(token_budget_batches(lengths, 64)) == 5  # 256 tokens in 5 bins of 64: little waste
-    assert token_budget_batches([100, 5], 64) in ([[0], [1]], [[1], [0]])  # too long: a batch of its own
-
-
 def test_micro_batches():
     tokenizer = make_tokenizer()  # not the shared fixture: setup changes it
     setup_chat_tokenizer(tokenizer)
@@ -101,10 +72,6 @@ def test_micro_batches():
         assert b["input_ids"].numel() <= 2 * max(lengths)
         assert (b["labels"][b["attention_mask"] == 0] == -100).all()
         assert (b["input_ids"][b["attention_mask"] == 0] == tokenizer.pad_token_id).all()
-
-
-# -----------------------------------------------------------------------------
-# LoRA: default targets per architecture, trainable token rows, full copies
 
 
 def lora_modules(model):
@@ -164,23 +131,6 @@ def test_4bit_cpu_gradients_survive_an_eval_pass(tiny_llama):
         loss_sum(model, batch)
     model.train()
     assert all(torch.equal(a, b) for a, b in zip(before, grads()))
-
-
-def test_read_conversations_shapes_and_errors(tmp_path):
-    evolved = tmp_path / "evolved.jsonl"
-    evolved.write_text(json.dumps({"number": 7, "messages": ["Riddle?", "Answer.", "Why?", "Because."]}) + "\n")
-    (rec,) = read_conversations(evolved)
-    assert rec["id"] == "7" and [m["role"] for m in rec["messages"]] == ["user", "assistant"] * 2
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "Hi"},
-                                                       {"role": "assistant", "content": "Hello."}]})
-                   + "\n\n" + json.dumps({"id": "b", "messages": [{"role": "user", "content": 3}]}) + "\n")
-    with pytest.raises(InputError, match=rf"{bad}:3: message 0 needs a role"):
-        read_conversations(bad)
-
-
-# -----------------------------------------------------------------------------
-# Fast paths: packed varlen attention, fused GELU, bf16 adapters, lean NF4, the chunked loss
 
 
 @pytest.mark.parametrize("four_bit", [False, True])
@@ -446,55 +396,6 @@ def test_chunked_loss_keeps_no_vocab_wide_tensor(tiny_phi, monkeypatch):
     assert wide_saved(loss_sum) == [torch.bfloat16]
 
 
-# -----------------------------------------------------------------------------
-# The script: outputs, resume equals an uninterrupted run, refusals, bad input
-
-
-def conversations(n):
-    riddles = [("What has keys but cannot open locks?", "A piano has keys."),
-               ("The more you take, the more you leave behind.", "Footsteps!"),
-               ("Why does the moon shine?", "Because it reflects the light of the sun."),
-               ("How many legs does a spider have?", "Eight."),
-               ("I speak without a mouth. What am I?", "An echo.")]
-    out = []
-    for i in range(n):
-        q, a = riddles[i % len(riddles)]
-        out.append({"id": f"c{i:02d}", "messages": [
-            {"role": "user", "content": q}, {"role": "assistant", "content": a},
-            {"role": "user", "content": "Can you tell me why?" + " Why?" * (i % 3)},
-            {"role": "assistant", "content": f"Because {a.lower()}" + " Yes." * (i % 4)}]})
-    return out
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    file = tmp_path_factory.mktemp("data") / "04_conversations.jsonl"
-    file.write_text("".join(json.dumps(r) + "\n" for r in conversations(16)))
-    return file
-
-
-def train_args(student, data, out, *extra, optimizer="adamw"):
-    return ("05_finetune_phi2.py", f"--student={student}", f"--data={data}", f"--adapter={out}", "--epochs=2",
-            "--tokens-per-batch=160", "--max-length=160", "--grad-accum=2", "--lr=1e-3", "--lora-r=4",
-            "--lora-alpha=8", "--keep-checkpoints=2", "--gradient-checkpointing=0", f"--optimizer={optimizer}", *extra)
-
-
-def flat_tensors(state, prefix=""):
-    """The tensors of an optimizer state but its step count (torch keeps it as a tensor); bitsandbytes nests its
-    moments in a dict."""
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, dict):
-            out.update(flat_tensors(v, f"{prefix}{k}."))
-        elif torch.is_tensor(v) and k != "step":
-            out[prefix + k] = v
-    return out
-
-
-def read_log(out):
-    return [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-
-
 def test_the_two_optimizers_take_the_same_steps():
     """05's --optimizer: torch's AdamW and bitsandbytes' paged AdamW 32-bit are the same maths."""
     import bitsandbytes as bnb
@@ -512,111 +413,3 @@ def test_the_two_optimizers_take_the_same_steps():
             opt.step()
     assert all((x - p).abs().max() > 1e-3 for x, p in zip(a, start))  # they moved
     assert all(torch.allclose(x, y, rtol=0, atol=1e-6) for x, y in zip(a, b))
-
-
-@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_32bit"])
-def test_resume_equals_uninterrupted_run(tiny_llama, data_file, tmp_path, optimizer):
-    from safetensors.torch import load_file
-
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    r = run_script(*train_args(tiny_llama, data_file, full, optimizer=optimizer))
-    assert r.returncode == 0, r.stderr[-3000:]
-    run = json.loads((full / "run.json").read_text())
-    steps = run["steps_done"]
-    assert run["finished"] and steps == 2 * run["steps_per_epoch"] and steps >= 6
-    assert "05: trained steps 1-" in r.stdout
-
-    r = run_script(*train_args(tiny_llama, data_file, cut, f"--max-steps={steps // 2 + 1}", optimizer=optimizer))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((cut / "run.json").read_text())["steps_done"] == steps // 2 + 1
-    if optimizer == "paged_adamw_32bit":  # the only one before the knob: a run.json without it resumes with it
-        run = json.loads((cut / "run.json").read_text())
-        del run["recipe"]["OPTIMIZER"]
-        (cut / "run.json").write_text(json.dumps(run))
-        r = run_script(*train_args(tiny_llama, data_file, cut))
-        assert r.returncode == 2 and "holds a run with other optimizer" in r.stderr
-    r = run_script(*train_args(tiny_llama, data_file, cut, optimizer=optimizer))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resuming from step-{steps // 2 + 1:06d}" in r.stdout
-    assert json.loads((cut / "run.json").read_text())["steps_done"] == steps
-
-    a, b = load_file(full / "adapter_model.safetensors"), load_file(cut / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert any(k.endswith("lora_B.weight") and a[k].abs().sum() > 0 for k in a)  # it did train
-    state_a = torch.load(full / "checkpoints" / f"step-{steps:06d}" / "state.pt")
-    state_b = torch.load(cut / "checkpoints" / f"step-{steps:06d}" / "state.pt")
-    opt_a, opt_b = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
-    assert opt_a.keys() == opt_b.keys() and len(opt_a) > 0
-    for k in opt_a:
-        moments_a, moments_b = flat_tensors(opt_a[k]), flat_tensors(opt_b[k])
-        assert moments_a.keys() == moments_b.keys() and len(moments_a) == 2  # Adam's two moments
-        assert all(torch.allclose(moments_a[n], moments_b[n], atol=1e-6) for n in moments_a)
-        assert opt_a[k]["step"] == opt_b[k]["step"] == steps
-    train_a = [(x["step"], round(x["loss"], 5)) for x in read_log(full) if "loss" in x]
-    train_b = [(x["step"], round(x["loss"], 5)) for x in read_log(cut) if "loss" in x]
-    assert train_a == train_b and [s for s, _ in train_a] == list(range(1, steps + 1))
-
-    # The outputs stage 06 and 07 read.
-    assert len(list((full / "checkpoints").glob("step-*"))) == 2
-    assert (full / "loss.png").stat().st_size > 1000
-    assert (full / "chat_template.jinja").exists() and (full / "adapter_config.json").exists()
-    split = [json.loads(x) for f in ("train.jsonl", "eval.jsonl") for x in (full / f).read_text().splitlines()]
-    assert sorted(r["id"] for r in split) == [f"c{i:02d}" for i in range(16)]
-    assert len((full / "eval.jsonl").read_text().splitlines()) == 2
-    evals = [x for x in read_log(full) if "eval_loss" in x]
-    assert evals[0]["step"] == 0 and len(evals) == 1 + 2 * 2 and set(evals[-1]) == {"step", "epoch", "eval_loss"}
-
-    # A finished run is not retrained; other recipe knobs are refused; --overwrite starts afresh.
-    r = run_script(*train_args(tiny_llama, data_file, full, optimizer=optimizer))
-    assert r.returncode == 0 and "nothing to do" in r.stdout
-    r = run_script(*train_args(tiny_llama, data_file, full, "--lr=5e-4", optimizer=optimizer))
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"error: {full} holds a run with other lr: rerun with --overwrite to start afresh"]
-    r = run_script(*train_args(tiny_llama, data_file, full, "--lr=5e-4", "--overwrite", "--max-steps=1",
-                               "--eval-fraction=0", optimizer=optimizer))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [x["step"] for x in read_log(full)] == [1]
-    assert not (full / "checkpoints" / f"step-{steps:06d}").exists()
-
-
-def test_bad_input_is_one_line_and_touches_nothing(tiny_llama, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "Hi"},
-                                                       {"role": "assistant", "content": "Hello."}]}) + "\n{oops\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "run.json").write_text("{}")
-    r = run_script(*train_args(tiny_llama, bad, out, "--overwrite"))
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {bad}:2: invalid JSON")
-    assert [p.name for p in out.iterdir()] == ["run.json"] and (out / "run.json").read_text() == "{}"
-
-
-def test_ddp_two_processes_equal_one_process_accumulating(tiny_llama, data_file, tmp_path):
-    """torchrun x2 on CPU (gloo) with 1 micro-batch per step each = 1 process with 2 per step.
-
-    The loss is divided by the supervised tokens of the whole step across processes, so the
-    gradients agree. One eval conversation gives the processes unequal eval shares (a hang
-    if eval went through DDP's forward, which syncs buffers).
-    """
-    from safetensors.torch import load_file
-
-    common = ("--lora-dropout=0", "--max-steps=3", "--eval-fraction=0.0625")
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    r = run_script(*train_args(tiny_llama, data_file, single, *common))
-    assert r.returncode == 0, r.stderr[-3000:]
-    args = [a for a in train_args(tiny_llama, data_file, ddp, *common) if a != "--grad-accum=2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / args[0]), *args[1:], "--grad-accum=1"], capture_output=True, text=True, env=env,
-                       timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 process(es) x 1 per step" in r.stdout
-    assert json.loads((ddp / "run.json").read_text())["recipe"]["PROCESSES"] == 2
-    log_a, log_b = read_log(single), read_log(ddp)
-    assert [x["step"] for x in log_a] == [x["step"] for x in log_b] == [0, 1, 2, 3, 3]
-    for x, y in zip(log_a, log_b):
-        key = "loss" if "loss" in x else "eval_loss"
-        assert x[key] == pytest.approx(y[key], rel=1e-5)
-    a, b = load_file(single / "adapter_model.safetensors"), load_file(ddp / "adapter_model.safetensors")
-    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
