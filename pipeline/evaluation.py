@@ -1,11 +1,15 @@
-"""What stage 07 reports on: loss curves, the offline riddle tasks for lm-eval, before/after tables.
+"""What stage 07 reports on: loss curves, the offline riddle tasks for lm-eval, before/after tables, the
+sample turns, and the judged win rate (a judge's verdicts on pairs of replies, read and counted).
 
 read_train_log and plot_loss serve stage 05 too (one loss.png, loss against step).
 """
 
+import hashlib
+import json
 import math
 import os
 import random
+import re
 from pathlib import Path
 
 import matplotlib
@@ -13,9 +17,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import IM_END, render_chatml  # noqa: E402
+from common import ALIASES, CACHE, IM_END, render_chatml  # noqa: E402
 from pipeline.knobs import InputError  # noqa: E402
-from pipeline.records import read_jsonl, seed_of, write_jsonl_atomic  # noqa: E402
+from pipeline.records import Appender, control_string, path, read_jsonl, seed_of, write_jsonl_atomic  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Loss curves: stage 05's log.jsonl
@@ -229,3 +233,213 @@ def compare_scores(base, tuned):
     return rows
 
 
+# -----------------------------------------------------------------------------
+# Sample turns: what each model is asked, from a held-out conversation
+
+
+def sample_turns(messages):
+    """A held-out conversation's turns for the models to answer, or None when no user turn has a reply.
+
+    {"prompt": the messages up to the first user turn (a system message kept), "reference": the reply
+    to it, "follow_up": the next user turn, "reference2": its reply}; the last two are None in a
+    one-turn conversation.
+    """
+    u = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if u is None or u + 1 >= len(messages) or messages[u + 1]["role"] != "assistant":
+        return None
+    more = messages[u + 2:u + 4]
+    two = [m["role"] for m in more] == ["user", "assistant"]
+    return {"prompt": messages[:u + 1], "reference": messages[u + 1]["content"],
+            "follow_up": more[0]["content"] if two else None, "reference2": more[1]["content"] if two else None}
+
+
+# -----------------------------------------------------------------------------
+# The judged win rate: base and fine-tuned answer the same riddles, a judge compares each pair in both orders
+
+
+def win_rate_riddles(conversations, n, seed=0):
+    """Up to n held-out riddles {"id", "prompt", "riddle"}: each conversation's first user turn (sample_turns), one
+    per id, in an order set by a hash of id and seed alone, so a larger n keeps a smaller one's riddles (and their
+    judged pairs)."""
+    items, seen = [], set()
+    for conv in conversations:
+        turns = sample_turns(conv["messages"])
+        if turns is None or conv["id"] in seen:
+            continue
+        seen.add(conv["id"])
+        items.append({"id": conv["id"], "prompt": turns["prompt"], "riddle": turns["prompt"][-1]["content"]})
+    items.sort(key=lambda it: (seed_of(it["id"], seed, "win rate"), it["id"]))
+    return items[:n]
+
+
+def model_fingerprint(name):
+    """What names a model's weights in the win rate's caches: a local folder (or a converted alias) by its weight and
+    JSON files' names, sizes and modification times, so a folder saved again (a new merge) is a new model; a hub id
+    by its name."""
+    folder = CACHE / name if name in ALIASES else path(name)
+    if not folder.is_dir():
+        return name
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    return name + "".join(f"|{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def setup_key(*parts):
+    """12 hex digits naming a setup (models, settings): the caches' records carry it, and count only under it."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:12]
+
+
+class KeyedCache:
+    """A JSONL file of records, each under a "key", read back whole (records: key -> record) and appended to
+    crash-safely (Appender: a torn last line is repaired at open). With overwrite the old records are ignored and
+    the file is emptied at the first add."""
+
+    def __init__(self, file, overwrite=False):
+        self.appender = Appender(file, overwrite=overwrite, key="key")
+        file = Path(file)
+        fresh = overwrite or not file.exists() or not file.stat().st_size
+        self.records = {} if fresh else {r["key"]: r for r in read_jsonl(file)}
+
+    def add(self, records):
+        if records:
+            self.appender.write(records)
+            self.records.update((r["key"], r) for r in records)
+
+    def close(self):
+        self.appender.close()
+
+
+def defuse(text, tokenizer=None):
+    """text with each control-token string (CONTROL_STRINGS, and the tokenizer's own special tokens) broken by a
+    zero-width space after its first character: a reply quoted in a judge's prompt stays text, never a turn marker."""
+    while (found := control_string(text, tokenizer)) and len(found) > 1:
+        text = text.replace(found, found[0] + "\u200b" + found[1:])
+    return text
+
+
+def judge_prompt(template, riddle, reply_a, reply_b, tokenizer=None):
+    """The judge's chat prompt (one user message) for one order of a pair; an empty reply reads "(no reply)"."""
+    fields = {k: defuse(v.strip() or "(no reply)", tokenizer)
+              for k, v in (("riddle", riddle), ("reply_a", reply_a), ("reply_b", reply_b))}
+    return [{"role": "user", "content": template.format(**fields)}]
+
+
+# A label starts the text, a line, or a part after , ; | . { (one-line and JSON replies); markdown is dropped first.
+_MARKUP = re.compile(r"\*\*?|`|__|^\s*#+\s*|^\s*(?:[-+\u2022]|\d{1,2}[.)])\s+", re.M)
+_START = r"(?:^|[,;|.{]\s*)[\"']?"
+_SEP = r"[\"']?\s*[:=\-\u2013]\s*"
+_WINNER = re.compile(_START + r"(?:winner|better[\s_-]*reply|verdict)" + _SEP, re.I | re.M)
+_REASON = re.compile(_START + r"(?:reasons?|explanation|justification|why)" + _SEP, re.I | re.M)
+_CHOICE = re.compile(r"[\"'\[(]?(?:(?:reply|response|assistant)\s+)?"
+                     r"(?:(?P<letter>(?-i:[AB]))|tie|draw|equal|both|neither)(?![\w'])", re.I)
+_NAMES = {"A": re.compile(r"\bA\b|\b(?i:tie|draw)\b"), "B": re.compile(r"\bB\b|\b(?i:tie|draw)\b")}
+
+
+def parse_verdict(text):
+    """A judge's reply -> ("A" | "B" | "tie", reason), or None when it names no winner or its winner line names
+    another choice too ("winner: A, B or tie", the prompt's format echoed; "winner: B is better than A" reads None
+    as well: nothing is guessed). The first winner label counts; the reason ("" if none) runs from its label to the
+    next winner label or the end, on one line."""
+    text = _MARKUP.sub("", text)
+    label = _WINNER.search(text)
+    if not label:
+        return None
+    line = text[label.end():].split("\n", 1)[0]
+    cut = _REASON.search(line)
+    line = line[:cut.start()] if cut else line
+    choice = _CHOICE.match(line)
+    if not choice:
+        return None
+    verdict = choice.group("letter").upper() if choice.group("letter") else "tie"
+    if verdict != "tie" and _NAMES["B" if verdict == "A" else "A"].search(line[choice.end():]):
+        return None
+    reason = ""
+    found = _REASON.search(text)
+    if found:
+        later = _WINNER.search(text, found.end())
+        reason = " ".join(text[found.end():later.start() if later else len(text)].split()).strip("\"',;|{}[] ")
+    return verdict, reason[:500]
+
+
+# Which model won, by the order of the pair (A = the first named) and the judge's pick.
+ORDERS = ("base_first", "tuned_first")
+_WINNER_OF = {"base_first": {"A": "base", "B": "tuned", "tie": "tie"},
+              "tuned_first": {"A": "tuned", "B": "base", "tie": "tie"}}
+
+
+def winner(order, verdict):
+    """The model a verdict ("A", "B", "tie") picks in an order of ORDERS: "base", "tuned" or "tie"; None for None."""
+    return None if verdict is None else _WINNER_OF[order][verdict]
+
+
+def pair_outcome(base_first, tuned_first):
+    """The pair's outcome for the fine-tuned model from the verdicts of its two orders (A = base, then A = tuned):
+    "win" or "loss" only when both orders pick the same model, else "tie"; None when either verdict is None."""
+    if base_first is None or tuned_first is None:
+        return None
+    first, second = _WINNER_OF["base_first"][base_first], _WINNER_OF["tuned_first"][tuned_first]
+    if first == second != "tie":
+        return "win" if first == "tuned" else "loss"
+    return "tie"
+
+
+def wilson(score, n, z=1.959964):
+    """Wilson score interval (95% at the default z) of the proportion score / n, or None for n = 0. A score of
+    wins + ties / 2 gives a conservative interval: a tie spreads less than a coin flip."""
+    if n <= 0:
+        return None
+    p = score / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def _share(k, n):
+    return k / n if n else None
+
+
+def summarize_win_rate(pairs, examples=5):
+    """Counts of judged pairs ({"id", "riddle", "base", "tuned", "base_first", "tuned_first"}: the two replies and the
+    judge's reply {"text", "ended"} in each order), verdicts read again with parse_verdict.
+
+    wins, ties and losses count pairs whose two judgements both parse; win_rate = (wins + ties / 2) / judged with a
+    Wilson interval. A pair with an unparseable judgement counts in none of them: its judgements are listed under
+    unparsed. position: the judge's picks by position over all parsed judgements (share_a: picked A of those that
+    picked a side, in all and by which model stood in A) and agree: judged pairs whose two orders named one winner.
+    """
+    counts = {"win": 0, "tie": 0, "loss": 0}
+    picks = {order: {"A": 0, "B": 0, "tie": 0} for order in ORDERS}
+    unparsed, shown, agree = [], [], 0
+    for pair in pairs:
+        verdicts = {}
+        for order in ORDERS:
+            parsed = parse_verdict(pair[order]["text"])
+            verdicts[order] = parsed
+            if parsed is None:
+                unparsed.append({"id": pair["id"], "order": order, "text": pair[order]["text"]})
+            else:
+                picks[order][parsed[0]] += 1
+        outcome = pair_outcome(*(verdicts[o] and verdicts[o][0] for o in ORDERS))
+        if outcome is None:
+            continue
+        counts[outcome] += 1
+        agree += len({winner(o, verdicts[o][0]) for o in ORDERS}) == 1
+        if len(shown) < examples:
+            shown.append({"id": pair["id"], "riddle": pair["riddle"], "base": pair["base"], "tuned": pair["tuned"],
+                          "outcome": outcome, **{o: {"verdict": verdicts[o][0], "winner": _WINNER_OF[o][verdicts[o][0]],
+                                                     "reason": verdicts[o][1]} for o in ORDERS}})
+    judged = sum(counts.values())
+    score = counts["win"] + counts["tie"] / 2
+    a = {o: picks[o]["A"] for o in ORDERS}
+    sided = {o: picks[o]["A"] + picks[o]["B"] for o in ORDERS}
+    return {
+        "pairs": len(pairs), "judged": judged, "wins": counts["win"], "ties": counts["tie"], "losses": counts["loss"],
+        "unparsed_pairs": len({u["id"] for u in unparsed}), "unparsed_judgements": len(unparsed),
+        "win_rate": _share(score, judged), "interval": wilson(score, judged),
+        "interval_method": "Wilson score interval, 95%, a tie counted as half a win",
+        "position": {"picks": picks, "share_a": _share(sum(a.values()), sum(sided.values())),
+                     "share_a_base_in_a": _share(a["base_first"], sided["base_first"]),
+                     "share_a_tuned_in_a": _share(a["tuned_first"], sided["tuned_first"]),
+                     "agree": agree, "agree_share": _share(agree, judged)},
+        "examples": shown, "unparsed": unparsed,
+    }

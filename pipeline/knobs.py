@@ -29,6 +29,7 @@ KNOB_RANGES = {
     "KEEP_CHECKPOINTS": "[1, inf)", "LOG_EVERY": "[1, inf)", "MERGE_TOLERANCE": "(0, inf)", "LIMIT": "[0, inf)",
     "N_CHOICES": "[2, inf)", "SAMPLES": "[0, inf)", "MIN_SCORE": "[1, 5]", "DEDUP_TRICK_MIN": "(0, 1]",
     "DEDUP_ANSWER_MIN": "(0, 1]",
+    "WIN_RATE_N": "[0, inf)", "JUDGE_MAX_NEW_TOKENS": "[1, inf)", "JUDGE_BATCH_SIZE": "[1, inf)",
 }
 # Knobs whose value is never printed or written (API_KEY, HF_TOKEN, ...): the override line shows '***'.
 SECRET_KNOB = re.compile(r"(?:^|_)(?:KEY|TOKEN|SECRET|PASSWORD)$")

@@ -1,5 +1,6 @@
 """Stage 07 (07_evaluate.py): a fine-tuned tiny model scores better than its base on the riddle task, a
-benchmark without reachable data is one line, held-out data of one or two turns, bad input.
+benchmark without reachable data is one line, held-out data of one or two turns, no samples, 05's adapter folder
+passed as the merged model, bad input. The judged win rate: tests/test_winrate.py.
 """
 
 import json
@@ -106,3 +107,77 @@ def test_bad_input_is_one_line_and_leaves_outputs(tmp_path, monkeypatch):
     assert (out / "report.md").read_text() == "old report\n"
     with pytest.raises(InputError, match="run 05_finetune_phi2.py first"):
         run_stage(monkeypatch, "07_evaluate.py", f"--adapter={tmp_path / 'nowhere'}", f"--eval-dir={out}")
+
+
+DEMO = ["--limit=20", "--samples=2", "--max-new-tokens=48"]  # demo.sh's 07 line
+
+
+def held_out_adapter(folder, convs):
+    """A stage 05 folder as 07 reads it: the held-out conversations and a loss log."""
+    folder.mkdir()
+    write_jsonl(folder / "eval.jsonl", convs)
+    write_jsonl(folder / "log.jsonl", [{"step": s, "epoch": s / 4, "loss": 3.0 / s} for s in range(1, 5)])
+    return folder
+
+
+def run_07_here(monkeypatch, *args):
+    """07 in this process (seconds, not a process's imports), no benchmark, no judge."""
+    run_stage(monkeypatch, "07_evaluate.py", "--tasks=", "--win-rate=false", *args)
+
+
+def test_one_turn_held_out_data_gets_samples_without_a_follow_up(tmp_path, monkeypatch, tiny_llama, chatty_llama):
+    """An adapter trained on one-turn conversations holds out one-turn ones: the demo's 07 line once handed
+    chat_replies an empty list for want of a follow-up (IndexError, right after the base model's lm-eval run)."""
+    adapter, out = held_out_adapter(tmp_path / "05_adapter", [dict(c, messages=c["messages"][:2])
+                                                             for c in eval_conversations()]), tmp_path / "07_eval"
+    run_07_here(monkeypatch, f"--adapter={adapter}", f"--student={tiny_llama}", f"--merged={chatty_llama}",
+                f"--eval-dir={out}", *DEMO)
+    results = json.loads((out / "results.json").read_text())
+    assert results["riddle_docs"] == {"replies": 6, "choices": 6} and len(results["samples"]) == 2
+    assert all(s[m]["reply2"] is None and s[m]["ended2"] is None for s in results["samples"] for m in ("base", "tuned"))
+    report = (out / "report.md").read_text()
+    assert report.count("| reply | ") == 2 and "| follow-up: " not in report
+    assert "## Win rate (judged)\n\nNot run: --win-rate=false.\n" in report
+
+
+def test_two_turn_and_one_turn_held_out_data_mixed(tmp_path, monkeypatch, tiny_llama, chatty_llama):
+    """The held-out split of two-turn training data (user, assistant, user, assistant), beside one-turn ones:
+    every sample gets its first reply, the follow-up row only where the conversation has one."""
+    convs = eval_conversations()
+    for c in convs[::2]:
+        c["messages"] = c["messages"][:2]
+    adapter, out = held_out_adapter(tmp_path / "05_adapter", convs), tmp_path / "07_eval"
+    run_07_here(monkeypatch, f"--adapter={adapter}", f"--student={tiny_llama}", f"--merged={chatty_llama}",
+                f"--eval-dir={out}", *DEMO, "--samples=6")
+    samples = {s["id"]: s for s in json.loads((out / "results.json").read_text())["samples"]}
+    assert sorted(samples) == [c["id"] for c in convs]
+    for c in convs:
+        two = len(c["messages"]) == 4
+        assert all((samples[c["id"]][m]["reply2"] is not None) == two for m in ("base", "tuned"))
+    report = (out / "report.md").read_text()
+    assert report.count("| reply | ") == 6 and report.count("| follow-up: ") == 3
+    assert f"| follow-up: {EVAL_RIDDLES[1][2]} | {EVAL_RIDDLES[1][3]} | " in report
+
+
+def test_samples_zero_is_a_report_without_samples(tmp_path, monkeypatch, tiny_llama, chatty_llama):
+    adapter, out = held_out_adapter(tmp_path / "05_adapter", eval_conversations()), tmp_path / "07_eval"
+    run_07_here(monkeypatch, f"--adapter={adapter}", f"--student={tiny_llama}", f"--merged={chatty_llama}",
+                f"--eval-dir={out}", *DEMO, "--samples=0")
+    results = json.loads((out / "results.json").read_text())
+    assert results["samples"] == [] and results["scores"]["tuned"]["riddle_replies"]
+    assert "## Samples\n\nNo samples: --samples=0.\n" in (out / "report.md").read_text()
+
+
+def test_an_adapter_folder_as_the_merged_model_is_one_line(tmp_path, monkeypatch, tiny_llama):
+    """05's folder (a LoRA adapter) where 06's merged model belongs: refused before any model loads, not left to
+    peft (an IndexError where 05 added tokens the base has no rows for)."""
+    adapter, out = held_out_adapter(tmp_path / "05_adapter", eval_conversations()), tmp_path / "07_eval"
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA",
+                                                             "base_model_name_or_path": tiny_llama}))
+    with pytest.raises(InputError) as stop:
+        run_07_here(monkeypatch, f"--adapter={adapter}", f"--student={tiny_llama}", f"--merged={adapter}",
+                    f"--eval-dir={out}", *DEMO)
+    assert str(stop.value) == (f"{adapter} is a LoRA adapter (stage 05's output), not a merged model: run "
+                               f"06_merge_and_chat.py --adapter={adapter} and pass its output folder "
+                               "(--merged=out/06_merged)")
+    assert not out.exists()
