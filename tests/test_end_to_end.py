@@ -80,7 +80,7 @@ def test_pipeline_runs_every_stage(tmp_path, monkeypatch, capsys, smollm2, minil
 
     # No benchmarks: they need the hub (the stage 07 tests cover a benchmark whose data cannot be loaded).
     run_stage(monkeypatch, "07_evaluate.py", f"--adapter={adapter}", f"--merged={merged}", f"--eval-dir={report_dir}",
-              "--tasks=", "--limit=4", "--samples=1", "--max-new-tokens=8")
+              "--tasks=", "--limit=4", "--samples=1", "--max-new-tokens=8", "--win-rate=false")
     report = (report_dir / "report.md").read_text()
     for section in ("## Riddle task", "| riddle_replies | nll_per_token", "## Samples", "### 1. "):
         assert section in report
