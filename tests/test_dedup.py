@@ -189,8 +189,8 @@ needs_minilm = pytest.mark.skipif(not _wheel_or_cache(), reason="all-MiniLM-L6-v
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    return dedup.load_embedder(device="cpu")
+def minilm(minilm_folder):
+    return dedup.load_embedder(minilm_folder, device="cpu")  # unzipped once, under conftest's lock
 
 
 @needs_minilm
