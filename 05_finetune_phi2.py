@@ -7,15 +7,23 @@ loss of an optimizer step is the mean over its supervised tokens: each assistant
 
 Reads:  data/04_conversations.jsonl  {"id", "messages": [{"role": "user"|"assistant", "content"}, ...]}
         (--data=FILE: any file of that shape, or of the riddles_evolved shape: messages as plain strings)
-Writes: out/05_adapter/              final adapter + tokenizer with the ChatML chat template
+Writes: out/05_adapter/              final adapter + tokenizer with the ChatML chat template, README.md (model card)
           train.jsonl, eval.jsonl    the 90/10 split, records as read
           log.jsonl                  {"step", "epoch", "loss"} per step, {"step", "epoch", "eval_loss"} per eval
           loss.png, run.json         loss curves; student, knobs, counts, timings
           checkpoints/step-NNNNNN/   adapter + optimizer and scheduler state (the last few)
+          runs/, wandb/              with --report-to=tensorboard, wandb: the curves (wandb: its local files)
 
     python 05_finetune_phi2.py                                     # the recipe, on a GPU
     python 05_finetune_phi2.py --student=smollm2 --max-steps=4 --lr=2e-4   # a few steps on CPU
     accelerate launch --num_processes=4 05_finetune_phi2.py        # DDP: one 4-bit replica per GPU
+    python 05_finetune_phi2.py --report-to=tensorboard             # then: tensorboard --logdir out/05_adapter/runs
+
+--report-to sends loss, eval loss, learning rate, tok/s and memory per step to accelerate's trackers
+(tensorboard, wandb, trackio, mlflow, ...; comma-separated); a resumed run goes on in the same run (tensorboard:
+the same folder, the steps after the checkpoint replaced; wandb and trackio: the run id kept in run.json).
+--push-to-hub=user/name uploads the finished adapter, tokenizer, loss.png and model card (not the checkpoints,
+the data split or the logs) in one push; a failed push is one line, and rerunning the command pushes again.
 
 With N processes each step takes GRAD_ACCUM micro-batches on each, so N processes with GRAD_ACCUM=k
 train the same steps as one process with GRAD_ACCUM=N*k (a test checks this); a resumed run must keep
@@ -23,8 +31,9 @@ the number of processes.
 
 Resume: rerun the same command after a kill; it continues from the last checkpoint (one per epoch, every
 SAVE_EVERY_STEPS and at the last step) with the optimizer state, and dropout masks seeded per step, so
-the result equals an uninterrupted run; killed during the final save, the rerun saves again (run.json gets
-`finished` last, and 06 refuses the folder until then). A finished run is not retrained; --overwrite starts
+the result equals an uninterrupted run, log.jsonl too (each step once); killed during the final save, the rerun
+saves again (run.json gets `finished` last, once the files are fsynced, and 06 refuses the folder until then).
+Checkpoints are fsynced before they are renamed into place. A finished run is not retrained; --overwrite starts
 afresh (only in a folder 05 made: one with its run.json); raising --epochs or --max-steps continues a finished
 one. Changing the data or the recipe knobs is refused.
 Runtime: ~11.6 min on one H100 for the recipe's 20 epochs (~28k tok/s, 22 GiB); the CPU demo ~0.5 min.
@@ -35,19 +44,27 @@ import hashlib
 import json
 import math
 import random
+import re
+import resource
+import secrets
 import shutil
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 
 from common import tokenize_chat
 from pipeline.evaluation import plot_loss, read_train_log
 from pipeline.knobs import InputError, configure
-from pipeline.records import (Appender, check_own_folder, check_paths, check_unique_ids, path, read_conversations,
-                              read_json, read_jsonl, seed_of, write_json_atomic, write_jsonl_atomic)
-from pipeline.training import adapters_in_bf16, add_lora, load_student, loss_sum, micro_batches, supervised_tokens
+from pipeline.records import (Appender, check_own_folder, check_paths, check_unique_ids, fsync_path, path,
+                              read_conversations, read_json, read_jsonl, seed_of, write_json_atomic,
+                              write_jsonl_atomic, write_text_atomic)
+from pipeline.training import (adapters_in_bf16, add_lora, card_header, describe_base, load_student, loss_sum,
+                               micro_batches, push_files, recipe_section, supervised_tokens, trackers,
+                               training_section)
 
 # -----------------------------------------------------------------------------
 STUDENT = "microsoft/phi-2"          # hub id, local folder, or the bundled alias smollm2
@@ -82,9 +99,13 @@ EVALS_PER_EPOCH = 2                  # eval loss this often per epoch (also befo
 SAVE_EVERY_STEPS = 0                 # extra checkpoints between the per-epoch ones (0: none)
 KEEP_CHECKPOINTS = 3                 # newest checkpoints kept
 LOG_EVERY = 10                       # print a progress line every this many steps
+REPORT_TO = "none"                   # trackers of the curves, comma-separated: tensorboard, wandb, trackio, mlflow...
+PUSH_TO_HUB = ""                     # hub repo (user/name) to upload the finished adapter and its card to (a token)
+PRIVATE = False                      # make the pushed repository private
 OVERWRITE = False                    # delete out/05_adapter and start afresh
 # -----------------------------------------------------------------------------
 configure(globals())
+KNOBS = {k: v for k, v in globals().items() if k.isupper()}  # all of them, as given: the trackers' config
 
 # Knobs that define what is learned: a resumed run must not change them.
 RECIPE = {k: globals()[k] for k in ("STUDENT", "MAX_LENGTH", "TRAIN_ON_HEADER", "EVAL_FRACTION", "SEED",
@@ -95,6 +116,82 @@ if OPTIMIZER not in ("adamw", "paged_adamw_32bit"):
     raise InputError(f"--optimizer {OPTIMIZER!r}: use adamw or paged_adamw_32bit")
 if TOKENS_PER_BATCH < MAX_LENGTH:
     raise InputError(f"--tokens-per-batch ({TOKENS_PER_BATCH}) must be at least --max-length ({MAX_LENGTH})")
+report_to = trackers(REPORT_TO)  # a missing package is one line now, not after the model is loaded
+if PUSH_TO_HUB:
+    from pipeline.hub import check_repo_id
+
+    check_repo_id(PUSH_TO_HUB)  # before hours of training
+
+# -----------------------------------------------------------------------------
+# The model card and the push: at the end of a run, and when a finished run is run again
+
+# The tokenizer's files as transformers saves them, the chat template among them.
+TOKENIZER_FILES = re.compile(r"tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template\.jinja|"
+                             r"vocab\.json|merges\.txt")
+USAGE = """```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("WHERE")  # ChatML: a turn ends at <|im_end|>
+base = AutoModelForCausalLM.from_pretrained("BASE")
+if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:  # rows for the ChatML tokens it added
+    base.resize_token_embeddings(len(tokenizer))
+model = PeftModel.from_pretrained(base, "WHERE")
+messages = [{"role": "user", "content": "What has keys but cannot open locks?"}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+reply = model.generate(**inputs, max_new_tokens=64, eos_token_id=tokenizer.eos_token_id)
+print(tokenizer.decode(reply[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+"""
+
+
+def synced(folder, names=None):
+    """fsync the named files of a folder (None: all of its files), then the folder: on disk past a power loss."""
+    for file in (folder.iterdir() if names is None else (folder / n for n in names)):
+        if file.is_file():
+            fsync_path(file)
+    fsync_path(folder)
+
+
+def adapter_card(info, repo=None):
+    """The adapter's README.md from its run.json: base, data, training, recipe, and how to load it."""
+    recipe = info["recipe"]
+    header = card_header(info["student"], library_name="peft", pipeline_tag="text-generation",
+                         tags=["lora", "qlora" if recipe["LOAD_IN_4BIT"] else "peft", "chatml", "riddles"])
+    usage = USAGE.replace("WHERE", repo or str(out)).replace("BASE", info["student"])
+    config = read_json(out / "adapter_config.json")
+    return f"""{header}
+# Riddle student: a LoRA adapter for {info['student']}
+
+A LoRA adapter trained by stage 05 of the riddle pipeline on multi-turn riddle conversations in ChatML, the loss on \
+the assistant's turns. The tokenizer ships with it: the ChatML tokens the base lacked were added (their embedding \
+rows trained), and the chat template is the one training used.
+
+- base model: {describe_base(info['student'])}; training loaded it \
+{'in 4-bit NF4 (QLoRA)' if recipe['LOAD_IN_4BIT'] else 'unquantized'}
+- adapter: rank {config['r']}, alpha {config['lora_alpha']}, on {', '.join(sorted(config['target_modules']))}
+{training_section(info, out / 'log.jsonl')}
+![train and eval loss](loss.png)
+
+## Recipe
+
+{recipe_section(recipe)}
+## Use
+
+{usage}
+Or merge it into the base with the pipeline's `06_merge_and_chat.py`.
+"""
+
+
+def push(info):
+    """Upload the adapter, tokenizer and chat template, loss curves and card of a finished run: not the
+    checkpoints, the data split (the conversations have a data card of their own), logs or run.json."""
+    names = ["adapter_config.json", "adapter_model.safetensors", "loss.png"]
+    names += sorted(p.name for p in out.iterdir() if p.is_file() and TOKENIZER_FILES.fullmatch(p.name))
+    url = push_files(PUSH_TO_HUB, out, names, adapter_card(info, PUSH_TO_HUB), private=PRIVATE,
+                     message=f"Upload adapter: {info['student']} + LoRA, step {info['steps_done']:,}")
+    print(f"pushed {out} (adapter, tokenizer, loss.png, README.md) to {url}")
+
 
 # -----------------------------------------------------------------------------
 # The conversations, and what is already in out/05_adapter; all checked before anything starts or is written
@@ -109,7 +206,9 @@ if len(conversations) < 2:
 # run.json is written first and marks the folder as ours: --overwrite never deletes a folder 05 did not make.
 check_own_folder(out, "run.json", "data_sha1")
 
-accelerator = Accelerator()
+# With --report-to, accelerate's trackers log from the main process only; tensorboard's events go to <adapter>/runs.
+accelerator = Accelerator(log_with=report_to or None,
+                          project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "runs")))
 say = accelerator.print  # only the main process prints
 main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
 RECIPE["PROCESSES"] = world  # steps and batches depend on it too
@@ -135,6 +234,8 @@ if run_file.exists() and not OVERWRITE:
     target = min(previous.get("steps_per_epoch", math.inf) * EPOCHS, MAX_STEPS or math.inf)
     if "finished" in previous and previous["steps_done"] >= target:
         say(f"{out} is already trained to step {previous['steps_done']:,}: nothing to do (--overwrite to retrain)")
+        if PUSH_TO_HUB and main:  # pushed again: after a failed push, rerunning the command is the retry
+            push(previous)
         raise SystemExit(0)
 
 # The split is a function of the data and the seed, so a resumed run recomputes the same one.
@@ -256,8 +357,19 @@ if main:
     log = Appender(log_file, key="step")
     run = {"student": STUDENT, "data": DATA, "data_sha1": data_sha1, "recipe": RECIPE, "steps_done": start,
            "steps_per_epoch": steps_per_epoch, "train": len(train_ex), "eval": len(eval_ex),
-           "train_tokens": n_tokens, "processes": world, "device": str(accelerator.device)}
+           "train_tokens": n_tokens, "processes": world, "device": str(accelerator.device),
+           "tracker_run_id": (previous or {}).get("tracker_run_id") or
+           f"{re.sub(r'[^A-Za-z0-9_.-]', '-', out.name)}-{secrets.token_hex(4)}"}
     write_json_atomic(run_file, run)
+    if report_to:
+        # One run across restarts: tensorboard's new event file drops the steps after the checkpoint (they run
+        # again), as log.jsonl did above; wandb and trackio resume the run whose id run.json keeps.
+        accelerator.init_trackers(
+            "riddle-student", config={k: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+                                      for k, v in KNOBS.items()} | {"PROCESSES": world},
+            init_kwargs={"tensorboard": {"purge_step": start + 1 if start else 0},
+                         "wandb": {"id": run["tracker_run_id"], "resume": "allow", "name": out.name, "dir": str(out)},
+                         "trackio": {"name": run["tracker_run_id"], "resume": "allow"}})
 
 
 def write_log(record):
@@ -271,6 +383,13 @@ def on_device(batch):
 
 def real_tokens(batch):
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+def peak_memory():
+    """For the trackers: the peak memory so far in GiB, the GPU's allocation (on a CPU: the process's resident set)."""
+    if accelerator.device.type == "cuda":
+        return {"memory/gpu_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"memory/cpu_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def evaluate():
@@ -295,8 +414,10 @@ def save_checkpoint(step):
         unwrapped.save_pretrained(tmp)
         torch.save({"step": step, "trainable": {n: p.detach() for n, p in trainable},
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
+        synced(tmp)  # whole on disk before its name says it is a checkpoint
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fsync_path(ckpt_dir)
         for old_ckpt in sorted(ckpt_dir.glob("step-[0-9]*[0-9]"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old_ckpt)
         run.update(steps_done=step)
@@ -307,6 +428,7 @@ def save_checkpoint(step):
 if start == 0 and eval_batches:
     eval_loss = evaluate()
     write_log({"step": 0, "epoch": 0.0, "eval_loss": eval_loss})
+    accelerator.log({"eval/loss": eval_loss}, step=0)
     say(f"step 0: eval loss {eval_loss:.4f}")
 model.train()
 t0, seen, step = time.time(), 0, start
@@ -322,6 +444,7 @@ for epoch in range(start // steps_per_epoch, EPOCHS):
             continue
         if step > last_step:
             break
+        t_step = time.time()
         group = [on_device(train_batches[j]) for j in mine[i * GRAD_ACCUM:(i + 1) * GRAD_ACCUM]]
         torch.manual_seed(seed_of(SEED, "step", step, rank))  # dropout masks: resume draws the same ones
         counts = torch.tensor([sum(supervised_tokens(b) for b in group), 0.0], device=accelerator.device)
@@ -334,13 +457,19 @@ for epoch in range(start // steps_per_epoch, EPOCHS):
             counts[1] += lsum.detach()
         if GRAD_CLIP:
             accelerator.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        lr = optimizer.param_groups[0]["lr"]  # this step's
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = accelerator.reduce(counts, "sum")[1].item() / n_step
-        seen += accelerator.reduce(torch.tensor(sum(real_tokens(b) for b in group), device=accelerator.device),
-                                   "sum").item()
+        step_tokens = accelerator.reduce(torch.tensor(sum(real_tokens(b) for b in group), device=accelerator.device),
+                                         "sum").item()
+        seen += step_tokens
         write_log({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss})
+        if report_to:
+            accelerator.log({"train/loss": loss, "train/epoch": step / steps_per_epoch, "train/learning_rate": lr,
+                             "train/tokens_per_second": step_tokens / (time.time() - t_step), **peak_memory()},
+                            step=step)
         if step % LOG_EVERY == 0 or step == last_step:
             rate = seen / (time.time() - t0)
             memory = f", {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak" if torch.cuda.is_available() else ""
@@ -349,6 +478,7 @@ for epoch in range(start // steps_per_epoch, EPOCHS):
         if eval_batches and (i + 1 in eval_at or step == last_step):
             eval_loss = evaluate()
             write_log({"step": step, "epoch": round(step / steps_per_epoch, 4), "eval_loss": eval_loss})
+            accelerator.log({"eval/loss": eval_loss}, step=step)
             say(f"step {step:,}: eval loss {eval_loss:.4f}")
         if i + 1 == steps_per_epoch or step == last_step or (SAVE_EVERY_STEPS and step % SAVE_EVERY_STEPS == 0):
             save_checkpoint(step)
@@ -366,13 +496,16 @@ if main:
     # run.json was rewritten without `finished` when this run started: 06 refuses the folder, and a rerun
     # saves again, until the line below marks these files whole.
     unwrapped.save_pretrained(out)
-    tokenizer.save_pretrained(out)  # with chat_template.jinja: the ChatML that training used
+    saved = tokenizer.save_pretrained(out)  # with chat_template.jinja: the ChatML that training used
     train_log, eval_log = read_train_log(log_file)
     if eval_log:
         first, last = eval_log[0][2], eval_log[-1][2]
     plot_loss(train_log, eval_log, out / "loss.png")  # the picture 07 shows too
-    run.update(steps_done=final, finished=final >= total_steps, seconds=round(seconds, 1),
-               tokens_per_second=round(seen / max(seconds, 1e-9)))
+    run.update(steps_done=final, seconds=round(seconds, 1), tokens_per_second=round(seen / max(seconds, 1e-9)))
+    write_text_atomic(out / "README.md", adapter_card(run))  # over peft's template
+    # On disk before run.json says `finished`: past a power loss too, a finished folder holds whole files.
+    synced(out, ["adapter_config.json", "adapter_model.safetensors", "loss.png", *(Path(f).name for f in saved)])
+    run.update(finished=final >= total_steps)
     write_json_atomic(run_file, run)
 accelerator.end_training()
 if start >= last_step:
@@ -381,3 +514,5 @@ else:
     say(f"05: trained steps {start + 1:,}-{last_step:,} of {total_steps:,} ({last_step / steps_per_epoch:.2f} epochs) "
         f"on {len(train_ex):,} conversations in {seconds:,.0f} s ({seen / max(seconds, 1e-9):,.0f} tok/s); "
         f"eval loss {first:.4f} -> {last:.4f}; adapter in {out}")
+if PUSH_TO_HUB and main:
+    push(run)

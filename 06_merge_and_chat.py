@@ -11,19 +11,26 @@ Reads:  out/05_adapter/  adapter, tokenizer + chat template, run.json (names the
                          the student as 05 was given it: a hub id, the alias smollm2, or a folder relative to
                          the project, so a moved adapter finds its base (--student=... names another)
 Writes: out/06_merged/   merged model, tokenizer + chat template, generation config (eos <|im_end|>, pad),
-                         merge.json (adapter fingerprint, checks and their numbers)
+                         merge.json (adapter fingerprint, checks and their numbers), README.md (model card:
+                         base, adapter, data, recipe, the merge checks)
 
     python 06_merge_and_chat.py                                  # merge once, then chat (/reset, /exit)
     python 06_merge_and_chat.py --prompt="What has hands but cannot clap?" --temperature=0   # one reply
     transformers chat out/06_merged                              # other tools read the folder as well
+    python 06_merge_and_chat.py --chat=false --push-to-hub=user/riddle-student   # merge (if needed) and upload
 
-Resume: the merge is skipped when out/06_merged was made from the current adapter (--overwrite redoes it).
+--push-to-hub uploads the folder (model, tokenizer, chat template, model card; not merge.json, which names local
+paths) in one push; a failed push is one line and changes no local file.
+
+Resume: the merge is skipped when out/06_merged was made from the current adapter (--overwrite redoes it). The
+new folder's files are fsynced before it is renamed into place: past a power loss too, out/06_merged is whole.
 Runtime: ~0.6 min on one H100 for Phi-2, then the chat; the bundled model on CPU ~20 s.
 """
 
 import hashlib
 import shutil
 import time
+from pathlib import Path
 
 import torch
 from peft import PeftModel
@@ -31,8 +38,9 @@ from transformers import TextStreamer
 
 from common import best_device, chat_replies, default_dtype, load_model, load_tokenizer, setup_chat_tokenizer
 from pipeline.knobs import InputError, configure
-from pipeline.records import (check_own_folder, check_paths, control_string, path, read_conversations, read_json,
-                              require_stage, seed_of, write_json_atomic)
+from pipeline.records import (check_own_folder, check_paths, control_string, fsync_path, path, read_conversations,
+                              read_json, require_stage, seed_of, write_json_atomic, write_text_atomic)
+from pipeline.training import card_header, describe_base, push_files, recipe_section, training_section
 
 # -----------------------------------------------------------------------------
 ADAPTER = "out/05_adapter"   # stage 05's output folder
@@ -46,7 +54,8 @@ MAX_NEW_TOKENS = 256         # reply length cap, tokens
 TEMPERATURE = 0.7            # sampling temperature; 0: greedy
 TOP_P = 0.9                  # nucleus sampling
 SEED = 1234                  # sampling seed (each turn draws from its own)
-PUSH_TO_HUB = ""             # hub repo (user/name) to upload the merged model to; needs a token
+PUSH_TO_HUB = ""             # hub repo (user/name) to upload the merged model and its card to; needs a token
+PRIVATE = False              # make the pushed repository private
 OVERWRITE = False            # merge again even if out/06_merged is current
 # -----------------------------------------------------------------------------
 configure(globals())
@@ -66,6 +75,10 @@ if not student:
 fingerprint = hashlib.sha1(b"".join((adapter / f).read_bytes() for f in ("adapter_config.json",
                                                                         "adapter_model.safetensors"))).hexdigest()
 check_own_folder(out, "merge.json", "adapter_sha1")  # a merge replaces the folder: never someone else's
+if PUSH_TO_HUB:
+    from pipeline.hub import check_repo_id
+
+    check_repo_id(PUSH_TO_HUB)  # before minutes of merging
 if control_string(PROMPT):  # before minutes of merging (the student's own special tokens are checked at chat)
     raise InputError(f"--prompt holds {control_string(PROMPT)!r}, a chat control token; text must stay text")
 device = best_device()
@@ -73,6 +86,71 @@ dtypes = {"auto": default_dtype(device), "bfloat16": torch.bfloat16, "float32": 
 if DTYPE not in dtypes:
     raise InputError(f"--dtype wants auto, bfloat16 or float32, got {DTYPE!r}")
 dtype = dtypes[DTYPE]
+
+# -----------------------------------------------------------------------------
+# The model card: what the merged model is, from merge.json and the adapter's run.json and log.jsonl
+
+USAGE = """```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("WHERE")  # ChatML: a turn ends at <|im_end|>, the generation config's eos
+model = AutoModelForCausalLM.from_pretrained("WHERE")
+messages = [{"role": "user", "content": "What has keys but cannot open locks?"}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+reply = model.generate(**inputs, max_new_tokens=64)
+print(tokenizer.decode(reply[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+or chat with it: `transformers chat WHERE`.
+"""
+
+
+def merged_card(info, repo=None):
+    """README.md of the merged folder: base, adapter, data and recipe (05's run.json), the merge checks (merge.json)."""
+    header = card_header(info["student"], library_name="transformers", pipeline_tag="text-generation",
+                         tags=["chatml", "riddles", "lora", "merged"])
+    trained = (f"{training_section(run, adapter / 'log.jsonl')}\n## Recipe\n\n{recipe_section(run['recipe'])}"
+               if "recipe" in run and "steps_per_epoch" in run else "- an adapter without stage 05's run.json\n")
+    unchanged = info["unchanged_adapted"]
+    return f"""{header}
+# Riddle student: {info['student']} with its LoRA adapter merged
+
+The LoRA adapter that stage 05 of the riddle pipeline trained on multi-turn riddle conversations, merged into the \
+weights of its base model: a plain transformers model, no peft needed. It speaks ChatML; its tokenizer and chat \
+template are the ones training used.
+
+## Base, adapter and training
+
+- base model: {describe_base(info['student'])}
+- adapter: `{Path(info['adapter']).name}` (sha1 of its config and weights `{info['adapter_sha1'][:12]}`), rank \
+{adapter_config.get('r', '?')}, alpha {adapter_config.get('lora_alpha', '?')}, on \
+{', '.join(sorted(adapter_config.get('target_modules') or [])) or '?'}
+{trained}
+## Merge check
+
+Merged in float32, saved in {info['dtype'].removeprefix('torch.')}:
+
+- {info['adapted_tensors'] - len(unchanged):,} of {info['adapted_tensors']:,} adapted weight tensors changed \
+({info['changed_tensors']:,} watched tensors in all: adapted weights, embedding rows of added tokens)\
+{f'; unchanged: {", ".join(unchanged)}' if unchanged else ''}
+- logits of the merged model against the unmerged adapter model on a held-out conversation of \
+{info['probe_tokens']:,} tokens, both float32: max |difference| = {info['max_logit_diff_rel']:.2e} x max |logit| \
+(tolerance {info['tolerance']:.0e})
+- saving in {info['dtype'].removeprefix('torch.')} moves them {info['saved_dtype_logit_diff_rel']:.2e} \
+(that dtype's rounding)
+
+## Use
+
+{USAGE.replace('WHERE', repo or str(out))}"""
+
+
+def synced(folder):
+    """fsync every file of a folder, then the folder: on disk past a power loss."""
+    for file in folder.rglob("*"):
+        if file.is_file():
+            fsync_path(file)
+    fsync_path(folder)
+
 
 # -----------------------------------------------------------------------------
 # Merge: base + adapter -> one plain model, checked
@@ -137,21 +215,31 @@ else:
             "probe_tokens": ids.shape[1], "max_logit_diff_rel": diff, "tolerance": MERGE_TOLERANCE,
             "saved_dtype_logit_diff_rel": rounding}
     write_json_atomic(tmp / "merge.json", info)
+    write_text_atomic(tmp / "README.md", merged_card(info))
+    synced(tmp)  # whole on disk before its name says it is the merged model
     # Swapped in by renames: a kill at any moment leaves the old folder, the new one, or none (a rerun merges).
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)
     tmp.rename(out)
+    fsync_path(out.parent)
     shutil.rmtree(old, ignore_errors=True)
     print(f"06: merged {adapter} into {student} -> {out} in {time.time() - t0:.0f} s")
     del model, merged_model, base, before, after
 
 if PUSH_TO_HUB:
-    pushed = load_model(str(out), "cpu", dtype)
-    pushed.push_to_hub(PUSH_TO_HUB)
-    load_tokenizer(str(out)).push_to_hub(PUSH_TO_HUB)
-    print(f"pushed {out} to https://huggingface.co/{PUSH_TO_HUB}")
+    # The folder as saved, its card naming the repository; merge.json stays here (it names local paths).
+    info = read_json(merge_file)
+    try:
+        card = merged_card(info, PUSH_TO_HUB)
+    except KeyError as e:
+        raise InputError(f"{merge_file} has no {e} (an older 06 made it): rerun with --overwrite to merge "
+                         f"again") from None
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                   if p.is_file() and p.name not in ("merge.json", "README.md"))
+    url = push_files(PUSH_TO_HUB, out, names, card, private=PRIVATE, message=f"Upload {info['student']} + LoRA, merged")
+    print(f"pushed {out} (model, tokenizer, README.md) to {url}")
 
 # -----------------------------------------------------------------------------
 # Chat: streamed replies that end at <|im_end|>

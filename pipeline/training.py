@@ -5,11 +5,18 @@ add_lora wraps it, micro_batches packs tokenized conversations under a token bud
 loss_sum is the cross-entropy over the supervised tokens of a batch. The GPU fast paths:
 packed rows through torch's flash varlen attention (packed_attention, PACKED_ATTENTION), Phi's
 GELU in one kernel (fused_gelu), the 4-bit linears and LoRA adapters as their bare maths
-(lean_nf4, adapters_in_bf16).
+(lean_nf4, adapters_in_bf16). Around the run: the trackers --report-to names (trackers), and the model
+cards and pushes of 05's adapter and 06's merged model (card_header, recipe_section, push_files).
 """
 
 import functools
+import importlib.util
 import inspect
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from common import (best_device, collate_packed, collate_padded, default_dtype, from_pretrained, load_tokenizer,
                     setup_chat_tokenizer, token_budget_batches)
 from pipeline.knobs import InputError
+from pipeline.records import ROOT, path
 
 # transformers and peft are imported inside the functions, as in common.py (HF_HUB_OFFLINE, startup).
 
@@ -351,3 +359,126 @@ def loss_sum(model, batch, chunk=1024):
     # split, not slices: its backward joins the chunks' gradients once; a slice's pads each to the full size
     return torch.stack([checkpoint(_cross_entropy_sum, x, y, use_reentrant=False)
                         for x, y in zip(logits.split(chunk), target.split(chunk))]).sum()
+
+
+# -----------------------------------------------------------------------------
+# Experiment trackers: 05's --report-to, through accelerate
+
+# accelerate's name of a tracker: (the module it imports, the package pip installs), where they differ from the name.
+TRACKER_PACKAGES = {"comet_ml": ("comet_ml", "comet-ml")}
+
+
+def _pip_install(package):
+    """The pip command for a package: pinned as requirements-extra.txt pins it, where it does."""
+    extra = ROOT / "requirements-extra.txt"
+    for line in (extra.read_text(encoding="utf-8").splitlines() if extra.exists() else []):
+        if line.split("==")[0].strip().lower() == package:
+            return f"pip install {line.split('#')[0].strip()}"
+    return f"pip install {package}"
+
+
+def trackers(report_to):
+    """The trackers --report-to names (comma-separated; empty or none: none), each one accelerate knows and whose
+    package is installed: anything else is one line (InputError) saying what to use or which pip install to run.
+    accelerate itself would skip a tracker whose package is missing without a word."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [n.strip().lower() for n in report_to.split(",")]
+    names = list(dict.fromkeys(n for n in names if n not in ("", "none")))
+    known = [t for t in LoggerType.list() if t != "all"]
+    for name in names:
+        if name not in known:
+            raise InputError(f"--report-to: unknown tracker {name!r}; use none or any of {', '.join(known)} "
+                             f"(comma-separated)")
+        module, package = TRACKER_PACKAGES.get(name, (name, name))
+        if importlib.util.find_spec(module) is None or LoggerType(name) not in get_available_trackers():
+            raise InputError(f"--report-to={name}: the {package} package is not installed: run "
+                             f"`{_pip_install(package)}`")
+    return names
+
+
+# -----------------------------------------------------------------------------
+# Model cards and pushes: 05's adapter, 06's merged model
+
+
+def hub_model_id(name):
+    """A model name as a Hub repository id, for a card's base_model; None where it is none: an alias of a bundled
+    model (converted from a quantized GGUF, not the Hub's weights) or a local folder."""
+    from common import ALIASES
+
+    if name in ALIASES or path(name).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        return None
+    return name
+
+
+def describe_base(name):
+    """The base model in a card's words: a link for a Hub id, else what it is."""
+    from common import ALIASES
+
+    if hub_model_id(name):
+        return f"[{name}](https://huggingface.co/{name})"
+    if name in ALIASES:
+        return f"`{name}`: the pipeline's bundled {ALIASES[name][1]}, converted to a model folder"
+    return f"`{name}`: a local model folder"
+
+
+def card_header(base, **fields):
+    """A model card's YAML header; base_model only where the base is a Hub id (the Hub refuses anything else)."""
+    from huggingface_hub import ModelCardData
+
+    base = hub_model_id(base)
+    return f"---\n{ModelCardData(base_model=base, **fields).to_yaml()}\n---\n"
+
+
+def recipe_section(recipe):
+    """The knobs that define what was learned, as a table and as the command that trains the same adapter."""
+    recipe = dict(recipe)
+    processes = recipe.pop("PROCESSES", 1)
+
+    def shown(value):
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    rows = "".join(f"| `--{k.lower().replace('_', '-')}` | {f'`{shown(v)}`' if shown(v) else '(default)'} |\n"
+                   for k, v in recipe.items())
+    launch = f"accelerate launch --num_processes={processes}" if processes > 1 else "python"
+    command = " ".join(f"--{k.lower().replace('_', '-')}={shown(v)}" for k, v in recipe.items())
+    return (f"| knob | value |\n|---|---|\n{rows}\nThe same run: `{launch} 05_finetune_phi2.py {command}`"
+            f"{f' on {processes} processes' if processes > 1 else ''}.\n")
+
+
+def training_section(run, log_file):
+    """What a 05 run learned from and how far it went (its run.json and log.jsonl), as a card's list."""
+    from pipeline.evaluation import best_eval, read_train_log
+
+    lines = [f"- data: `{Path(run['data']).name}` (sha1 `{run['data_sha1'][:12]}`): {run['train']:,} conversations "
+             f"trained on, {run['eval']:,} held out for the eval loss; {run['train_tokens']:,} training tokens",
+             f"- {run['steps_done']:,} optimizer steps ({run['steps_done'] / run['steps_per_epoch']:.2f} epochs of "
+             f"{run['steps_per_epoch']:,} steps), {run['processes']} process(es) on {run['device']}"
+             + (f", {run['seconds']:,.0f} s at {run['tokens_per_second']:,} tok/s" if "seconds" in run else "")]
+    best = None
+    if Path(log_file).exists():
+        _, evals = read_train_log(log_file)
+        best = best_eval(evals)
+    if best:
+        lines.append(f"- eval loss (mean per supervised token): {evals[0][2]:.4f} at step {evals[0][0]:,}, "
+                     f"{evals[-1][2]:.4f} at step {evals[-1][0]:,}; best {best[2]:.4f} at step {best[0]:,}")
+    return "\n".join(lines) + "\n"
+
+
+def push_files(repo_id, folder, names, card, *, private=False, message="Upload"):
+    """Upload the named files of `folder` and `card` as README.md to a Hub model repository in one push
+    (pipeline.hub.push_folder), through a folder of hard links beside it: the pushed set is exactly these files,
+    and nothing in `folder` changes, pushed or not. Returns the commit's URL."""
+    from pipeline.hub import push_folder
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix=f".{folder.name}.push-", dir=folder.parent) as tmp:
+        for name in names:
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(folder / name, Path(tmp) / name)
+            except OSError:  # another file system, or no hard links there
+                shutil.copyfile(folder / name, Path(tmp) / name)
+        (Path(tmp) / "README.md").write_text(card, encoding="utf-8")
+        return push_folder(repo_id, tmp, private=private, message=message)
