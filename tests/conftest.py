@@ -148,3 +148,29 @@ def trained(tmp_path_factory):
                   "--gradient-checkpointing=0")
     train = [json.loads(x)["messages"] for x in (adapter / "train.jsonl").read_text().splitlines()]
     return {"tmp": tmp, "student": student, "adapter": adapter, "train": train}
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """What a push sends, captured as HfApi.create_repo and create_commit receive it: nothing leaves the machine and
+    no token is needed. Setting sent["fail"] to an exception makes the commit raise it."""
+    from huggingface_hub import HfApi
+
+    sent = {"repos": [], "commits": [], "fail": None}
+
+    def create_repo(self, repo_id, **kwargs):
+        sent["repos"].append({"repo_id": repo_id, **kwargs})
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        if sent["fail"] is not None:
+            raise sent["fail"]
+        files = {}
+        for op in operations:
+            data = op.path_or_fileobj
+            files[op.path_in_repo] = data if isinstance(data, bytes) else open(data, "rb").read()
+        sent["commits"].append({"repo_id": repo_id, "files": files, **kwargs})
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    return sent

@@ -466,6 +466,21 @@ class Killed(BaseException):
     """Raised where a kill lands; not an Exception, so nothing in a stage catches it."""
 
 
+def server_error(repo_id):
+    """The error a Hub server's 500 raises."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    url = f"https://huggingface.co/api/models/{repo_id}/commit/main"
+    return HfHubHTTPError(f"500 Server Error: Internal Server Error for url: {url}",
+                          response=httpx.Response(500, request=httpx.Request("POST", url)))
+
+
+def folder_files(folder):
+    """Every file under folder with its bytes."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 # Stage 07's held-out conversations: (riddle, answer, follow-up, its answer).
 EVAL_RIDDLES = [
     ("What has keys but cannot open locks?", "A piano has keys.", "Why keys?", "Because they play notes."),

@@ -12,8 +12,10 @@ import peft
 import pytest
 import torch
 
-from helpers import Killed, ROOT, jsonl, lines, refused, run_killed, run_stage, snapshot, stage_outcome, torchrun
+from helpers import (Killed, ROOT, folder_files, jsonl, lines, refused, run_killed, run_stage, server_error, snapshot,
+                     stage_outcome, torchrun)
 from pipeline import evaluation, records
+from pipeline.knobs import InputError
 
 
 def kill_at(m, point, nth=1):
@@ -161,6 +163,104 @@ def test_05_sigkill_during_the_final_save(training, tmp_path, monkeypatch, capsy
     run_stage(monkeypatch, "05_finetune_phi2.py", *kill_train_args(training["student"], training["data"], adapter))
     assert "nothing left to train; saved the adapter of step 6" in capsys.readouterr().out
     assert_same_run(training["reference"], adapter)
+
+
+@pytest.mark.parametrize("nth", [5, 6, 11])
+def test_05_a_torn_log_line_leaves_every_step_once(training, tmp_path, monkeypatch, capsys, nth):
+    """Killed in the middle of log.jsonl's 5th line (step 3's loss, just after the checkpoint of step 2), its 6th
+    (step 3's eval, before that step's checkpoint) or its 11th (the last step's eval): the rerun drops the torn line
+    and the records after its checkpoint, trains on from there, and log.jsonl holds every step once, as the
+    uninterrupted run's does."""
+    args = kill_train_args(training["student"], training["data"], tmp_path / "run")
+    with monkeypatch.context() as m:
+        kill_at(m, "mid log line", nth)
+        with pytest.raises(Killed):
+            run_stage(m, "05_finetune_phi2.py", *args)
+    run_stage(monkeypatch, "05_finetune_phi2.py", *args)
+    assert "repaired log.jsonl: dropped a torn last line" in capsys.readouterr().out
+    assert lines(tmp_path / "run" / "log.jsonl") == lines(training["reference"] / "log.jsonl")
+
+
+def tensorboard_curves(adapter):
+    """{tag: [(step, value)]} of 05's TensorBoard run as TensorBoard shows it (its EventAccumulator reads the event
+    files in name order, and a restart's first event drops the steps from its purge step on)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(adapter / "runs" / "riddle-student"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("nth", [1, 6])
+def test_05_tensorboard_curves_equal_the_log_after_a_kill(training, tmp_path, monkeypatch, nth):
+    """--report-to=tensorboard, killed mid log line (the 1st: step 0's eval, before any checkpoint; the 6th: after
+    the checkpoint of step 2) and rerun: the curves in out/05_adapter/runs hold every step once, with log.jsonl's
+    values (TensorBoard keeps float32), the learning rate, tok/s and memory per step."""
+    import time
+
+    import numpy as np
+
+    pytest.importorskip("tensorboard")
+    args = kill_train_args(training["student"], training["data"], tmp_path / "run", "--report-to=tensorboard")
+    with monkeypatch.context() as m:
+        kill_at(m, "mid log line", nth)
+        with pytest.raises(Killed):
+            run_stage(m, "05_finetune_phi2.py", *args)
+    # Event files are named by the second they were opened in: a real restart comes seconds later.
+    time.sleep(1.01 - time.time() % 1)
+    run_stage(monkeypatch, "05_finetune_phi2.py", *args)
+    log = lines(tmp_path / "run" / "log.jsonl")
+    assert log == lines(training["reference"] / "log.jsonl")
+    curves = tensorboard_curves(tmp_path / "run")
+    for tag, key in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
+        assert curves[tag] == [(r["step"], float(np.float32(r[key]))) for r in log if key in r]
+    steps = list(range(1, 7))
+    assert curves["train/learning_rate"] == [(s, float(np.float32(1e-2))) for s in steps]
+    assert curves["train/epoch"] == [(s, float(np.float32(s / 3))) for s in steps]
+    for tag in ("train/tokens_per_second", "memory/cpu_peak_rss_gib"):
+        assert [s for s, _ in curves[tag]] == steps and all(v > 0 for _, v in curves[tag])
+
+
+def test_05_and_06_fsync_before_a_name_or_finished_says_whole(training, tmp_path, monkeypatch):
+    """Past a power loss too: a checkpoint's files and folder are fsynced before the rename that makes it a
+    checkpoint (its parent folder right after), the final adapter's files before run.json says `finished`, and
+    06's merged files before the rename that makes them out/06_merged (its parent right after). README.md and
+    run.json are written atomically, fsynced as they are written."""
+    events, fsync, rename, write_json = [], records.fsync_path, Path.rename, records.write_json_atomic
+
+    def renamed(self, target):
+        events.append(("rename", Path(self), Path(target)))
+        return rename(self, target)
+
+    def written(file, obj):
+        write_json(file, obj)
+        if "finished" in obj:
+            events.append(("finished", Path(file)))
+
+    monkeypatch.setattr(records, "fsync_path", lambda p: events.append(("fsync", Path(p))) or fsync(p))
+    monkeypatch.setattr(Path, "rename", renamed)
+    monkeypatch.setattr(records, "write_json_atomic", written)
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    run_stage(monkeypatch, "05_finetune_phi2.py", *kill_train_args(training["student"], training["data"], adapter))
+    with pytest.raises(SystemExit):
+        run_stage(monkeypatch, "06_merge_and_chat.py", f"--adapter={adapter}", f"--merged={merged}", "--chat=false")
+
+    def synced_before(i):
+        return {e[1] for e in events[:i] if e[0] == "fsync"}
+
+    renames = [(i, e[1], e[2]) for i, e in enumerate(events) if e[0] == "rename"]
+    checkpoints = [(i, tmp, final) for i, tmp, final in renames if final.name.startswith("step-")]
+    assert [final.name for _, _, final in checkpoints] == ["step-000002", "step-000003", "step-000004", "step-000006"]
+    for i, tmp, final in checkpoints:
+        assert {tmp / p.name for p in final.iterdir()} | {tmp} <= synced_before(i)
+        assert events[i + 1] == ("fsync", final.parent)
+    (finished,) = [i for i, e in enumerate(events) if e[0] == "finished"]
+    assert {adapter / name for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                                        "tokenizer_config.json", "chat_template.jinja", "loss.png")} | {adapter} \
+        <= synced_before(finished)
+    ((i, tmp, _),) = [r for r in renames if r[2] == merged]
+    assert {tmp / p.name for p in merged.iterdir()} | {tmp} <= synced_before(i)
+    assert events[i + 1] == ("fsync", tmp_path)
 
 
 def conversations(n):
@@ -313,3 +413,136 @@ def test_ddp_two_processes_equal_one_process_accumulating(tiny_llama, data_file,
         assert x[key] == pytest.approx(y[key], rel=1e-5)
     a, b = load_file(single / "adapter_model.safetensors"), load_file(ddp / "adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_report_to_names_and_missing_packages(data_file, tmp_path, monkeypatch):
+    import importlib.util
+
+    from pipeline.training import trackers
+
+    assert trackers("none") == trackers("") == trackers(" None ") == []
+    with pytest.raises(InputError, match=r"^--report-to: unknown tracker 'tensorbored'; use none or any of .*tensorb"):
+        trackers("none,tensorbored")
+    # accelerate would skip a tracker whose package is missing without a word: here it is one line, the pin included.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(InputError, match=r"^--report-to=comet_ml: the comet-ml package is not installed: run "
+                                         r"`pip install comet-ml`$"):
+        trackers("comet_ml")
+    pin = next(x for x in (ROOT / "requirements-extra.txt").read_text().splitlines() if x.startswith("tensorboard=="))
+    with pytest.raises(InputError, match=f"the tensorboard package is not installed: run `pip install {pin}`$"):
+        run_stage(monkeypatch, "05_finetune_phi2.py", f"--data={data_file}", f"--adapter={tmp_path / 'out'}",
+                  "--report-to=tensorboard")
+    assert not (tmp_path / "out").exists()
+
+
+def wandb_offline_runs(folder):
+    """[(run id, {step: {key: value}})] of the offline runs in folder/wandb, oldest first: the id as `wandb sync`
+    reads it (the file is run-<id>.wandb), the history from the file as wandb writes it: a 7-byte header, then
+    LevelDB log records (checksum, length, kind; kinds 2-4 are parts of one) in 32 KiB blocks, each record a
+    wandb_internal_pb2.Record."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    runs = []
+    for file in sorted(folder.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, part, history = file.read_bytes(), 7, b"", {}
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a record header: padding
+                pos += 32768 - pos % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0:
+                break
+            part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # whole, or the last part
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(part)
+                part = b""
+                if record.HasField("history"):
+                    items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item}
+                    history.setdefault(record.history.step.num, {}).update(
+                        {k: v for k, v in items.items() if not k.startswith("_")})
+        runs.append((file.stem.removeprefix("run-"), history))
+    return runs
+
+
+def test_wandb_offline_run_goes_on_after_a_restart(tiny_llama, data_file, tmp_path, monkeypatch):
+    """Stopped at --max-steps=3 and rerun: the same wandb run (its id kept in run.json) gets the steps after the
+    checkpoint, and every logged loss and eval loss equals log.jsonl's."""
+    wandb = pytest.importorskip("wandb")
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("WANDB_CONSOLE", "off")):
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    script, *args = train_args(tiny_llama, data_file, out, "--report-to=wandb")
+    for extra in (["--max-steps=3"], []):
+        run_stage(monkeypatch, script, *args, *extra)
+        wandb.teardown()  # what the end of the process does: wandb's service writes the run's file out and stops
+    steps = json.loads((out / "run.json").read_text())["steps_done"]
+    run_id = json.loads((out / "run.json").read_text())["tracker_run_id"]
+    (first, before), (second, after) = wandb_offline_runs(out)
+    assert first == second == run_id
+    assert sorted(before) == [0, 1, 2, 3] and sorted(after) == list(range(4, steps + 1))
+    history = before | after
+    for record in read_log(out):
+        key, name = ("loss", "train/loss") if "loss" in record else ("eval_loss", "eval/loss")
+        assert history[record["step"]][name] == record[key]
+    for step, values in history.items():
+        assert set(values) >= ({"eval/loss"} if step == 0 else {"train/loss", "train/learning_rate",
+                                                               "train/tokens_per_second", "memory/cpu_peak_rss_gib"})
+        assert step == 0 or (values["train/learning_rate"] == 1e-3 and values["train/tokens_per_second"] > 0)
+
+
+def test_05_pushes_adapter_tokenizer_curves_and_card(trained, hub, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "adapter"
+    run_stage(monkeypatch, "05_finetune_phi2.py", f"--student={trained['student']}",
+              f"--data={trained['tmp'] / '04_conversations.jsonl'}", f"--adapter={out}", "--max-steps=2", "--lora-r=4",
+              "--lora-alpha=8", "--tokens-per-batch=256", "--max-length=256", "--gradient-checkpointing=0",
+              "--push-to-hub=me/riddle-adapter", "--private")
+    assert hub["repos"] == [{"repo_id": "me/riddle-adapter", "repo_type": "model", "private": True, "exist_ok": True}]
+    (commit,) = hub["commits"]
+    # Not the checkpoints, the data split, log.jsonl or run.json.
+    assert sorted(commit["files"]) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                       "chat_template.jinja", "loss.png", "tokenizer.json", "tokenizer_config.json"]
+    assert all(data == (out / name).read_bytes() for name, data in commit["files"].items() if name != "README.md")
+    card, run = commit["files"]["README.md"].decode(), json.loads((out / "run.json").read_text())
+    assert card.startswith("---\nlibrary_name: peft\n") and "base_model" not in card  # a local folder is no Hub id
+    assert f"# Riddle student: a LoRA adapter for {trained['student']}\n" in card
+    assert f"- base model: `{trained['student']}`: a local model folder; training loaded it in 4-bit NF4" in card
+    assert "- adapter: rank 4, alpha 8, on k_proj, o_proj, q_proj, v_proj\n" in card
+    assert f"(sha1 `{run['data_sha1'][:12]}`): 3 conversations trained on, 1 held out" in card
+    assert "- 2 optimizer steps (" in card and "- eval loss (mean per supervised token): " in card
+    assert "| `--lora-r` | `4` |" in card and "| `--lr` | `2e-05` |" in card
+    assert "![train and eval loss](loss.png)" in card
+    assert 'PeftModel.from_pretrained(base, "me/riddle-adapter")' in card
+    assert (out / "README.md").read_text() == card.replace("me/riddle-adapter", str(out))  # over peft's template
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # the push's folder of links is gone
+    assert "to https://huggingface.co/me/riddle-adapter/commit/0" in capsys.readouterr().out
+
+
+def test_05_failed_push_is_one_line_and_the_rerun_pushes(trained, hub, tmp_path, monkeypatch):
+    import shutil
+
+    from pipeline.knobs import InputError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained["adapter"], adapter)
+    run = json.loads((adapter / "run.json").read_text())
+    same = [f"--{k.lower().replace('_', '-')}={','.join(v) if isinstance(v, list) else v}"
+            for k, v in run["recipe"].items() if k != "PROCESSES"]  # the recipe as run.json keeps it
+    args = (*same, f"--data={run['data']}", f"--adapter={adapter}", f"--max-steps={run['steps_done']}")
+    before = folder_files(adapter)
+    with pytest.raises(InputError, match="no-owner"):  # refused before anything runs
+        run_stage(monkeypatch, "05_finetune_phi2.py", *args, "--push-to-hub=no-owner")
+    hub["fail"] = server_error("me/riddle-adapter")
+    with pytest.raises(InputError) as failed:
+        run_stage(monkeypatch, "05_finetune_phi2.py", *args, "--push-to-hub=me/riddle-adapter")
+    assert "\n" not in str(failed.value) and "me/riddle-adapter" in str(failed.value) and "500" in str(failed.value)
+    assert folder_files(adapter) == before and [p.name for p in tmp_path.iterdir()] == ["adapter"]
+    hub["fail"] = None
+    with pytest.raises(SystemExit) as stop:  # a finished run: nothing to train, the push again
+        run_stage(monkeypatch, "05_finetune_phi2.py", *args, "--push-to-hub=me/riddle-adapter")
+    assert stop.value.code == 0 and [c["repo_id"] for c in hub["commits"]] == ["me/riddle-adapter"]
+    assert "adapter_model.safetensors" in hub["commits"][0]["files"] and folder_files(adapter) == before

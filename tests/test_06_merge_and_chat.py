@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from common import CHATML_TEMPLATE, IM_END
-from helpers import Killed, fake_adapter, jsonl, refused, run_stage, snapshot
+from helpers import Killed, fake_adapter, folder_files, jsonl, refused, run_stage, server_error, snapshot
 from pipeline.training import add_lora, load_student
 
 
@@ -189,3 +189,38 @@ def test_an_adapter_that_changes_nothing_is_refused(tiny_llama, tmp_path, monkey
     code, _ = run_06(monkeypatch, capsys, f"--adapter={adapter}", f"--merged={tmp_path / 'merged'}", "--chat=false")
     assert str(code).startswith("error: the merged weights equal the base's")
     assert not (tmp_path / "merged").exists()
+
+
+def test_06_pushes_the_merged_model_and_its_card(trained, hub, tmp_path, monkeypatch, capsys):
+    from pipeline.knobs import InputError
+
+    out = tmp_path / "merged"
+    code, printed = run_06(monkeypatch, capsys, f"--adapter={trained['adapter']}", f"--merged={out}", "--chat=false",
+                           "--push-to-hub=me/riddle-student")
+    assert code == 0 and "to https://huggingface.co/me/riddle-student/commit/0" in printed
+    assert hub["repos"] == [{"repo_id": "me/riddle-student", "repo_type": "model", "private": False, "exist_ok": True}]
+    (commit,) = hub["commits"]
+    assert sorted(commit["files"]) == ["README.md", "chat_template.jinja", "config.json", "generation_config.json",
+                                       "model.safetensors", "tokenizer.json", "tokenizer_config.json"]  # no merge.json
+    assert all(data == (out / name).read_bytes() for name, data in commit["files"].items() if name != "README.md")
+    card = commit["files"]["README.md"].decode()
+    info, run = json.loads((out / "merge.json").read_text()), json.loads((trained["adapter"] / "run.json").read_text())
+    assert card.startswith("---\nlibrary_name: transformers\n") and "base_model" not in card
+    assert f"- base model: `{trained['student']}`: a local model folder\n" in card
+    assert f"sha1 of its config and weights `{info['adapter_sha1'][:12]}`), rank 16, alpha 16" in card
+    assert f"(sha1 `{run['data_sha1'][:12]}`): 3 conversations trained on" in card and "- 100 optimizer steps" in card
+    assert "| `--lora-r` | `16` |" in card and "| `--lr` | `0.01` |" in card
+    assert f"- {info['adapted_tensors']} of {info['adapted_tensors']} adapted weight tensors changed" in card
+    assert f"max |difference| = {info['max_logit_diff_rel']:.2e} x max |logit| (tolerance 1e-04)" in card
+    assert f"moves them {info['saved_dtype_logit_diff_rel']:.2e}" in card
+    assert 'AutoModelForCausalLM.from_pretrained("me/riddle-student")' in card
+    assert (out / "README.md").read_text() == card.replace("me/riddle-student", str(out))
+
+    # A failed push (the merge is current: skipped) is one line, and no local file changes.
+    before = folder_files(out)
+    hub["fail"] = server_error("me/riddle-student")
+    with pytest.raises(InputError) as failed:
+        run_06(monkeypatch, capsys, f"--adapter={trained['adapter']}", f"--merged={out}", "--chat=false",
+               "--push-to-hub=me/riddle-student")
+    assert "\n" not in str(failed.value) and "me/riddle-student" in str(failed.value)
+    assert folder_files(out) == before and [p.name for p in tmp_path.iterdir()] == ["merged"]
