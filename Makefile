@@ -20,8 +20,13 @@ demo: setup
 
 # Two pytest-xdist workers (tests/README.md): each test runs on one thread, so two keep both cores of a
 # 2-core machine busy; whole files go to one worker, so a file's fixtures are made once.
-test: setup $(VENV)/.triton
+test: setup $(VENV)/.triton $(VENV)/.extra
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The optional trackers (05 --report-to): the tests read their files back, so the test setup installs them.
+$(VENV)/.extra: requirements-extra.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-extra.txt
+	touch $@
 
 # Triton runs pipeline/kernels.py's GPU kernels in its interpreter on the CPU (tests/test_kernels.py). torch's CUDA builds
 # bring it (that version is kept); CPU builds don't, and only the tests need it. Where no wheel exists, that test skips.
