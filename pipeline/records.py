@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -229,6 +230,22 @@ def fsync_path(p):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_folder(tmp, target):
+    """Rename the finished folder tmp to target, which readers check by its config.json. Each process
+    builds in a tmp of its own (tempfile.mkdtemp beside target): when another one published target
+    first, that one stays and tmp goes; a target left without config.json (a crash) is replaced."""
+    target = Path(target)
+    if target.exists() and not (target / "config.json").exists():
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # a folder is there now: another process's, whole
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():
+            raise
+    return target
 
 
 class Appender:

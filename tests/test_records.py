@@ -179,3 +179,21 @@ def test_read_conversations_shapes_and_errors(tmp_path):
                    + "\n\n" + json.dumps({"id": "b", "messages": [{"role": "user", "content": 3}]}) + "\n")
     with pytest.raises(InputError, match=rf"{bad}:3: message 0 needs a role"):
         read_conversations(bad)
+
+
+def test_publish_folder_keeps_the_first_whole_folder(tmp_path):
+    target = tmp_path / "model"
+
+    def built(name, text):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+        return folder
+
+    assert records.publish_folder(built(".model.a", "a"), target) == target
+    assert (target / "config.json").read_text() == "a" and not (tmp_path / ".model.a").exists()
+    records.publish_folder(built(".model.b", "b"), target)  # another process was first: its folder stays
+    assert (target / "config.json").read_text() == "a" and not (tmp_path / ".model.b").exists()
+    (target / "config.json").unlink()  # a folder left half made by a crash is replaced
+    records.publish_folder(built(".model.c", "c"), target)
+    assert (target / "config.json").read_text() == "c" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
