@@ -5,10 +5,12 @@ of one process, with either process SIGKILLed in the middle.
 """
 
 import errno
+import gc
 import json
 import os
 import re
 import signal
+import subprocess
 from functools import partial
 
 import pytest
@@ -133,6 +135,42 @@ def test_a_full_disk_is_one_line_and_the_rerun_goes_on(tmp_path, monkeypatch, ca
     capsys.readouterr()
     run_stage(monkeypatch, "02_answer_riddles.py", *args(full))
     assert "repaired 02.jsonl: dropped a torn last line" in capsys.readouterr().out
+    for name in ("02.jsonl", "rej.jsonl"):
+        assert (full / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs, where this machine lets the tests mount one (as root, where the container allows)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("no tmpfs can be mounted here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_a_real_full_disk_is_one_line_and_the_rerun_goes_on(tmp_path, small_disk, monkeypatch, capsys,
+                                                             scripted_backend):
+    """The same on a small tmpfs that really fills up: 60 riddles' answers (~9 KiB) where 4 KiB are free."""
+    riddles = write_riddles(tmp_path / "01.jsonl", n=60)
+    args = partial(stage02_args, riddles=riddles, model="never-loaded", batch_size=8)
+    scripted_backend(Piano())
+    ref, full = tmp_path / "ref", small_disk / "full"
+    run_stage(monkeypatch, "02_answer_riddles.py", *args(ref))
+    assert len((ref / "02.jsonl").read_bytes()) > 8192
+    filler = small_disk / "filler"
+    filler.write_bytes(b"x" * (60 << 10))  # 15 of the 16 pages: one left for the output
+    with pytest.raises(InputError, match=r"02\.jsonl: disk full \(\d+ records were kept before this batch\); "
+                                         r"free space and rerun") as stop:
+        run_stage(monkeypatch, "02_answer_riddles.py", *args(full))
+    assert "\n" not in str(stop.value)
+    gc.collect()  # whatever the failed run left open is closed now, while the disk is still full
+    kept = (full / "02.jsonl").read_bytes()
+    assert 0 < len(kept) <= 4096 and kept == (ref / "02.jsonl").read_bytes()[:len(kept)]
+    filler.unlink()
+    capsys.readouterr()
+    run_stage(monkeypatch, "02_answer_riddles.py", *args(full))
     for name in ("02.jsonl", "rej.jsonl"):
         assert (full / name).read_bytes() == (ref / name).read_bytes(), name
 
