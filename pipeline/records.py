@@ -235,8 +235,11 @@ def fsync_path(p):
 def publish_folder(tmp, target):
     """Rename the finished folder tmp to target, which readers check by its config.json. Each process
     builds in a tmp of its own (tempfile.mkdtemp beside target): when another one published target
-    first, that one stays and tmp goes; a target left without config.json (a crash) is replaced."""
+    first, that one stays and tmp goes; a target left without config.json (a crash) is replaced. Its
+    files are fsynced before the rename: a power loss leaves no named folder with half its files."""
     target = Path(target)
+    for f in [*Path(tmp).rglob("*"), Path(tmp)]:
+        fsync_path(f)
     if target.exists() and not (target / "config.json").exists():
         shutil.rmtree(target, ignore_errors=True)
     try:
@@ -245,6 +248,7 @@ def publish_folder(tmp, target):
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").exists():
             raise
+    fsync_path(target.parent)
     return target
 
 
