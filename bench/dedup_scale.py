@@ -399,9 +399,10 @@ def embedded(records, cache, name, device):
         loaded = time.perf_counter()
         new = dedup.vectors((tokenizer, model), [pool[i] for i in missing])
         took = time.perf_counter() - loaded
-        where = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else f"{os.cpu_count()} CPU cores"
-        print(f"embedder loaded in {loaded - start:.1f} s; {len(missing):,} riddles embedded in {took:.0f} s on {where}",
-              flush=True)
+        on_gpu = model.device.type == "cuda"
+        where = torch.cuda.get_device_name(model.device) if on_gpu else f"{os.cpu_count()} CPU cores"
+        print(f"embedder loaded in {loaded - start:.1f} s; {len(missing):,} riddles embedded in {took:.0f} s "
+              f"on {where}", flush=True)
         for k, i in enumerate(missing):
             row[keys[i]] = len(old["keys"]) + k
         old = {"keys": np.concatenate([old["keys"], np.array([keys[i] for i in missing])]),

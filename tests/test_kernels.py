@@ -21,7 +21,8 @@ from pipeline.kernels import rotary_to_cache_torch, uniform_noise_torch
 
 def test_triton_kernels_equal_their_torch_versions():
     pytest.importorskip("triton")
-    code = "import json, torch; from pipeline import kernels; print(json.dumps(kernels.self_check('cpu', torch.float16)))"
+    code = ("import json, torch; from pipeline import kernels; "
+            "print(json.dumps(kernels.self_check('cpu', torch.float16)))")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                           text=True, env=dict(os.environ, TRITON_INTERPRET="1"))
     assert done.returncode == 0, done.stderr[-2000:]
