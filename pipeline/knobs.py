@@ -93,12 +93,14 @@ def configure(knobs, argv=None):
     """
     sys.excepthook = _excepthook
     argv = sys.argv[1:] if argv is None else list(argv)
-    names = [k for k, v in knobs.items() if k.isupper() and not k.startswith("_")
-             and (v is None or isinstance(v, (bool, int, float, str, list, tuple)))]
     script = knobs.get("__file__", "script")
+    comments = _knob_comments(script) if Path(script).exists() else None  # None: no source to read
+    names = [k for k, v in knobs.items() if k.isupper() and not k.startswith("_")
+             and (v is None or isinstance(v, (bool, int, float, str, list, tuple)))
+             and (comments is None or k in comments)]  # assigned in the script, not imported into it
     if "-h" in argv or "--help" in argv:
         print((knobs.get("__doc__") or "").strip() + "\n\nknobs (--name=value):")
-        comments = _knob_comments(script) if Path(script).exists() else {}
+        comments = comments or {}
         for k in names:
             source, comment = comments.get(k, (repr(knobs[k]), ""))
             flag = "--" + k.lower().replace("_", "-")

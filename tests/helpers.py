@@ -408,11 +408,13 @@ def user_only(rec):
 
 
 def stage_args(script, file, d):
-    """A stage's input and output arguments: input `file`, outputs in folder d (01, 02 and 05)."""
+    """A stage's input and output arguments: input `file`, outputs in folder d (01, 02, 03 and 05)."""
     return {"01_generate_riddles.py": [f"--seed-file={file}", f"--raw-file={d / 'raw.jsonl'}",
                                        f"--out-file={d / '01.jsonl'}", f"--rejected-file={d / '01r.jsonl'}"],
             "02_answer_riddles.py": [f"--in-file={file}", f"--out-file={d / '02.jsonl'}",
                                      f"--rejected-file={d / '02r.jsonl'}"],
+            "03_followup_questions.py": [f"--in-file={file}", f"--out-file={d / '03.jsonl'}",
+                                         f"--rejected-file={d / '03r.jsonl'}", f"--closest-file={d / '03c.jsonl'}"],
             "05_finetune_phi2.py": [f"--data={file}", f"--adapter={d / 'adapter'}"]}[script]
 
 

@@ -19,9 +19,10 @@ PY = sys.executable
 
 def test_configure_types_unknown_bool_and_help(tmp_path, capsys):
     script = tmp_path / "stage.py"
-    script.write_text('N = 3  # rows\nLR = 0.1  # learning rate\nNAME = "x"  # a name\nFLAG = False  # on/off\n')
+    script.write_text('N = 3  # rows\nLR = 0.1  # learning rate\nNAME = "x"  # a name\nFLAG = False  # on/off\n'
+                      'ITEMS = ["a"]\n')
     knobs = {"__file__": str(script), "__doc__": "A stage.", "N": 3, "LR": 0.1, "NAME": "x", "FLAG": False,
-             "ITEMS": ["a"], "lower": 1}
+             "ITEMS": ["a"], "lower": 1, "IMPORTED": ("a", "b")}  # IMPORTED: not assigned in the script
     configure(knobs, ["--n=5", "--lr", "0.5", "--name=y", "--flag", "--items=a,b"])
     assert (knobs["N"], knobs["LR"], knobs["NAME"], knobs["FLAG"], knobs["ITEMS"]) == (5, 0.5, "y", True, ["a", "b"])
     assert "override: N = 5" in capsys.readouterr().out
@@ -29,6 +30,7 @@ def test_configure_types_unknown_bool_and_help(tmp_path, capsys):
     assert knobs["FLAG"] is False
     capsys.readouterr()
     for argv, message in [(["--nope=1"], "unknown knob --nope"), (["--lower=2"], "unknown knob --lower"),
+                          (["--imported=c"], "unknown knob --imported"),
                           (["--n=abc"], "--n wants an int, got 'abc'"), (["--flag=maybe"], "--flag wants true or false"),
                           (["--lr=fast"], "--lr wants a float"), (["n=3"], "unexpected argument 'n=3'"),
                           (["--name"], "--name needs a value")]:
@@ -40,6 +42,7 @@ def test_configure_types_unknown_bool_and_help(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("A stage.")
     assert any(line.split() == ["--lr", "0.1", "learning", "rate"] for line in out.splitlines())
+    assert "--items" in out and "--imported" not in out
 
 
 def test_script_help_and_exit_code_2(tmp_path, monkeypatch, capsys):
@@ -132,8 +135,11 @@ def test_names_of_things_are_one_line(tiny_llama, tmp_path, monkeypatch, script,
     ("01_generate_riddles.py", "{k} riddles: {examples} {extra}", r"it uses \{examples\}, \{extra\}, \{k\}"),
 ])
 def test_prompt_templates_are_checked(tmp_path, monkeypatch, script, prompt, message):
-    refused(monkeypatch, script, f"--prompt={prompt}", match=message)
-    assert not list(tmp_path.iterdir())
+    data = tmp_path / "in.jsonl"
+    data.write_bytes(jsonl(GOOD))
+    before = snapshot(tmp_path)
+    refused(monkeypatch, script, *stage_args(script, data, tmp_path), f"--prompt={prompt}", match=message)
+    assert snapshot(tmp_path) == before
 
 
 def test_secrets_are_masked_by_name(capsys):
