@@ -252,7 +252,8 @@ if "06" in STAGES:
                                           f"{merge['tolerance']:.0e}), saved as {merge['dtype']}")
 if "07" in STAGES:
     m = run_stage("07", [f"--adapter={out / '05_adapter'}", f"--merged={out / '06_merged'}", f"--student={student}",
-                         f"--eval-dir={out / '07_eval'}", "--tasks=", f"--limit={EVAL_LIMIT}"])
+                         f"--eval-dir={out / '07_eval'}", "--tasks=", f"--limit={EVAL_LIMIT}",
+                         "--win-rate=false"])  # its judge is a 7B from the hub
     record("07", m, m["seconds"], 0, note="riddle tasks and samples; the hub benchmarks not included")
 
 # -----------------------------------------------------------------------------

@@ -47,14 +47,14 @@ def test_rehearsal_runs_every_stage_at_tiny_shapes(tmp_path, monkeypatch, capsys
     summary = json.loads((out / "rehearsal.json").read_text())
     stages = {s["stage"]: s for s in summary["stages"]}
     assert list(stages) == ["01", "02", "03", "04", "05", "06", "07"]
-    # each stage timed (a tiny stage on an idle machine may round to 0.0 s), the recipe projected from them
-    assert all(s["seconds"] >= 0 and s["projected_s"] >= 0 for s in stages.values())
+    # the recipe projected from each stage's time (a tiny stage on an idle machine may round to 0 s)
     assert summary["projected_total_s"] == sum(s["projected_s"] for s in stages.values()) > 0
     # Forced lengths: every reply of 02 has 5..19 tokens (eos at the drawn length, none before).
     assert 4 * 4 <= stages["02"]["tokens"] <= 4 * 19
     assert 4 * 2 <= stages["03"]["tokens"] <= 4 * 5  # every riddle asked: no dedup of the seed copies
     assert stages["05"]["tokens"] > 0 and "2 steps on 1 GPU(s)" in stages["05"]["note"]
-    assert (out / "06_merged" / "merge.json").exists() and (out / "07_eval" / "report.md").exists()
+    assert (out / "06_merged" / "merge.json").exists()
+    assert "Not run: --win-rate=false." in (out / "07_eval" / "report.md").read_text()  # no 7B judge from the hub
     config = json.loads((out / "06_merged" / "config.json").read_text())
     assert config["model_type"] == "phi" and config["vocab_size"] == 51200  # the real vocabulary, shrunk layers
     assert "stages 01, 02, 03, 04, 05, 06, 07 would take" in capsys.readouterr().out
