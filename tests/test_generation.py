@@ -303,6 +303,7 @@ class Stub(BaseHTTPRequestHandler):
 
 
 def test_retry_backoff_and_failures(capsys):
+    Stub.seen.clear()  # what other tests sent: the seeds and tries below are this test's
     server = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
