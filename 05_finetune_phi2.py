@@ -59,7 +59,7 @@ from accelerate.utils import ProjectConfiguration
 from common import tokenize_chat
 from pipeline.evaluation import plot_loss, read_train_log
 from pipeline.knobs import InputError, configure
-from pipeline.records import (Appender, check_own_folder, check_paths, check_unique_ids, fsync_path, path,
+from pipeline.records import (Appender, check_own_folder, check_paths, check_unique_ids, fsync_path, fsync_tree, path,
                               read_conversations, read_json, read_jsonl, seed_of, write_json_atomic,
                               write_jsonl_atomic, write_text_atomic)
 from pipeline.training import (adapters_in_bf16, add_lora, card_header, describe_base, load_student, loss_sum,
@@ -143,14 +143,6 @@ reply = model.generate(**inputs, max_new_tokens=64, eos_token_id=tokenizer.eos_t
 print(tokenizer.decode(reply[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 """
-
-
-def synced(folder, names=None):
-    """fsync the named files of a folder (None: all of its files), then the folder: on disk past a power loss."""
-    for file in (folder.iterdir() if names is None else (folder / n for n in names)):
-        if file.is_file():
-            fsync_path(file)
-    fsync_path(folder)
 
 
 def adapter_card(info, repo=None):
@@ -414,7 +406,7 @@ def save_checkpoint(step):
         unwrapped.save_pretrained(tmp)
         torch.save({"step": step, "trainable": {n: p.detach() for n, p in trainable},
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "state.pt")
-        synced(tmp)  # whole on disk before its name says it is a checkpoint
+        fsync_tree(tmp)  # whole on disk before its name says it is a checkpoint
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         fsync_path(ckpt_dir)
@@ -504,7 +496,7 @@ if main:
     run.update(steps_done=final, seconds=round(seconds, 1), tokens_per_second=round(seen / max(seconds, 1e-9)))
     write_text_atomic(out / "README.md", adapter_card(run))  # over peft's template
     # On disk before run.json says `finished`: past a power loss too, a finished folder holds whole files.
-    synced(out, ["adapter_config.json", "adapter_model.safetensors", "loss.png", *(Path(f).name for f in saved)])
+    fsync_tree(out, ["adapter_config.json", "adapter_model.safetensors", "loss.png", *(Path(f).name for f in saved)])
     run.update(finished=final >= total_steps)
     write_json_atomic(run_file, run)
 accelerator.end_training()

@@ -38,8 +38,9 @@ from transformers import TextStreamer
 
 from common import best_device, chat_replies, default_dtype, load_model, load_tokenizer, setup_chat_tokenizer
 from pipeline.knobs import InputError, configure
-from pipeline.records import (check_own_folder, check_paths, control_string, fsync_path, path, read_conversations,
-                              read_json, require_stage, seed_of, write_json_atomic, write_text_atomic)
+from pipeline.records import (check_own_folder, check_paths, control_string, fsync_path, fsync_tree, path,
+                              read_conversations, read_json, require_stage, seed_of, write_json_atomic,
+                              write_text_atomic)
 from pipeline.training import card_header, describe_base, push_files, recipe_section, training_section
 
 # -----------------------------------------------------------------------------
@@ -144,14 +145,6 @@ Merged in float32, saved in {info['dtype'].removeprefix('torch.')}:
 {USAGE.replace('WHERE', repo or str(out))}"""
 
 
-def synced(folder):
-    """fsync every file of a folder, then the folder: on disk past a power loss."""
-    for file in folder.rglob("*"):
-        if file.is_file():
-            fsync_path(file)
-    fsync_path(folder)
-
-
 # -----------------------------------------------------------------------------
 # Merge: base + adapter -> one plain model, checked
 
@@ -216,7 +209,7 @@ else:
             "saved_dtype_logit_diff_rel": rounding}
     write_json_atomic(tmp / "merge.json", info)
     write_text_atomic(tmp / "README.md", merged_card(info))
-    synced(tmp)  # whole on disk before its name says it is the merged model
+    fsync_tree(tmp)  # whole on disk before its name says it is the merged model
     # Swapped in by renames: a kill at any moment leaves the old folder, the new one, or none (a rerun merges).
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

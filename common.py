@@ -14,7 +14,6 @@ import importlib.util
 import os
 import random
 import sys
-import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from itertools import accumulate
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from pipeline.engine import SLOT_MODEL_TYPES, RowSampler, fp8_runs, slot_generate
 from pipeline.knobs import InputError
-from pipeline.records import ROOT, Reply, as_reply, control_string, path, process_share, publish_folder, seed_of
+from pipeline.records import ROOT, Reply, as_reply, control_string, path, process_share, building_folder, seed_of
 
 # transformers and peft are imported inside the functions that load models: importing them
 # imports huggingface_hub, which reads HF_HUB_OFFLINE once, and stage 07 sets that only after
@@ -69,11 +68,10 @@ def resolve_model(name):
     for cfg in (model.config, model.generation_config):
         cfg.eos_token_id = tok.eos_token_id
         cfg.pad_token_id = tok.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent)  # its own: another process may convert too
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    return str(publish_folder(tmp, target))
+    with building_folder(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return str(target)
 
 
 def from_pretrained(loader, name, **kwargs):

