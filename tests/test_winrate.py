@@ -8,26 +8,11 @@ import re
 import pytest
 
 import common
-from helpers import run_stage
+from helpers import EVAL_RIDDLES as RIDDLES, eval_conversations as conversations, lines, run_stage, write_jsonl
 from pipeline.evaluation import (defuse, judge_prompt, pair_outcome, parse_verdict, summarize_win_rate, wilson,
                                  win_rate_riddles)
 
 LOAD_BACKEND = common.load_backend  # before any test replaces it
-
-RIDDLES = [  # (riddle, reference reply, follow-up, its reply); each riddle's word scripts the judge below
-    ("What has keys but cannot open locks?", "A piano.", "Why keys?", "They play notes."),
-    ("The more you take, the more you leave behind.", "Footsteps!", "Do cats leave them?", "Yes."),
-    ("What speaks without a mouth?", "An echo.", "Where do echoes live?", "In caves."),
-    ("Why does the moon shine?", "It reflects sunlight.", "Is the moon hot?", "No."),
-    ("How many legs does a spider have?", "Eight legs.", "Do all spiders spin webs?", "No."),
-    ("What runs all day but never walks?", "A clock.", "Why does it run?", "A motor."),
-]
-
-
-def conversations():
-    return [{"id": f"r{i}", "messages": [{"role": ("user", "assistant")[k % 2], "content": c} for k, c in enumerate(r)]}
-            for i, r in enumerate(RIDDLES)]
-
 
 def test_parse_verdict_reads_a_winner_and_guesses_nothing():
     assert parse_verdict("winner: A\nreason: The answer is right.") == ("A", "The answer is right.")
@@ -151,7 +136,7 @@ def stage(tmp_path, monkeypatch, tiny_llama, chatty_llama):
     "<base|tuned> reply to <riddle>" and counts its prompts by model; load_backend returns the PairJudge."""
     adapter = tmp_path / "05_adapter"
     adapter.mkdir()
-    (adapter / "eval.jsonl").write_text("".join(json.dumps(c) + "\n" for c in conversations()))
+    write_jsonl(adapter / "eval.jsonl", conversations())  # each riddle's word scripts PairJudge
     (adapter / "log.jsonl").write_text("".join(json.dumps({"step": s, "epoch": s / 4, "loss": 3 / s}) + "\n"
                                                for s in range(1, 5)))
     (adapter / "run.json").write_text(json.dumps({"student": tiny_llama}))
@@ -177,10 +162,6 @@ def stage(tmp_path, monkeypatch, tiny_llama, chatty_llama):
         return json.loads((out / "results.json").read_text())
 
     return {"run": run, "out": out, "asked": asked, "judge": judge, "loaded": loaded}
-
-
-def lines(file):
-    return [json.loads(x) for x in file.read_text().splitlines()]
 
 
 def test_win_rate_judges_both_orders_and_a_rerun_judges_only_missing_pairs(stage):
