@@ -36,7 +36,8 @@ saves again (run.json gets `finished` last, once the files are fsynced, and 06 r
 Checkpoints are fsynced before they are renamed into place. A finished run is not retrained; --overwrite starts
 afresh (only in a folder 05 made: one with its run.json); raising --epochs or --max-steps continues a finished
 one. Changing the data or the recipe knobs is refused.
-Runtime: ~11.6 min on one H100 for the recipe's 20 epochs (~28k tok/s, 22 GiB); the CPU demo ~0.5 min.
+Runtime: ~11.6 min on one H100 for the recipe's 20 epochs (~21k tok/s with the evals and saves, 22 GiB); the CPU
+demo ~0.5 min.
 """
 
 import contextlib

@@ -17,7 +17,7 @@ Five views, written to one report that reads on its own:
   Reported: wins/ties/losses, (wins + ties/2) / judged pairs with a 95% Wilson interval, the judge's
   reasons on five pairs, how often it picked position A, and each judgement it gave in no readable form.
 
-Reads:  out/05_adapter/eval.jsonl  {"id", "messages": [user, assistant, user, assistant]}
+Reads:  out/05_adapter/eval.jsonl  {"id", "messages": [user, assistant] or [user, assistant, user, assistant]}
         out/05_adapter/log.jsonl   {"step", "epoch", "loss"} or {"step", "epoch", "eval_loss"}
         out/05_adapter/run.json    {"student": base model name, "data": conversations file, ...}
         data/report.md             stage 04's data card beside that file, linked when it exists
@@ -25,7 +25,8 @@ Reads:  out/05_adapter/eval.jsonl  {"id", "messages": [user, assistant, user, as
 Writes: out/07_eval/report.md, results.json (all numbers), loss.png,
         tasks/ (the riddle tasks' lm-eval YAML and JSONL, rewritten each run),
         winrate_replies.jsonl  {"key", "model": base|tuned, "id", "reply", "ended"}: each model's reply per riddle
-        judged.jsonl           {"key", "id", "riddle", "base", "tuned", "base_first", "tuned_first", "outcome"}:
+        judged.jsonl           {"key", "id", "judge", "riddle", "base", "base_ended", "tuned", "tuned_ended",
+                               "base_first", "tuned_first", "outcome"}:
                                a judged pair, the judge's reply {"text", "ended", "verdict", "winner", "reason"}
                                in each order (base_first: the base's reply is A)
 
@@ -39,7 +40,8 @@ Resume: the win rate's replies and judged pairs are appended as they finish; a r
 settings and judge reuses them and judges only the missing pairs (a failed judge request is retried; an
 unreadable judgement is kept as it is: --overwrite judges all again). Records of another setup stay in the
 files and are ignored. The rest reruns from the start and replaces the outputs only once all is done.
-Runtime: ~1.7 min on one H200 without benchmarks and win rate (not measured); the CPU demo ~0.7 min on 2 cores.
+Runtime: ~1.7 min on one H200 for the riddle tasks and samples (the benchmarks and the win rate not measured);
+the CPU demo ~0.7 min on 2 cores.
 """
 
 import gc

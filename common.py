@@ -7,7 +7,7 @@
   (padded and packed) and token-budget batches.
 The rest lives in pipeline/: knobs and records (the torch-free layer every stage reads and writes
 through), the riddle text rules, the stages' writers, the generation engine and its kernels, training,
-dedup, the data card and evaluation.
+dedup, the data card, evaluation and the pushes to the Hub.
 """
 
 import importlib.util
