@@ -1,43 +1,30 @@
 """Stage 04 (04_followup_answers.py): the conversations and their data card pushed to the Hub in one commit.
 """
 
-import json
-from pathlib import Path
-
 import pytest
 
-from helpers import ScriptedGenerator, lines, run_stage
+from helpers import ScriptedGenerator, lines, run_stage, server_error, snapshot, write_jsonl
 from pipeline.knobs import InputError
 
 
-def test_04_pushes_the_conversations_and_their_card_in_one_commit(tmp_path, monkeypatch, scripted_backend):
+def test_04_pushes_the_conversations_and_their_card_in_one_commit(tmp_path, monkeypatch, scripted_backend, hub):
     """--push-to-hub: one commit of the train split as parquet in the messages layout, the data card as README
     with the Hub's YAML header and its pictures; a failed push is one line and changes no local file."""
     import datasets
-    import httpx
-    import huggingface_hub
 
     scripted_backend(ScriptedGenerator())
     followups = tmp_path / "03_followups.jsonl"
-    followups.write_text("".join(json.dumps({"id": f"r{i}", "messages": [
+    write_jsonl(followups, [{"id": f"r{i}", "messages": [
         {"role": "user", "content": f"Riddle {i}?"}, {"role": "assistant", "content": "A candle."},
-        {"role": "user", "content": "Why?"}]}) + "\n" for i in range(3)))
-    sent, made = [], []
-
-    def create_commit(self, repo_id, operations, *, commit_message, repo_type=None, **k):
-        files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
-        sent.append((repo_id, repo_type, commit_message, files))
-        return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/datasets/{repo_id}/commit/1", commit_message="",
-                                          commit_description="", oid="1")
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **k: made.append((repo_id, k)))
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+        {"role": "user", "content": "Why?"}]} for i in range(3)])
     args = [f"--in-file={followups}", f"--out-file={tmp_path / '04_conversations.jsonl'}",
             f"--rejected-file={tmp_path / '04_rejected.jsonl'}", "--push-to-hub=me/riddles", "--private"]
     run_stage(monkeypatch, "04_followup_answers.py", *args)
-    assert made == [("me/riddles", {"repo_type": "dataset", "private": True, "exist_ok": True})]
-    [(repo, kind, message, files)] = sent
-    assert (repo, kind, message) == ("me/riddles", "dataset", "Upload conversations (train 3)")
+    assert hub["repos"] == [{"repo_id": "me/riddles", "repo_type": "dataset", "private": True, "exist_ok": True}]
+    [commit] = hub["commits"]
+    assert (commit["repo_id"], commit["repo_type"], commit["commit_message"]) == (
+        "me/riddles", "dataset", "Upload conversations (train 3)")
+    files = commit["files"]
     assert sorted(files) == ["README.md", "data/train-00000-of-00001.parquet", "report_lengths.png",
                              "report_stages.png"]
     (tmp_path / "got.parquet").write_bytes(files["data/train-00000-of-00001.parquet"])
@@ -50,16 +37,11 @@ def test_04_pushes_the_conversations_and_their_card_in_one_commit(tmp_path, monk
         assert line in header.split("\n"), line
     assert card.strip() == (tmp_path / "report.md").read_text().strip()
 
-    def refused(self, *a, **k):
-        request = httpx.Request("POST", "https://huggingface.co/api/datasets/me/riddles/commit/main")
-        raise huggingface_hub.errors.HfHubHTTPError("401 Client Error: Unauthorized",
-                                                    response=httpx.Response(401, request=request))
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", refused)
+    hub["fail"] = server_error("me/riddles")
     (tmp_path / "got.parquet").unlink()
-    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(InputError, match=r"^push to me/riddles failed \(HfHubHTTPError: 401 Client Error"):
+    before = snapshot(tmp_path)
+    with pytest.raises(InputError, match=r"^push to me/riddles failed \(HfHubHTTPError: 500 Server Error"):
         run_stage(monkeypatch, "04_followup_answers.py", *args)
-    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert snapshot(tmp_path) == before
     with pytest.raises(InputError, match="not a Hub repository name|name it as user/name"):
         run_stage(monkeypatch, "04_followup_answers.py", *args[:3], "--push-to-hub=no slash")
