@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from pipeline.engine import SLOT_MODEL_TYPES, RowSampler, fp8_runs, slot_generate
 from pipeline.knobs import InputError
-from pipeline.records import ROOT, Reply, as_reply, control_string, path, process_share, building_folder, seed_of
+from pipeline.records import ROOT, Reply, as_reply, building_folder, control_string, path, process_share, seed_of
 
 # transformers and peft are imported inside the functions that load models: importing them
 # imports huggingface_hub, which reads HF_HUB_OFFLINE once, and stage 07 sets that only after

@@ -426,7 +426,7 @@ def summarize_win_rate(pairs, examples=5):
         agree += len({winner(o, verdicts[o][0]) for o in ORDERS}) == 1
         if len(shown) < examples:
             shown.append({"id": pair["id"], "riddle": pair["riddle"], "base": pair["base"], "tuned": pair["tuned"],
-                          "outcome": outcome, **{o: {"verdict": verdicts[o][0], "winner": _WINNER_OF[o][verdicts[o][0]],
+                          "outcome": outcome, **{o: {"verdict": verdicts[o][0], "winner": winner(o, verdicts[o][0]),
                                                      "reason": verdicts[o][1]} for o in ORDERS}})
     judged = sum(counts.values())
     score = counts["win"] + counts["tie"] / 2

@@ -390,7 +390,7 @@ class Reply(NamedTuple):
 def as_reply(reply):
     """A Reply from a backend's reply: a plain string (a backend that gives no signal) ended None; None stays None
     (a request that failed)."""
-    return Reply(reply) if isinstance(reply, str) and not isinstance(reply, Reply) else reply
+    return Reply(reply) if isinstance(reply, str) else reply
 
 
 def check_unique_ids(records, file):
